@@ -1,0 +1,144 @@
+"""Loading an ONNX file into an :class:`OnnxModel` (differentiable, callable on torch tensors)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Sequence
+
+import torch
+
+from ...errors import ModelLoadError
+from ..base import Model, TensorSpec
+from .registry import onnx_to_torch_dtype
+
+
+def _value_info_spec(vi) -> TensorSpec:
+    t = vi.type
+    if not t.HasField("tensor_type"):
+        kind = t.WhichOneof("value")
+        raise ModelLoadError(f"graph input/output {vi.name!r} has type {kind}; only tensors are supported")
+    tt = t.tensor_type
+    shape = None
+    if tt.HasField("shape"):
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        shape = tuple(dims)
+    return TensorSpec(vi.name, shape, onnx_to_torch_dtype(tt.elem_type))
+
+
+def _check_external_data(proto, base_dir: str) -> None:
+    """Refuse external-data paths that leave the model's folder, before reading any of them."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    base = os.path.realpath(base_dir)
+    for t in _get_all_tensors(proto):
+        if not uses_external_data(t):
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), None)
+        if loc is None:
+            raise ModelLoadError(f"tensor {t.name!r} uses external data without a location")
+        target = os.path.realpath(os.path.join(base, loc))
+        if os.path.isabs(loc) or os.path.commonpath([base, target]) != base:
+            raise ModelLoadError(f"tensor {t.name!r} points at external data {loc!r} outside the model's folder; "
+                                 "refusing to read it")
+        if not os.path.isfile(target):
+            raise ModelLoadError(f"external data file {loc!r} for tensor {t.name!r} is missing "
+                                 f"(looked in {base_dir})")
+
+
+def read_onnx(path: str):
+    """Parse an ONNX file (with its external data), turning every failure into one clear line."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    if not data:
+        raise ModelLoadError(f"{path} is empty")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (truncated or not ONNX: {e})") from None
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
+        raise ModelLoadError(f"{path} is not an ONNX model (no graph / IR version / opset)")
+    base = os.path.dirname(os.path.abspath(path))
+    _check_external_data(proto, base)
+    from onnx.external_data_helper import load_external_data_for_model
+    try:
+        load_external_data_for_model(proto, base)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load external data of {path}: {e}") from None
+    return proto, data
+
+
+class OnnxModel(Model):
+    format = "onnx"
+
+    def __init__(self, proto, path: str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, sha256: str | None = None):
+        from .interpreter import compile_model
+
+        device = torch.device(device)
+        self.proto = proto
+        graph = proto.graph
+        init_names = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+        inputs = [_value_info_spec(vi) for vi in graph.input if vi.name not in init_names]
+        outputs = [_value_info_spec(vi) for vi in graph.output]
+        super().__init__(path, inputs, outputs, device, dtype)
+        self.graph = compile_model(proto, device, dtype)
+        self.graph.input_names = [s.name for s in inputs] + [n for n in self.graph.input_names
+                                                             if n in init_names]
+        # Initializers listed as graph inputs (old IR): they are constants unless the caller feeds them.
+        from collections import Counter
+        ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
+        self.metadata = {
+            "opset": {(imp.domain or "ai.onnx"): imp.version for imp in proto.opset_import},
+            "ir_version": proto.ir_version,
+            "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+            "op_histogram": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "parameters": int(sum(t.numel() for t in self.graph.initializers.values() if t.is_floating_point())),
+            "sha256": sha256,
+        }
+
+    @property
+    def opset(self) -> int:
+        return self.graph.opsets.get("", 1)
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: Sequence[str] | None = None,
+            overrides: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        missing = [s.name for s in self.inputs if s.name not in feeds]
+        if missing:
+            from ...errors import InputError
+            raise InputError(f"missing input(s): {', '.join(missing)}")
+        return self.graph.run(feeds, outputs=outputs or [s.name for s in self.outputs], overrides=overrides)
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor name the graph produces (candidates for ``wrt=`` / ``output=``)."""
+        return [o for n in self.graph.nodes for o in n.outputs if o]
+
+    def softmax_input(self, output: str | None = None) -> str | None:
+        """If ``output`` is produced by a Softmax, the name of that Softmax's input (the logits)."""
+        out = output or self.outputs[0].name
+        for n in self.graph.nodes:
+            if out in n.outputs:
+                if n.ctx.op_type in ("Softmax",):
+                    return n.inputs[0]
+                # look through an Identity after the softmax
+                if n.ctx.op_type == "Identity" and n.inputs[0]:
+                    return self.softmax_input(n.inputs[0])
+        return None
+
+
+def load_onnx(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> OnnxModel:
+    proto, data = read_onnx(path)
+    return OnnxModel(proto, path=path, device=device, dtype=dtype, sha256=hashlib.sha256(data).hexdigest())

@@ -1,0 +1,11 @@
+"""ONNX operator implementations, one module per op family. Importing this package registers them all."""
+from importlib import import_module
+
+_MODULES = ("elementwise", "math", "nn", "rnn", "tensor", "indexing", "reduce", "resize", "control", "misc")
+
+for _m in _MODULES:
+    try:
+        import_module(f"{__name__}.{_m}")
+    except ModuleNotFoundError as _e:  # a family not written yet
+        if _e.name != f"{__name__}.{_m}":
+            raise
