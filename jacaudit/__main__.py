@@ -1,0 +1,3 @@
+from jacaudit.cli.main import main
+
+main()

@@ -1,0 +1,107 @@
+"""Shared CLI plumbing: consoles (stdout = data, stderr = messages), error -> exit-code mapping, options.
+
+Nothing here imports torch: ``jacaudit --help`` must stay fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+
+from ..errors import EXIT_INPUT, EXIT_RUNTIME, JacauditError
+
+# stdout carries data; stderr carries messages and progress.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+class State:
+    debug: bool = False
+    quiet: bool = False
+    threads: int | None = None
+
+
+state = State()
+
+
+def info(msg: str) -> None:
+    if not state.quiet:
+        err.print(msg, markup=False)
+
+
+def warn(msg: str) -> None:
+    err.print(f"warning: {msg}", style="yellow", markup=False)
+
+
+def fail(msg: str, code: int) -> "typer.Exit":
+    err.print(f"error: {msg}", style="bold red", markup=False)
+    return typer.Exit(code)
+
+
+def setup_runtime(threads: int | None = None) -> None:
+    """Torch threads and allocator settings, applied once per command that computes."""
+    import torch
+
+    n = threads if threads is not None else state.threads
+    if n is None:
+        env = os.environ.get("JACAUDIT_THREADS")
+        n = int(env) if env else None
+    if n is None:
+        try:
+            free = len(os.sched_getaffinity(0))
+        except AttributeError:
+            free = os.cpu_count() or 1
+        # On small shared machines one thread is steadier than oversubscribed OpenMP teams.
+        n = 1 if free <= 2 else min(free, 8)
+    torch.set_num_threads(max(1, n))
+    _tune_malloc()
+
+
+def _tune_malloc() -> None:
+    """Raise glibc's mmap/trim thresholds so large tensors are not mapped and unmapped on every op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 31)
+    except Exception:
+        pass
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Map library exceptions to one line on stderr and the documented exit code (traceback with --debug)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except JacauditError as e:
+        if state.debug:
+            raise
+        raise fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted", style="red")
+        raise typer.Exit(130) from None
+    except Exception as e:  # an unexpected failure: still one line, code 3
+        if state.debug:
+            raise
+        name = type(e).__name__
+        if name == "OutOfMemoryError":
+            raise fail(f"out of memory: {e}".splitlines()[0], EXIT_RUNTIME) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise fail(f"{name}: {first} (run with --debug for the traceback)", EXIT_RUNTIME) from None
+
+
+def emit_json(obj: Any) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()

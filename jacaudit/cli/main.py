@@ -1,0 +1,71 @@
+"""``jacaudit`` entry point. Each command lives in its own module with a ``register(app)`` function.
+
+Command modules must not import torch at module level (``jacaudit --help`` stays light).
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from .common import state
+
+app = typer.Typer(
+    name="jacaudit",
+    help="Audit neural networks (ONNX, TorchScript) for robustness and interpretability through their Jacobians.\n\n"
+         "Exit codes: 0 pass, 1 a gate/verification failed, 2 usage or input error, 3 runtime failure.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# (module, in order of the help listing)
+COMMANDS = ("inspect_cmd", "saliency_cmd", "jacobian_cmd", "verify_cmd", "render_cmd", "schema_cmd",
+            "robustness_cmd", "transfer_cmd", "geometry_cmd", "gradflow_cmd")
+
+for _mod in COMMANDS:
+    try:
+        m = import_module(f"{__package__}.{_mod}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.{_mod}":
+            raise
+        continue
+    m.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"jacaudit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads (default: 1 on <=2 free "
+                                                   "cores, else up to 8; env JACAUDIT_THREADS).", min=1)] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    state.debug = debug
+    state.quiet = quiet
+    state.threads = threads
+
+
+def main() -> None:
+    import sys
+
+    try:
+        app(standalone_mode=True)
+    except SystemExit as e:
+        code = e.code
+        # click uses 2 for usage errors already; keep it.
+        sys.exit(code if isinstance(code, int) else (0 if code is None else 2))
+
+
+if __name__ == "__main__":
+    main()

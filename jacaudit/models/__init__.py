@@ -1,0 +1,65 @@
+"""Model loading: ONNX (through our interpreter) and TorchScript, behind one :class:`Model` interface."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import InputError, ModelLoadError
+from .base import Model, TensorSpec
+
+__all__ = ["load", "Model", "TensorSpec", "resolve_device", "resolve_dtype"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available to torch")
+    return d
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+             "double": torch.float64, "float": torch.float32}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r}; use float32 or float64")
+    return table[dtype]
+
+
+def detect_format(path: str) -> str:
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path} is a folder, not a model file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        return "onnx"
+    if ext in (".pt", ".pth", ".ts", ".torchscript", ".jit", ".bin", ".ckpt"):
+        return "torchscript"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torchscript"
+    return "onnx"
+
+
+def load(path: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
+         extra_args: Sequence[Any] = ()) -> Model:
+    """Load an ONNX or TorchScript model as a differentiable :class:`Model`.
+
+    ``dtype=float64`` casts parameters and float inputs (tight derivative checks). ``extra_args`` are
+    passed after the tensor inputs to a TorchScript ``forward`` that takes non-tensor arguments.
+    """
+    fmt = detect_format(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    if fmt == "onnx":
+        from .onnx.model import load_onnx
+        return load_onnx(path, device=dev, dtype=dt)
+    from .torchscript import load_torchscript
+    return load_torchscript(path, device=dev, dtype=dt, extra_args=extra_args)

@@ -1,0 +1,147 @@
+"""TorchScript models: ``torch.jit.load`` with a clear refusal of every other kind of .pt file.
+
+We look inside the file before handing it to torch, so a state_dict, a pickled nn.Module or a torch.package
+archive gets a message saying what it is, and nothing is ever unpickled by us.
+"""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import InputError, ModelLoadError
+from .base import Model, TensorSpec
+
+
+def sniff_torch_file(path: str) -> str:
+    """'torchscript', 'state_dict-or-pickle' (a torch.save zip), 'torch.package', 'legacy-pickle', or 'unknown'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        return "legacy-pickle"
+    if head[:4] != b"PK\x03\x04":
+        return "unknown"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile:
+        return "truncated"
+    parts = [n.split("/", 1)[1] if "/" in n else n for n in names]
+    if any(p.startswith(".data/extern_modules") for p in parts) or any(p == ".data/version" for p in parts):
+        return "torch.package"
+    if any(p.startswith("code/") for p in parts) and any(p in ("constants.pkl", "data.pkl") for p in parts):
+        return "torchscript"
+    if any(p == "data.pkl" for p in parts):
+        return "state_dict-or-pickle"
+    return "unknown"
+
+
+_ADVICE = {
+    "state_dict-or-pickle": "is a torch.save() checkpoint (a state_dict or a pickled nn.Module), not TorchScript; "
+                            "export it with torch.jit.script(model).save(path) or torch.jit.trace, or to ONNX "
+                            "with torch.onnx.export",
+    "legacy-pickle": "is a legacy (non-zip) torch pickle, not TorchScript; re-export it with torch.jit.save",
+    "torch.package": "is a torch.package archive; jacaudit does not import packaged code. Export the model with "
+                     "torch.jit.save or torch.onnx.export",
+    "truncated": "looks like a zip archive but cannot be read (truncated or corrupt)",
+    "unknown": "is neither TorchScript nor ONNX",
+}
+
+
+class TorchScriptModel(Model):
+    format = "torchscript"
+
+    def __init__(self, module, path: str | None, device: torch.device, dtype: torch.dtype | None,
+                 extra_args: Sequence[Any] = (), sha256: str | None = None):
+        self.module = module
+        self.extra_args = tuple(extra_args)
+        inputs, outputs = self._signature(module)
+        super().__init__(path, inputs, outputs, device, dtype)
+        n_params = sum(p.numel() for p in module.parameters())
+        self.metadata = {"parameters": int(n_params), "sha256": sha256,
+                         "op_histogram": {}, "opset": None, "producer": "torch.jit"}
+
+    @staticmethod
+    def _signature(module) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        try:
+            schema = module.forward.schema
+            args = [a for a in schema.arguments if a.name != "self"]
+        except Exception:
+            args = []
+        inputs = []
+        for a in args:
+            t = str(a.type)
+            if t.startswith("Tensor"):
+                inputs.append(TensorSpec(a.name, None, None))
+        if not inputs:
+            inputs = [TensorSpec("input", None, None)]
+        return inputs, [TensorSpec("output", None, None)]
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: Sequence[str] | None = None,
+            overrides: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        if overrides:
+            raise InputError("TorchScript models cannot be differentiated with respect to internal tensors; "
+                             "export to ONNX to use --wrt on an intermediate tensor")
+        args = []
+        for s in self.inputs:
+            if s.name not in feeds:
+                raise InputError(f"missing input {s.name!r}")
+            x = feeds[s.name]
+            if self.dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x.to(self.dtype)
+            args.append(x)
+        out = self.module(*args, *self.extra_args)
+        if isinstance(out, dict):
+            out = tuple(out.values())
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if len(self.outputs) != len(outs):
+            self.outputs = [TensorSpec(f"output_{i}" if len(outs) > 1 else "output", None, None)
+                            for i in range(len(outs))]
+        if outputs is not None:
+            names = [s.name for s in self.outputs]
+            try:
+                outs = [outs[names.index(o)] for o in outputs]
+            except ValueError:
+                raise InputError(f"no output named one of {list(outputs)}; outputs are: {', '.join(names)}") \
+                    from None
+        return outs
+
+    def check_stateless(self, feeds: dict[str, torch.Tensor]) -> str | None:
+        """Calls the model twice on the same input; returns a warning when the outputs disagree
+        (internal state kept between calls, or randomness)."""
+        with torch.no_grad():
+            a = self.run(feeds)
+            b = self.run(feeds)
+        for x, y in zip(a, b):
+            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
+                if not torch.equal(x, y) and not torch.allclose(x, y, rtol=1e-6, atol=1e-7, equal_nan=True):
+                    diff = (x.double() - y.double()).abs().max().item()
+                    return (f"two calls with the same input disagree (max abs difference {diff:.3g}): the model "
+                            "keeps internal state or is random; derivatives describe one call only")
+        return None
+
+
+def load_torchscript(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     extra_args: Sequence[Any] = ()) -> TorchScriptModel:
+    kind = sniff_torch_file(path)
+    if kind != "torchscript":
+        raise ModelLoadError(f"{path} {_ADVICE.get(kind, _ADVICE['unknown'])}")
+    device = torch.device(device)
+    try:
+        module = torch.jit.load(path, map_location=device)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load TorchScript model {path}: {first}") from None
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if dtype is not None:
+        module = module.to(dtype)
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return TorchScriptModel(module, path, device, dtype, extra_args=extra_args, sha256=sha)
