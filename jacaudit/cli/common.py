@@ -16,7 +16,7 @@ from ..errors import EXIT_INPUT, EXIT_RUNTIME, JacauditError
 
 # stdout carries data; stderr carries messages and progress.
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class State:
