@@ -132,8 +132,12 @@ def load_torchscript(path: str, device: str | torch.device = "cpu", dtype: torch
     if kind != "torchscript":
         raise ModelLoadError(f"{path} {_ADVICE.get(kind, _ADVICE['unknown'])}")
     device = torch.device(device)
+    import warnings
+
     try:
-        module = torch.jit.load(path, map_location=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(path, map_location=device)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load TorchScript model {path}: {first}") from None
