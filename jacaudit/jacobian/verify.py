@@ -1,0 +1,404 @@
+"""Verification of the engine's derivatives against references that share no code with it.
+
+1. Forward fidelity (ONNX): the interpreter's output against onnxruntime's on the same input.
+2. Derivative check: for ``k`` seeded random directions ``v``, ``J v`` from jvp against central differences
+   ``(f(x+hv) - f(x-hv)) / 2h`` through onnxruntime (ONNX) at four step sizes halving from a step chosen for
+   the reference's dtype, with Richardson extrapolation ``(4 D(h/2) - D(h)) / 3``. The spread of the
+   extrapolated values measures the finite difference's own error (truncation vs rounding); a slope that
+   does not settle (kinks crossed, piecewise-constant graphs: it changes by orders of magnitude with the
+   step) is reported as *non-differentiable* -- then the check is repeated through the model itself in
+   float64 with much smaller steps, which settles unless the point sits on a kink. TorchScript models and
+   torch callables have no onnxruntime: the differences go through the model itself in float64.
+   Adjoint consistency: ``u^T (J v)`` from jvp against ``(u^T J) v`` from vjp.
+3. A verdict: ``pass`` when the forward check and every conclusive direction pass, else ``fail``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .core import Target, _retarget_model, prepare
+
+__all__ = ["verify", "VerifyResult", "DirectionCheck", "ForwardCheck", "AdjointCheck", "ort_session",
+           "reference_proto"]
+
+# steps and tolerances by the dtype of the function differenced
+_FD = {
+    "float32": {"h0": 2e-2, "eps": 2.0 ** -23, "rtol": 2e-3},
+    "float64": {"h0": 1e-4, "eps": 2.0 ** -52, "rtol": 1e-6},
+}
+_N_STEPS = 4                 # h0, h0/2, h0/4, h0/8
+_NONDIFF_SPREAD = 0.05       # relative spread of the extrapolated slopes above which a direction is not smooth
+_NONDIFF_RATIO = 10.0        # slope magnitudes differing by this factor across steps: piecewise constant
+
+
+@dataclass(frozen=True)
+class ForwardCheck:
+    reference: str            # "onnxruntime" | "none"
+    max_abs: float | None
+    max_rel: float | None     # max |a - b| / max |b|
+    tol: float | None
+    passed: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DirectionCheck:
+    index: int
+    reference: str            # "onnxruntime" | "model-float64"
+    status: str               # "pass" | "fail" | "non-differentiable"
+    rel_error: float          # ||Jv - fd|| / max(||Jv||, ||fd||)
+    tol: float                # relative tolerance used (rtol + the finite difference's own error)
+    jvp_norm: float
+    fd_norm: float
+    fd_spread: float          # relative spread of the Richardson-extrapolated slopes
+    steps: tuple[float, ...]
+    slope_norms: tuple[float, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class AdjointCheck:
+    max_rel_error: float
+    tol: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    verdict: str                          # "pass" | "fail"
+    forward: ForwardCheck
+    directions: tuple[DirectionCheck, ...]
+    adjoint: AdjointCheck
+    settings: dict[str, Any]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def non_differentiable(self) -> int:
+        return sum(d.status == "non-differentiable" for d in self.directions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "forward": asdict(self.forward),
+                "directions": [asdict(d) for d in self.directions], "adjoint": asdict(self.adjoint),
+                "settings": dict(self.settings), "warnings": list(self.warnings),
+                "non_differentiable": self.non_differentiable}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# onnxruntime reference
+# ---------------------------------------------------------------------------------------------------------
+def _elem_type_of(proto, name: str) -> int:
+    from onnx import TensorProto
+
+    g = proto.graph
+    for vi in list(g.value_info) + list(g.output) + list(g.input):
+        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+    try:
+        import onnx
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        for vi in inferred.graph.value_info:
+            if vi.name == name and vi.type.tensor_type.elem_type:
+                return vi.type.tensor_type.elem_type
+    except Exception:
+        pass
+    return TensorProto.FLOAT
+
+
+def reference_proto(proto, outputs: Sequence[str] = (), cut_inputs: Sequence[str] = ()):
+    """A copy of ``proto`` with ``outputs`` added as graph outputs and each internal tensor in ``cut_inputs``
+    turned into a graph input (its producer's output renamed), so onnxruntime can vary it."""
+    import onnx
+    from onnx import helper
+
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    g = p.graph
+    have_out = {o.name for o in g.output}
+    for name in outputs:
+        if name not in have_out:
+            g.output.append(helper.make_tensor_value_info(name, _elem_type_of(proto, name), None))
+    have_in = {i.name for i in g.input}
+    for name in cut_inputs:
+        if name in have_in:
+            continue
+        et = _elem_type_of(proto, name)
+        for node in g.node:
+            for i, o in enumerate(node.output):
+                if o == name:
+                    node.output[i] = name + "__jacaudit_cut"
+        g.input.append(helper.make_tensor_value_info(name, et, None))
+    return p
+
+
+def ort_session(proto):
+    """An onnxruntime CPU session (one thread: a reference, not a race)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover
+        raise InputError("onnxruntime is not installed; it is the reference for ONNX verification") from None
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=so,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"onnxruntime cannot load the model (the reference for verification): {first}") \
+            from None
+
+
+def _np_dtype_for(sess, name: str):
+    table = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+             "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+    for i in sess.get_inputs():
+        if i.name == name:
+            return table.get(i.type, np.float32)
+    return np.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finite differences
+# ---------------------------------------------------------------------------------------------------------
+def _central(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, v: np.ndarray, h0: float
+             ) -> tuple[list[float], list[np.ndarray]]:
+    steps, D = [], []
+    for j in range(_N_STEPS):
+        h = h0 / 2 ** j
+        d = (fn(x + h * v) - fn(x - h * v)) / (2 * h)
+        steps.append(h)
+        D.append(d)
+    return steps, D
+
+
+def _assess(jv: np.ndarray, steps: list[float], D: list[np.ndarray], f0_norm: float, ref_dtype: str,
+            rtol: float | None, final: bool) -> tuple[str, float, float, float, float, str]:
+    """-> status ("pass" | "fail" | "non-differentiable" | "inconclusive"), rel_error, tol, fd_norm, spread, note.
+
+    ``final=False`` (a float32 reference that a float64 re-check can follow) answers "inconclusive" when the
+    differences have not settled; ``final=True`` allows for their spread and calls a spread above
+    ``_NONDIFF_SPREAD`` non-differentiable.
+    """
+    prm = _FD[ref_dtype]
+    R = [(4 * D[j + 1] - D[j]) / 3 for j in range(len(D) - 1)]
+    fd = R[-1]
+    jn, fn_ = float(np.linalg.norm(jv)), float(np.linalg.norm(fd))
+    floor = 4 * prm["eps"] * max(f0_norm, 1e-300) / steps[-1]      # rounding in the smallest difference
+    scale = max(jn, fn_, floor, 1e-300)
+    spread = float(np.linalg.norm(R[-1] - R[-2])) / scale
+    slopes = [float(np.linalg.norm(d)) for d in D]
+    err = float(np.linalg.norm(jv - fd)) / scale
+    rt = prm["rtol"] if rtol is None else rtol
+    tol = rt + 3 * floor / scale
+    smax, smin = max(slopes), min(slopes)
+    if smax > 0 and (smin == 0 or smax / smin > _NONDIFF_RATIO) and smax > 10 * floor:
+        return ("non-differentiable", err, tol, fn_, spread,
+                f"finite-difference slope changes by {smax / max(smin, 1e-300):.3g}x across steps "
+                f"{steps[0]:.3g}..{steps[-1]:.3g} (piecewise constant / quantised)")
+    if err <= tol:
+        return "pass", err, tol, fn_, spread, ""
+    if spread <= rt:
+        return "fail", err, tol, fn_, spread, "the finite differences settled and disagree with jvp"
+    if not final:
+        return ("inconclusive", err, tol, fn_, spread,
+                f"differences through the float32 reference do not settle (spread {spread:.2g}; kinks crossed)")
+    if spread > _NONDIFF_SPREAD:
+        return ("non-differentiable", err, tol, fn_, spread,
+                f"finite differences do not settle (spread {spread:.3g}): kinks crossed within the step")
+    tol = tol + 3 * spread
+    if err <= tol:
+        return "pass", err, tol, fn_, spread, f"tolerance widened by the differences' spread ({spread:.2g})"
+    return "fail", err, tol, fn_, spread, ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+def verify(model: Any, x: Any = None, *, input: str | None = None, output: str | None = None,
+           wrt: str | None = None, logits: bool = False, directions: int = 3, seed: int = 0,
+           dtype: str | torch.dtype | None = "float64", device: str | torch.device | None = None,
+           rtol: float | None = None, forward_tol: float = 1e-4) -> VerifyResult:
+    """Check the engine's derivatives (and, for ONNX, the interpreter's forward) against references.
+
+    ``x`` is the input (tensor or dict by input name; None: a seeded random input from the declared
+    shape). ``dtype`` is the engine's dtype (float64 by default, for tight checks). ``rtol`` overrides
+    the relative tolerance of the derivative check (default 2e-3 against float32 onnxruntime, 1e-6
+    against the model in float64); ``forward_tol`` bounds ``max|interp - ort| / max|ort|``.
+    """
+    from ..models.base import Model
+
+    if directions < 1:
+        raise InputError("directions must be at least 1")
+    warnings: list[str] = []
+    is_onnx = isinstance(model, Model) and model.format == "onnx"
+    if x is None:
+        if not isinstance(model, Model):
+            raise InputError("verify needs an input x for a plain callable")
+        x = _synthetic_feeds(model, seed)
+        warnings.append("no input given: a seeded random input from the declared shape (synthetic)")
+    t = prepare(model, x, input=input, output=output, wrt=wrt, dtype=dtype, device=device, logits=logits)
+    if isinstance(model, Model) and not logits and getattr(t.model, "softmax_input", None) is not None:
+        if t.model.softmax_input(t.output_name):
+            warnings.append(f"output {t.output_name!r} comes out of a Softmax: its gradients saturate; "
+                            "use --logits to check the pre-softmax logits")
+    # a float64 copy for differencing through the model itself
+    if t.dtype == torch.float64:
+        t64 = t
+    else:
+        t64 = prepare(model, x, input=input, output=output, wrt=wrt, dtype=torch.float64, device=device,
+                      logits=logits)
+    y_engine = t.y.detach().to("cpu", torch.float64).numpy()
+
+    # -- reference -------------------------------------------------------------------------------
+    ort_fn = None
+    if is_onnx:
+        m = t.model
+        feeds = _feeds_of(m, x, input, t)
+        wrt_name = t.name
+        cut = [wrt_name] if wrt_name not in {s.name for s in m.inputs} else []
+        proto = reference_proto(m.proto, outputs=[t.output_name], cut_inputs=cut)
+        sess = ort_session(proto)
+        np_feeds = {k: v for k, v in feeds.items() if k != wrt_name}
+        wrt_np_dtype = _np_dtype_for(sess, wrt_name)
+        if cut:
+            np_feeds = {k: v for k, v in np_feeds.items()}
+        sess_inputs = {i.name for i in sess.get_inputs()}
+        np_feeds = {k: v for k, v in np_feeds.items() if k in sess_inputs}
+
+        def ort_fn(xw: np.ndarray) -> np.ndarray:
+            res = sess.run([t.output_name], {**np_feeds, wrt_name: xw.astype(wrt_np_dtype)})[0]
+            return np.asarray(res, dtype=np.float64)
+
+        x_np = t.x.detach().to("cpu", torch.float64).numpy()
+        try:
+            y_ref = ort_fn(x_np)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"onnxruntime failed on this input: {first}") from None
+        if y_ref.shape != y_engine.shape:
+            fwd = ForwardCheck("onnxruntime", None, None, forward_tol, False,
+                               f"shape {y_engine.shape} vs onnxruntime's {y_ref.shape}")
+        else:
+            diff = np.abs(y_engine - y_ref)
+            max_abs = float(diff.max()) if diff.size else 0.0
+            denom = float(np.abs(y_ref).max()) if y_ref.size else 0.0
+            max_rel = max_abs / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
+            ok = bool(np.isfinite(y_engine).all()) and max_rel <= forward_tol
+            fwd = ForwardCheck("onnxruntime", max_abs, max_rel, forward_tol, ok)
+        ref_dtype = "float32" if wrt_np_dtype != np.float64 else "float64"
+    else:
+        fwd = ForwardCheck("none", None, None, None, True,
+                           "no onnxruntime for this model: derivatives checked against differences through "
+                           "the model itself in float64")
+
+    def model_fn(xw: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return t64.f(torch.from_numpy(xw).to(t64.device)).to("cpu", torch.float64).numpy()
+
+    x64 = t64.x.detach().to("cpu", torch.float64).numpy()
+    f0_model = float(np.linalg.norm(model_fn(x64)))
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x_rms = float(np.sqrt(np.mean(x64 ** 2))) if x64.size else 0.0
+    scale = x_rms if x_rms > 1e-3 else 1.0
+    checks: list[DirectionCheck] = []
+    adj_errs: list[float] = []
+    for k in range(directions):
+        v = torch.randn(t.in_shape, generator=gen, dtype=torch.float64)
+        v = v / v.pow(2).mean().sqrt() * scale
+        u = torch.randn(t.out_shape, generator=gen, dtype=torch.float64)
+        jv_t = t.jvp(v.to(t.device, t.dtype))
+        jv = jv_t.detach().to("cpu", torch.float64).numpy()
+        # adjoint: u.(Jv) vs (J^T u).v
+        jtu = t.vjp(u.to(t.device, t.dtype)).detach().to("cpu", torch.float64)
+        a = float((u * torch.from_numpy(jv)).sum())
+        b = float((jtu * v).sum())
+        denom = float(u.norm() * np.linalg.norm(jv) + jtu.norm() * v.norm()) or 1.0
+        adj_errs.append(abs(a - b) / denom)
+        vn = v.numpy()
+        check = None
+        if ort_fn is not None:
+            steps, D = _central(ort_fn, x_np, vn, _FD[ref_dtype]["h0"])
+            st, err, tol, fdn, spread, note = _assess(jv, steps, D, float(np.linalg.norm(y_ref)), ref_dtype,
+                                                      rtol, final=ref_dtype == "float64")
+            check = DirectionCheck(k, "onnxruntime", st, err, tol, float(np.linalg.norm(jv)), fdn, spread,
+                                   tuple(steps), tuple(float(np.linalg.norm(d)) for d in D), note)
+        if check is None or check.status in ("non-differentiable", "inconclusive"):
+            h0 = _FD["float64"]["h0"] * (1.0 if check is None else 1e-2)
+            steps, D = _central(model_fn, x64, vn, h0)
+            st, err, tol, fdn, spread, note = _assess(jv, steps, D, f0_model, "float64",
+                                                      rtol if check is None else None, final=True)
+            if t.dtype != torch.float64:  # the engine's jvp carries float32 rounding
+                tol = max(tol, 1e-3)
+                if st == "fail" and err <= tol:
+                    st = "pass"
+            prev = check
+            if prev is not None:
+                if prev.status == "non-differentiable" and st == "pass":
+                    st = "non-differentiable"  # piecewise-constant at the reference's steps: say so
+                note = (f"onnxruntime: {prev.note}; re-checked through the interpreter in float64 with steps "
+                        f"{steps[0]:.3g}..{steps[-1]:.3g}" + (f": {note}" if note else ""))
+            check = DirectionCheck(k, "model-float64", st, err, tol, float(np.linalg.norm(jv)), fdn, spread,
+                                   tuple(steps), tuple(float(np.linalg.norm(d)) for d in D), note)
+        checks.append(check)
+    adj_tol = 1e-9 if t.dtype == torch.float64 else 1e-4
+    adj = AdjointCheck(max(adj_errs), adj_tol, max(adj_errs) <= adj_tol)
+    if not np.isfinite(jv).all():
+        warnings.append("NaN/inf in the engine's derivatives")
+    nondiff = sum(c.status == "non-differentiable" for c in checks)
+    if nondiff == len(checks):
+        warnings.append("every direction crosses non-differentiable points: the derivative check is "
+                        "inconclusive here (the forward check still counts)")
+    elif nondiff:
+        warnings.append(f"{nondiff} of {len(checks)} directions cross non-differentiable points "
+                        "(reported, not counted as failures)")
+    ok = fwd.passed and adj.passed and all(c.status != "fail" for c in checks)
+    settings = {"directions": directions, "seed": seed, "dtype": str(t.dtype).replace("torch.", ""),
+                "device": str(t.device), "input": t.name, "output": t.output_name, "logits": logits,
+                "reference": "onnxruntime" if is_onnx else "model-float64",
+                "forward_tol": forward_tol if is_onnx else None,
+                "rtol": rtol if rtol is not None else {k: v["rtol"] for k, v in _FD.items()},
+                "adjoint_tol": adj_tol, "steps": _N_STEPS,
+                "nondiff_spread": _NONDIFF_SPREAD, "nondiff_ratio": _NONDIFF_RATIO}
+    return VerifyResult("pass" if ok else "fail", fwd, tuple(checks), adj, settings, tuple(warnings))
+
+
+def _synthetic_feeds(model, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    feeds = {}
+    for s in model.inputs:
+        shape = s.concrete_shape(1)
+        if s.dtype is None or s.dtype.is_floating_point:
+            feeds[s.name] = torch.randn(shape, generator=g, dtype=torch.float32)
+        elif s.dtype == torch.bool:
+            feeds[s.name] = torch.zeros(shape, dtype=torch.bool)
+        else:
+            feeds[s.name] = torch.zeros(shape, dtype=s.dtype)
+    return feeds
+
+
+def _feeds_of(model, x: Any, input: str | None, t: Target) -> dict[str, np.ndarray]:
+    """Numpy feeds for onnxruntime in the model's declared dtypes."""
+    if isinstance(x, dict):
+        items = dict(x)
+    else:
+        name = input or model.inputs[0].name
+        items = {name: x}
+    out = {}
+    for k, v in items.items():
+        arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        spec = next((s for s in model.inputs if s.name == k), None)
+        if spec is not None and spec.dtype is not None:
+            arr = arr.astype(torch.empty(0, dtype=spec.dtype).numpy().dtype)
+        out[k] = arr
+    return out
