@@ -187,22 +187,44 @@ def run_case(case: Case) -> Result:
     return Result(case, "pass", "", ops)
 
 
+def grad_check(case: Case):
+    from .gradients import check_case
+
+    ins, _ = case.data_sets[0]
+    graph_inputs = [vi.name for vi in case.model.graph.input]
+    init = {t.name for t in case.model.graph.initializer}
+    names = [n for n in graph_inputs if n not in init] if len(ins) < len(graph_inputs) else graph_inputs
+    feeds = {n: np.asarray(a) for n, a in zip(names, ins) if isinstance(a, np.ndarray)}
+    return check_case(case.model, feeds)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", choices=SUITES)
     ap.add_argument("--filter", default=None, help="substring of the test name")
     ap.add_argument("-v", "--verbose", action="store_true", help="list every result")
     ap.add_argument("--failures", action="store_true", help="list failing/erroring tests")
+    ap.add_argument("--grad", action="store_true", help="also check derivatives vs onnxruntime finite differences")
     args = ap.parse_args(argv)
     suites = args.suite or list(SUITES)
     totals = {}
     by_op = collections.Counter()
+    grad_by_op = collections.Counter()
     t0 = time.time()
     for s in suites:
         counts = collections.Counter()
+        gcounts = collections.Counter()
         for case in iter_cases(s, args.filter):
             r = run_case(case)
             counts[r.status] += 1
+            if args.grad and r.status == "pass":
+                g = grad_check(case)
+                gcounts[g.status] += 1
+                if g.status == "fail":
+                    for o in r.ops:
+                        grad_by_op[o] += 1
+                if args.verbose or (args.failures and g.status == "fail"):
+                    print(f"grad-{g.status:7s} {s}/{case.name}  {g.detail[:200]}")
             if r.status in ("fail", "error"):
                 for o in r.ops:
                     by_op[o] += 1
@@ -212,6 +234,12 @@ def main(argv=None) -> int:
         total = sum(counts.values())
         print(f"[{s}] {counts['pass']}/{total} pass, {counts['fail']} wrong, {counts['error']} error, "
               f"{counts['unsupported']} unsupported", flush=True)
+        if args.grad:
+            print(f"[{s}] gradients: {gcounts['pass']} agree with onnxruntime finite differences, "
+                  f"{gcounts['fail']} disagree, {gcounts['skip']} skipped (not differentiable / no float "
+                  f"input or output / non-smooth point)", flush=True)
+    if grad_by_op:
+        print("gradient failures by op type:", ", ".join(f"{k}={v}" for k, v in grad_by_op.most_common(40)))
     if by_op:
         print("failures/errors by op type:", ", ".join(f"{k}={v}" for k, v in by_op.most_common(40)))
     print(f"({time.time() - t0:.0f}s)")

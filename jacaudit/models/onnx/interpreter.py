@@ -182,6 +182,8 @@ class CompiledGraph:
             opset = opsets.get(domain, opsets.get("", 1))
             fn = self._resolve(node, domain, opset)
             attrs = _parse_attrs(node, self, fn_attrs)
+            if float_dtype == torch.float64 and node.op_type == "Cast" and attrs.get("to") == 1:
+                attrs["to"] = 11  # float64 mode: a cast to float32 stays in float64 (tight derivative checks)
             ctx = NodeContext(node, attrs, opset, self)
             implicit: set[str] = set()
             for v in attrs.values():
