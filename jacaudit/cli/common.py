@@ -23,6 +23,7 @@ class State:
     debug: bool = False
     quiet: bool = False
     threads: int | None = None
+    config_path: str | None = None
 
 
 state = State()

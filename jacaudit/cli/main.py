@@ -44,14 +44,27 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Torch CPU threads (default: 1 on <=2 free "
                                                    "cores, else up to 8; env JACAUDIT_THREADS).", min=1)] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    config: Annotated[Optional[str], typer.Option("--config", help="Config file (default: the nearest "
+                      "jacaudit.toml, or pyproject.toml with [tool.jacaudit]).")] = None,
 ) -> None:
+    from .. import config as cfg
+    from .common import handle_errors
+
     state.debug = debug
+    with handle_errors():
+        # CLI > environment > config file > defaults (see jacaudit/config.py)
+        path = config or cfg.find_config()
+        file_cfg = cfg.read_config(path) if path is not None else {}
+        commands = getattr(ctx.command, "commands", {})
+        ctx.default_map = cfg.default_map(file_cfg, commands)
+        state.config_path = str(path) if path is not None else None
     state.quiet = quiet
     state.threads = threads
 
