@@ -220,12 +220,18 @@ def synthetic_sample(spec: Any, seed: int = 0, preprocess: Preprocess | None = N
                      fill: dict[str, int] | int | None = None) -> Sample:
     """A seeded synthetic input of the declared shape (batch axis dropped), flagged ``synthetic=True``.
 
+    Without a declared shape, an image of ``preprocess.size`` is made.
+
     With an image preprocessing spec and a rank-4 input it is a smooth random image in pixel space (mapped
     through ``preprocess``, so it lies in the model's input range); otherwise standard normal values."""
     rng = np.random.default_rng(seed)
     if getattr(spec, "shape", None) is None:
-        raise DataError(f"input {getattr(spec, 'name', '?')!r} has no declared shape; give an input file")
-    shape = spec.concrete_shape(fill) if hasattr(spec, "concrete_shape") else tuple(spec.shape)
+        if preprocess is None or preprocess.size is None:
+            raise DataError(f"input {getattr(spec, 'name', '?')!r} has no declared shape; give an input file "
+                            "(or --size for a synthetic image)")
+        shape = (1, *preprocess.tensor_shape(*preprocess.size))
+    else:
+        shape = spec.concrete_shape(fill) if hasattr(spec, "concrete_shape") else tuple(spec.shape)
     sample_shape = tuple(shape[1:])
     pixels = None
     if preprocess is not None and len(shape) == 4:
