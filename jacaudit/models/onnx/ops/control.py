@@ -36,12 +36,46 @@ def _graph_output_types(ctx, attr_name: str):
     return []
 
 
+class NonUniformControl(RuntimeError):
+    """A control value (If condition, Loop trip count/condition) differs across a vmapped batch."""
+
+
+def _control_scalar(t):
+    """The Python value of a one-element control tensor.
+
+    Under ``vmap`` the tensor may be batched; ``.item()`` then refuses. When every batch entry holds the
+    same value (always so under jacfwd/jacrev, whose batches are tangents, and for control values that do
+    not depend on the vmapped input) the functorch wrappers are peeled and that common value is used;
+    when the entries differ, :class:`NonUniformControl` is raised.
+    """
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.numel() != 1:
+        raise ValueError(f"control value must hold a single element, got shape {tuple(t.shape)}")
+    try:
+        return t.reshape(()).item()
+    except RuntimeError:
+        pass
+    try:
+        import torch._C._functorch as _F
+
+        base = t
+        while _F.is_functorch_wrapped_tensor(base) or _F.is_batchedtensor(base):
+            base = _F.get_unwrapped(base)
+    except Exception as e:  # pragma: no cover - functorch internals changed
+        raise NonUniformControl("cannot read a control value under this transform") from e
+    flat = base.detach().reshape(-1)
+    if flat.numel() == 0:
+        raise NonUniformControl("empty batched control value")
+    first = flat[0]
+    if not bool((flat == first).all()):
+        raise NonUniformControl("a Loop/If control value differs across the vmapped batch "
+                                "(data-dependent control flow cannot be vectorised)")
+    return first.item()
+
+
 def _scalar_bool(t) -> bool:
-    if isinstance(t, torch.Tensor):
-        if t.numel() != 1:
-            raise ValueError(f"condition must hold a single element, got shape {tuple(t.shape)}")
-        return bool(t.reshape(()).item())
-    return bool(t)
+    return bool(_control_scalar(t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +87,8 @@ def if_(ctx, cond):
     else_g = ctx.attr("else_branch")
     try:
         c = _scalar_bool(cond)
-    except RuntimeError:
-        # e.g. the condition is batched under vmap: evaluate both branches and select per element
+    except NonUniformControl:
+        # the condition is batched under vmap and differs per entry: run both branches, select per entry
         t_out = ctx.run_subgraph(then_g, [])
         e_out = ctx.run_subgraph(else_g, [])
         sel = cond.reshape(()).to(torch.bool)
@@ -92,7 +126,7 @@ def loop(ctx, M=None, cond=None, *v_initial):
 
     max_trip = None
     if M is not None and (not isinstance(M, torch.Tensor) or M.numel() > 0):
-        max_trip = int(M.reshape(()).item()) if isinstance(M, torch.Tensor) else int(M)
+        max_trip = int(_control_scalar(M))
     keep_going = True
     if cond is not None and (not isinstance(cond, torch.Tensor) or cond.numel() > 0):
         keep_going = _scalar_bool(cond)
