@@ -20,6 +20,7 @@ from ._util import axis as _axis, ints
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVGPOOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _work_dtype(dt: torch.dtype) -> torch.dtype:
@@ -135,8 +136,14 @@ class _PoolGeom:
             return x
         return F.pad(x, _torch_pad(self.pb, pe), value=value)
 
+    def window_mean(self, xp: torch.Tensor) -> torch.Tensor:
+        """Mean over each full (strided) window of an already padded tensor; dilation 1 only."""
+        return _AVGPOOL[self.nd](xp, self.kernel, self.strides, 0, False, True)
+
     def window_sum(self, xp: torch.Tensor) -> torch.Tensor:
         """Sum over each (dilated, strided) window of an already padded (N, C, *sp) tensor."""
+        if all(d == 1 for d in self.dilations):
+            return self.window_mean(xp) * math.prod(self.kernel)
         c = xp.shape[1]
         w = torch.ones((c, 1, *self.kernel), dtype=xp.dtype, device=xp.device)
         return _CONV[self.nd](xp, w, None, self.strides, 0, self.dilations, c)
@@ -239,10 +246,16 @@ def average_pool(ctx, x):
     _nd_check(nd, "AveragePool")
     g = _PoolGeom(ctx, x, _attr_kernel(ctx, nd))
     wd = _work_dtype(x.dtype)
-    xw = x.to(wd)
-    s = g.window_sum(g.padded(xw, 0.0))
+    xp = g.padded(x.to(wd), 0.0)
     cnt = g.count(bool(ctx.attr("count_include_pad", 0)), wd, x.device)
-    return (s / cnt).to(x.dtype)
+    full = math.prod(g.kernel)
+    if all(d == 1 for d in g.dilations):
+        y = g.window_mean(xp)
+        if bool((cnt != full).any()):  # windows overlapping uncounted padding
+            y = y * (full / cnt)
+    else:
+        y = g.window_sum(xp) / cnt
+    return y.to(x.dtype)
 
 
 @op("LpPool", since=1)
@@ -287,10 +300,16 @@ def max_pool(ctx, x):
     nd = x.dim() - 2
     _nd_check(nd, "MaxPool")
     g = _PoolGeom(ctx, x, _attr_kernel(ctx, nd))
-    xf = x if x.is_floating_point() else x.to(torch.float64)
-    xp = g.padded(xf, float("-inf"))
     want_idx = ctx.n_outputs > 1
-    res = _MAXPOOL[nd](xp, g.kernel, g.strides, 0, g.dilations, False, want_idx)
+    if x.is_floating_point():
+        res = _MAXPOOL[nd](g.padded(x, float("-inf")), g.kernel, g.strides, 0, g.dilations, False, want_idx)
+    else:
+        try:  # integers natively, padded with the dtype's minimum
+            res = _MAXPOOL[nd](g.padded(x, torch.iinfo(x.dtype).min), g.kernel, g.strides, 0, g.dilations,
+                               False, want_idx)
+        except (RuntimeError, NotImplementedError):  # a backend without integer pooling
+            xf = g.padded(x.to(torch.float64), float("-inf"))
+            res = _MAXPOOL[nd](xf, g.kernel, g.strides, 0, g.dilations, False, want_idx)
     if want_idx:
         y, idx = res
         idx = _to_onnx_indices(idx, g, x.shape[0], x.shape[1], int(ctx.attr("storage_order", 0)))
