@@ -173,18 +173,22 @@ def _np_dtype_for(sess, name: str):
 # finite differences
 # ---------------------------------------------------------------------------------------------------------
 def _central(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, v: np.ndarray, h0: float
-             ) -> tuple[list[float], list[np.ndarray]]:
-    steps, D = [], []
+             ) -> tuple[list[float], list[np.ndarray], list[float]]:
+    """Central differences at ``h0 / 2**j`` and the one-sided asymmetry ``||D+ - D-||`` at each step
+    (O(h) where f is smooth; O(1) at a kink, where central differences settle on the mean slope)."""
+    steps, D, asym = [], [], []
+    f0 = fn(x)
     for j in range(_N_STEPS):
         h = h0 / 2 ** j
-        d = (fn(x + h * v) - fn(x - h * v)) / (2 * h)
+        fp, fm = fn(x + h * v), fn(x - h * v)
         steps.append(h)
-        D.append(d)
-    return steps, D
+        D.append((fp - fm) / (2 * h))
+        asym.append(float(np.linalg.norm((fp - f0) / h - (f0 - fm) / h)))
+    return steps, D, asym
 
 
-def _assess(jv: np.ndarray, steps: list[float], D: list[np.ndarray], f0_norm: float, ref_dtype: str,
-            rtol: float | None, final: bool) -> tuple[str, float, float, float, float, str]:
+def _assess(jv: np.ndarray, steps: list[float], D: list[np.ndarray], asym: list[float], f0_norm: float,
+            ref_dtype: str, rtol: float | None, final: bool) -> tuple[str, float, float, float, float, str]:
     """-> status ("pass" | "fail" | "non-differentiable" | "inconclusive"), rel_error, tol, fd_norm, spread, note.
 
     ``final=False`` (a float32 reference that a float64 re-check can follow) answers "inconclusive" when the
@@ -209,7 +213,12 @@ def _assess(jv: np.ndarray, steps: list[float], D: list[np.ndarray], f0_norm: fl
                 f"{steps[0]:.3g}..{steps[-1]:.3g} (piecewise constant / quantised)")
     if err <= tol:
         return "pass", err, tol, fn_, spread, ""
-    if spread <= rt:
+    kink = asym[-1] / scale > max(10 * rt, 1e-2) and asym[-1] > 0.5 * asym[0]
+    if kink and final:
+        return ("non-differentiable", err, tol, fn_, spread,
+                f"one-sided slopes differ by {asym[-1] / scale:.2g} (relative) at every step: a kink "
+                "(e.g. ReLU at 0) lies on the direction at x")
+    if spread <= rt and not kink:
         return "fail", err, tol, fn_, spread, "the finite differences settled and disagree with jvp"
     if not final:
         return ("inconclusive", err, tol, fn_, spread,
@@ -328,15 +337,15 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
         vn = v.numpy()
         check = None
         if ort_fn is not None:
-            steps, D = _central(ort_fn, x_np, vn, _FD[ref_dtype]["h0"])
-            st, err, tol, fdn, spread, note = _assess(jv, steps, D, float(np.linalg.norm(y_ref)), ref_dtype,
+            steps, D, asym = _central(ort_fn, x_np, vn, _FD[ref_dtype]["h0"])
+            st, err, tol, fdn, spread, note = _assess(jv, steps, D, asym, float(np.linalg.norm(y_ref)), ref_dtype,
                                                       rtol, final=ref_dtype == "float64")
             check = DirectionCheck(k, "onnxruntime", st, err, tol, float(np.linalg.norm(jv)), fdn, spread,
                                    tuple(steps), tuple(float(np.linalg.norm(d)) for d in D), note)
         if check is None or check.status in ("non-differentiable", "inconclusive"):
             h0 = _FD["float64"]["h0"] * (1.0 if check is None else 1e-2)
-            steps, D = _central(model_fn, x64, vn, h0)
-            st, err, tol, fdn, spread, note = _assess(jv, steps, D, f0_model, "float64",
+            steps, D, asym = _central(model_fn, x64, vn, h0)
+            st, err, tol, fdn, spread, note = _assess(jv, steps, D, asym, f0_model, "float64",
                                                       rtol if check is None else None, final=True)
             if t.dtype != torch.float64:  # the engine's jvp carries float32 rounding
                 tol = max(tol, 1e-3)
