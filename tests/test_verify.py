@@ -1,0 +1,87 @@
+"""``verify``: passes on correct models, fails on a deliberately broken op, reports kinks and quantised graphs as
+non-differentiable. Light graphs (onnx's backend data, random weights substituted): tests/test_verify_light.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+import jacaudit.models as M
+from jacaudit.cli.main import app
+from jacaudit.jacobian.verify import verify
+from tests.test_jacobian import _conv_tanh_onnx
+
+torch.set_num_threads(1)
+
+
+def test_verify_onnx_passes_against_onnxruntime(tmp_path):
+    p = tmp_path / "ct.onnx"
+    _conv_tanh_onnx(p)
+    r = verify(M.load(str(p)), None, directions=2)
+    assert r.verdict == "pass", r
+    assert r.forward.reference == "onnxruntime" and r.forward.max_rel < 1e-5
+    assert all(d.status == "pass" for d in r.directions)
+    assert r.adjoint.passed
+
+
+def test_verify_torchscript_uses_the_model_itself(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    p = tmp_path / "m.pt"
+    torch.jit.script(net).save(str(p))
+    r = verify(M.load(str(p)), torch.randn(1, 6), directions=2)
+    assert r.verdict == "pass"
+    assert r.forward.reference == "none"
+    assert all(d.reference == "model-float64" and d.rel_error < 1e-8 for d in r.directions)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "forward"])
+def test_verify_fails_on_a_broken_op(tmp_path, monkeypatch, kind):
+    """A monkeypatched Tanh: a wrong derivative with an exact forward, or a wrong forward."""
+    from jacaudit.models.onnx import registry
+
+    if kind == "gradient":
+        def broken(ctx, x):
+            return x + (torch.tanh(x) - x).detach()  # forward exact, derivative 1 instead of 1 - tanh^2
+    else:
+        def broken(ctx, x):
+            return torch.tanh(x) * 1.01
+    monkeypatch.setitem(registry._REGISTRY, ("", "Tanh"), [(1, broken)])
+    p = tmp_path / "ct.onnx"
+    _conv_tanh_onnx(p)
+    r = verify(M.load(str(p)), None, directions=2)
+    assert r.verdict == "fail"
+    if kind == "gradient":
+        assert r.forward.passed and all(d.status == "fail" for d in r.directions)
+    else:
+        assert not r.forward.passed
+    res = CliRunner().invoke(app, ["verify", str(p), "--json", "-k", "1"])
+    assert res.exit_code == 1, res.output
+    assert json.loads(res.stdout)["verdict"] == "fail"
+
+
+def test_cli_verify_passes(tmp_path):
+    p = tmp_path / "ct.onnx"
+    _conv_tanh_onnx(p)
+    res = CliRunner().invoke(app, ["verify", str(p), "-k", "1"])
+    assert res.exit_code == 0, res.output
+    assert "verdict: PASS" in res.stdout
+
+
+def test_relu_kink_is_reported_not_failed():
+    x = torch.tensor([[0.0, 1.0, -1.0, 0.0, 2.0]], dtype=torch.float64)  # two units sit on the kink
+    r = verify(lambda z: torch.relu(z) * 3, x, directions=3)
+    assert r.verdict == "pass"
+    assert all(d.status == "non-differentiable" for d in r.directions)
+    assert "kink" in r.directions[0].note
+
+
+def test_quantised_graph_is_reported_not_failed():
+    x = torch.linspace(-1, 1, 50, dtype=torch.float64)[None] + 1e-3
+    r = verify(lambda z: torch.round(z * 2000) / 2000, x, directions=2)
+    assert r.verdict == "pass"
+    assert all(d.status == "non-differentiable" for d in r.directions)
