@@ -21,14 +21,30 @@ def _work_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float32 if dt in _HALF else dt
 
 
-def _safe_softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis; a row that is entirely -inf gives zeros (not NaN), gradient-safe."""
+def _ident(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+_SEQ_SUM_MAX = 256
+
+
+def _safe_softmax(x: torch.Tensor, rd=_ident, seq_sum: bool = False) -> torch.Tensor:
+    """Softmax over the last axis; a row that is entirely -inf gives zeros (not NaN), gradient-safe.
+
+    ``rd`` rounds intermediate results (to emulate a half-precision runtime step by step)."""
     m = torch.amax(x, dim=-1, keepdim=True).detach()
     m = torch.where(torch.isneginf(m) | torch.isnan(m), torch.zeros_like(m), m)
-    e = torch.exp(x - m)
-    s = e.sum(dim=-1, keepdim=True)
+    e = rd(torch.exp(rd(x - m)))
+    n = e.shape[-1]
+    if seq_sum and 1 < n <= _SEQ_SUM_MAX:
+        # a bfloat16 runtime (numpy + ml_dtypes) accumulates left to right, rounding every addition
+        s = e[..., 0:1]
+        for k in range(1, n):
+            s = rd(s + e[..., k:k + 1])
+    else:
+        s = rd(e.sum(dim=-1, keepdim=True))
     s = torch.where(s == 0, torch.ones_like(s), s)
-    return e / s
+    return rd(e / s)
 
 
 def _to_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -86,13 +102,11 @@ def attention(ctx, Q, K, V, attn_mask=None, past_key=None, past_value=None, nonp
     if attn_mask is not None:
         pad = kv_len - attn_mask.shape[-1]
         if pad > 0:
-            fill = torch.zeros if attn_mask.dtype == torch.bool else None
             if attn_mask.dtype == torch.bool:
                 extra = torch.zeros(attn_mask.shape[:-1] + (pad,), dtype=torch.bool, device=dev)
             else:
                 extra = torch.full(attn_mask.shape[:-1] + (pad,), float("-inf"), dtype=attn_mask.dtype,
                                    device=dev)
-            del fill
             attn_mask = torch.cat([attn_mask, extra], dim=-1)
         if attn_mask.dtype == torch.bool:
             mask_bias = _neg_inf_bias(attn_mask, wd)
@@ -130,24 +144,40 @@ def attention(ctx, Q, K, V, attn_mask=None, past_key=None, past_value=None, nonp
         Kw = torch.repeat_interleave(Kw, rep, dim=1)
         Vw = torch.repeat_interleave(Vw, rep, dim=1)
 
-    qk = torch.matmul(Qw * sq, (Kw * sq).transpose(-1, -2))
+    if out_dtype in _HALF:
+        def rd(t: torch.Tensor) -> torch.Tensor:  # round to the ONNX dtype after each step, as a half runtime
+            return t.to(out_dtype).to(wd)
+    else:
+        def rd(t: torch.Tensor) -> torch.Tensor:
+            return t
+    bias = rd(bias)
+    qk = rd(torch.matmul(rd(Qw * sq), rd(Kw * sq).transpose(-1, -2)))
     if softcap > 0:
-        qk = torch.tanh(qk / softcap) * softcap
-    qk_bias = qk + bias
+        qk = rd(rd(torch.tanh(rd(qk / softcap))) * softcap)
+    qk_bias = rd(qk + bias)
     qk_out = qk
     if mode == 2:
         qk_out = qk_bias
 
     sm_in = qk_bias
+    sm_round = rd
+    seq_sum = out_dtype == torch.bfloat16
     if softmax_precision is not None:
         sdt = onnx_to_torch_dtype(int(softmax_precision))
         if sdt is not None and sdt.is_floating_point:
-            if sdt in _HALF and wd not in _HALF:
+            seq_sum = sdt == torch.bfloat16
+            if sdt in _HALF:
                 # emulate the rounding of a lower softmax precision, compute in float32
                 sm_in = sm_in.to(sdt).to(torch.float32)
+
+                def sm_round(t: torch.Tensor, _d=sdt) -> torch.Tensor:
+                    return t.to(_d).to(torch.float32)
             else:
                 sm_in = sm_in.to(sdt)
-    probs = _safe_softmax(sm_in)
+
+                def sm_round(t: torch.Tensor) -> torch.Tensor:
+                    return t
+    probs = _safe_softmax(sm_in, sm_round, seq_sum)
     row_masked = torch.isneginf(torch.amax(bias, dim=-1, keepdim=True))
     probs = torch.where(row_masked, torch.zeros((), dtype=probs.dtype, device=dev), probs)
     if mode == 3:
@@ -157,7 +187,7 @@ def attention(ctx, Q, K, V, attn_mask=None, past_key=None, past_value=None, nonp
         probs = probs.to(out_dtype)
     probs = probs.to(wd)
 
-    y = torch.matmul(probs, Vw)
+    y = rd(torch.matmul(probs, Vw))
     if rank3:
         b = y.shape[0]
         y = y.transpose(1, 2).reshape(b, q_len, -1)
