@@ -68,9 +68,36 @@ def gather_nd(ctx, x, indices):
 _REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
 
 
+def _scatter_mul_float(x, a: int, idx, upd):
+    """scatter_reduce(..., "prod") rebuilt from index_put passes: torch's forward-mode derivative of
+    scatter_reduce "prod" is wrong (jacfwd disagrees with jacrev and finite differences), this one is not.
+    Pass r applies, for every target, its r-th update (targets are unique within a pass)."""
+    pos = torch.arange(x.numel(), dtype=torch.int64, device=x.device).reshape(x.shape)
+    tgt = torch.gather(pos, a, idx).reshape(-1)
+    u = upd.reshape(-1).to(x.dtype)
+    n = int(tgt.shape[0])
+    if n == 0:
+        return x
+    st, order = torch.sort(tgt, stable=True)
+    ar = torch.arange(n, dtype=torch.int64, device=x.device)
+    start = torch.ones(n, dtype=torch.bool, device=x.device)
+    start[1:] = st[1:] != st[:-1]
+    run0 = torch.cummax(torch.where(start, ar, torch.zeros_like(ar)), 0).values
+    rank = torch.empty_like(ar).scatter_(0, order, ar - run0)
+    out = x.reshape(-1)
+    ones = torch.ones_like(out)
+    for r in range(int(rank.max().item()) + 1):
+        sel = torch.nonzero(rank == r).reshape(-1)
+        factor = ones.index_put((tgt[sel],), u[sel])
+        out = out * factor
+    return out.reshape(x.shape)
+
+
 def _scatter_elements(x, a, idx, upd, reduction: str):
     if reduction in ("", "none", None):
         return torch.scatter(x, a, idx, upd)
+    if reduction == "mul" and (x.is_floating_point() or x.is_complex()):
+        return _scatter_mul_float(x, a, idx, upd)
     if x.dtype == torch.bool:  # bool add == or, mul == and (ONNX on bool is rare)
         red = {"add": "amax", "max": "amax", "mul": "amin", "min": "amin"}[reduction]
         return torch.scatter_reduce(x.to(torch.uint8), a, idx, upd.to(torch.uint8), red,

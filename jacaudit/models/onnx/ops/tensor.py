@@ -307,7 +307,7 @@ def reverse_sequence(ctx, x, sequence_lens):
     ba = _axis(int(ctx.attr("batch_axis", 1)), rank)
     ta = _axis(int(ctx.attr("time_axis", 0)), rank)
     T = int(x.shape[ta])
-    lens = sequence_lens.to(torch.int64).reshape(1, -1)
+    lens = sequence_lens.to(torch.int64).reshape(1, -1).clamp(0, T)
     t = torch.arange(T, dtype=torch.int64, device=x.device).reshape(-1, 1)
     idx = torch.where(t < lens, lens - 1 - t, t)  # [T, B]
     if ta > ba:
