@@ -157,13 +157,27 @@ class Target:
     """
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, name: str = "input",
-                 output_name: str = "output", model: Any = None, notes: Sequence[str] = ()):
+                 output_name: str = "output", model: Any = None, notes: Sequence[str] = (), evaluate: bool = True):
         self.f = f
         self.x = x.detach()
         self.name = name
         self.output_name = output_name
         self.model = model
         self.notes = list(notes)
+        self._y: torch.Tensor | None = None
+        self._pullback = None
+        self.vjp_path: str | None = None
+        self.jvp_path: str | None = None
+        self._batch_ok: bool | None = None
+        if evaluate:
+            self.y  # noqa: B018  (checks the output now)
+
+    @property
+    def y(self) -> torch.Tensor:
+        """f(x), computed on first use (a forward pass)."""
+        if self._y is not None:
+            return self._y
+        f, output_name = self.f, self.output_name
         with torch.no_grad():
             y = f(self.x)
         if isinstance(y, (tuple, list)):
@@ -171,11 +185,8 @@ class Target:
         if not isinstance(y, torch.Tensor) or not y.is_floating_point():
             raise InputError(f"output {output_name!r} is not a float tensor "
                              f"({getattr(y, 'dtype', type(y).__name__)}); it has no derivative")
-        self.y = y.detach()
-        self._pullback = None
-        self.vjp_path: str | None = None
-        self.jvp_path: str | None = None
-        self._batch_ok: bool | None = None
+        self._y = y.detach()
+        return self._y
 
     # -- shapes ----------------------------------------------------------------------------------------
     @property
@@ -333,7 +344,7 @@ def _as_tensor(x: Any, device: torch.device | None, dtype: torch.dtype | None) -
 
 def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None = None, wrt: str | None = None,
             dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-            logits: bool = False) -> Target:
+            logits: bool = False, evaluate: bool = True) -> Target:
     """Turn (model, input) into a :class:`Target`: a function of one tensor and its point.
 
     ``model`` is a jacaudit Model (``x`` a tensor for ``input`` -- default the first input -- or a dict of
@@ -386,7 +397,7 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
                              "it has no derivative; choose a float internal tensor with --wrt "
                              "(e.g. an embedding's output)")
         f = model.function(feeds, wrt=wrt_name, output=out_name)
-        return Target(f, x0, name=wrt_name, output_name=out_name, model=model, notes=notes)
+        return Target(f, x0, name=wrt_name, output_name=out_name, model=model, notes=notes, evaluate=evaluate)
 
     # a torch module or callable
     if logits:
@@ -411,7 +422,8 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
     x0 = _as_tensor(x, dev, dt)
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
         raise InputError("the input must be a float tensor")
-    return Target(model, x0, name=input or "input", output_name=output or "output", model=model, notes=notes)
+    return Target(model, x0, name=input or "input", output_name=output or "output", model=model, notes=notes,
+                  evaluate=evaluate)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -550,13 +562,17 @@ def per_sample_jacobian(model: Any, X: Any, *, input: str | None = None, output:
     once per output element, one ``autograd.grad`` for all of them -- valid when samples are independent,
     which is checked); ``loop`` over samples.
     """
-    t = prepare(model, X, input=input, output=output, dtype=dtype, device=device)
+    t = prepare(model, X, input=input, output=output, dtype=dtype, device=device, evaluate=False)
     Xb = t.x
-    if Xb.ndim < 1 or t.y.ndim < 1 or t.y.shape[0] != Xb.shape[0]:
+    if Xb.ndim < 1:
+        raise InputError("per-sample Jacobians need a leading batch axis")
+    with torch.no_grad():
+        y1 = t.f(Xb[:1])  # one sample's forward gives the output shape
+    if not isinstance(y1, torch.Tensor) or y1.ndim < 1 or y1.shape[0] != 1:
         raise InputError(f"per-sample Jacobians need a leading batch axis on input and output "
-                         f"(input {tuple(Xb.shape)}, output {tuple(t.y.shape)})")
+                         f"(input {tuple(Xb.shape)}, output of one sample {tuple(getattr(y1, 'shape', ()))})")
     B = Xb.shape[0]
-    in_s, out_s = tuple(Xb.shape[1:]), tuple(t.y.shape[1:])
+    in_s, out_s = tuple(Xb.shape[1:]), tuple(y1.shape[1:])
     m1, n1 = math.prod(out_s), math.prod(in_s)
     if mode == "auto":
         mode = "reverse" if m1 < n1 else "forward"
@@ -581,7 +597,7 @@ def per_sample_jacobian(model: Any, X: Any, *, input: str | None = None, output:
             raise
         notes.append(f"vmap could not run the model ({type(e).__name__}); fell back")
         J = None
-    if J is None and mode == "reverse" and _samples_independent(f, Xb, t.y):
+    if J is None and mode == "reverse" and _samples_independent(f, Xb, t.y):  # (t.y: one batch forward)
         path = "batched"
         J = torch.empty(B, m1, n1, dtype=Xb.dtype, device=Xb.device)
         per = B * (n1 * 4 + m1) * item
@@ -608,7 +624,7 @@ def per_sample_jacobian(model: Any, X: Any, *, input: str | None = None, output:
             Jb, _ = full_jacobian(tb, mode=mode, max_memory=budget)
             rows.append(Jb)
         J = torch.stack(rows)
-    info = JacobianInfo(mode=mode, path=path, output_shape=tuple(t.y.shape), input_shape=tuple(Xb.shape),
+    info = JacobianInfo(mode=mode, path=path, output_shape=(B, *out_s), input_shape=tuple(Xb.shape),
                         dtype=str(Xb.dtype).replace("torch.", ""), device=str(Xb.device),
                         bytes=J.numel() * item, notes=tuple(notes))
     return (J, info) if return_info else J
