@@ -223,3 +223,42 @@ def test_cli_synthetic_and_bad_option(cnn, tmp_path):
     assert rep["result"]["inputs"][0]["synthetic"] is True
     p = _run_cli("saliency", cnn, "--method", "lrp", "--out", str(tmp_path / "o2"))
     assert p.returncode == 2 and "unknown --method" in p.stderr and "Traceback" not in p.stderr
+
+
+def _onnx_linear_softmax(path, w, b):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "W", "B"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+    g = helper.make_graph(nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, H, W])],
+                          [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", K])],
+                          [numpy_helper.from_array(w.numpy(), "W"), numpy_helper.from_array(b.numpy(), "B")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(path))
+
+
+def test_onnx_softmax_model_uses_logits(linear, tmp_path):
+    from jacaudit.errors import UnsupportedOpError
+    _, w, b = linear
+    p = tmp_path / "lin.onnx"
+    _onnx_linear_softmax(p, w, b)
+    try:
+        model = load(str(p))
+    except UnsupportedOpError as e:
+        pytest.skip(f"interpreter lacks an op yet: {e}")
+    sc = make_scorer(model)
+    assert sc.score == "logit" and sc.score_tensor == "logits"
+    x = _x()
+    a = attribute(sc, x, "grad")
+    for i in range(2):
+        assert torch.allclose(a.attr[i].flatten(), w[a.targets[i]], atol=1e-5)
+    assert torch.allclose(a.ref_probs.sum(1), torch.ones(2), atol=1e-5)
+    a = attribute(sc, x, "ig", steps=5, baseline="zero")
+    assert torch.allclose(a.attr[0].flatten(), x[0].flatten() * w[a.targets[0]], atol=1e-5)
+    res, warns = saliency(model, [Sample("s", "mem", x[0].numpy())], SaliencyOptions(methods=["grad"], sanity=True))
+    assert res.score == "logit" and res.inputs[0].target.probability is not None
+    assert len(res.sanity[0].steps) == 1  # one Gemm layer randomised
+    # sanity restored the weights
+    assert torch.allclose(model.graph.initializers["W"], w)

@@ -137,13 +137,14 @@ def grouped_gradients(scorer: Scorer, rows: torch.Tensor, group: int, targets: t
     processed in chunks of ``chunk_rows`` (groups may span chunks; the reference row comes first)."""
     R = rows.shape[0]
     n = R // group
+    chunk_rows = max(1, int(chunk_rows))
     tgt = torch.full((n,), -1, dtype=torch.long) if targets is None else targets.clone().long()
-    grads = torch.empty_like(rows)
+    single = R <= chunk_rows
+    grads = rows if single else torch.empty_like(rows)  # one chunk: keep autograd's tensor, no copy
     scores = torch.empty(R, dtype=rows.dtype)
     ref_scores: torch.Tensor | None = None
     ref_probs: torch.Tensor | None = None
     extra = extra or {}
-    chunk_rows = max(1, int(chunk_rows))
     for s in range(0, R, chunk_rows):
         e = min(R, s + chunk_rows)
         xb = rows[s:e].detach().requires_grad_(True)
@@ -172,7 +173,10 @@ def grouped_gradients(scorer: Scorer, rows: torch.Tensor, group: int, targets: t
                                  f"{sc.shape[1]} classes")
             sel = sc.gather(1, t[:, None]).squeeze(1)
             (g,) = torch.autograd.grad(sel.sum(), xb)
-        grads[s:e] = g
+        if single:
+            grads = g
+        else:
+            grads[s:e] = g
         scores[s:e] = sel.detach().to(scores.dtype)
     if not torch.isfinite(grads).all():
         raise RuntimeFailure("the gradient contains NaN or inf (the model is not differentiable here)")
