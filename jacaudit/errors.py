@@ -32,7 +32,12 @@ class ModelLoadError(InputError):
     """A model file that cannot be loaded (not ONNX/TorchScript, truncated, unsafe path...)."""
 
 
-class UnsupportedOpError(ModelLoadError):
+class UnsupportedError(ModelLoadError):
+    """The model uses something jacaudit deliberately does not support (sequence/optional types, an op
+    variant torch cannot represent, training-mode randomness). Reported as unsupported, never answered wrongly."""
+
+
+class UnsupportedOpError(UnsupportedError):
     """The graph uses operators the interpreter does not implement (found before anything runs)."""
 
     def __init__(self, missing: list[tuple[str, str, int, list[str]]]):

@@ -115,11 +115,27 @@ def _to_torch(a):
 
     if a is None:
         return None
+    if hasattr(a, "SerializeToString") and hasattr(a, "data_type"):  # a TensorProto in the case data
+        from onnx import numpy_helper
+        a = numpy_helper.to_array(a)
+    if not isinstance(a, np.ndarray):
+        if isinstance(a, (list, dict)):
+            raise TypeError("non-tensor input (sequence/map/optional)")
+        a = np.asarray(a)
     if isinstance(a, np.ndarray) and a.dtype.kind in "USO":
         raise TypeError("string tensor")
     if isinstance(a, (list, dict)) or a is None:
         raise TypeError("non-tensor input (sequence/map/optional)")
+    if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: exact through float32
+        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
     return torch.from_numpy(np.array(a, copy=True))
+
+
+def _to_numpy_expected(x):
+    if hasattr(x, "SerializeToString") and hasattr(x, "data_type"):
+        from onnx import numpy_helper
+        return numpy_helper.to_array(x)
+    return x
 
 
 def compare(got, exp, rtol: float, atol: float) -> str:
@@ -131,6 +147,10 @@ def compare(got, exp, rtol: float, atol: float) -> str:
         got = got.to(torch.float32).numpy() if got.dtype == torch.bfloat16 else got.numpy()
     got = np.asarray(got)
     exp = np.asarray(exp)
+    if exp.dtype.name == "bfloat16":
+        # bfloat16 keeps 8 significant bits: a tolerance below one unit in the last place is meaningless
+        exp = exp.astype(np.float32)
+        rtol, atol = max(rtol, 2.0 ** -7), max(atol, 2.0 ** -7)
     if got.shape != exp.shape:
         return f"shape {got.shape} != expected {exp.shape}"
     if exp.dtype.kind in "fc":
@@ -150,13 +170,13 @@ def compare(got, exp, rtol: float, atol: float) -> str:
 
 
 def run_case(case: Case) -> Result:
-    from jacaudit.errors import UnsupportedOpError
+    from jacaudit.errors import UnsupportedError
     from jacaudit.models.onnx.model import OnnxModel
 
     ops = sorted({n.op_type for n in case.model.graph.node})
     try:
         m = OnnxModel(case.model)
-    except UnsupportedOpError as e:
+    except UnsupportedError as e:
         return Result(case, "unsupported", str(e), ops)
     except Exception as e:
         return Result(case, "error", f"load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", ops)
@@ -168,13 +188,13 @@ def run_case(case: Case) -> Result:
             names = [n for n in graph_inputs if n not in init] if len(ins) < len(graph_inputs) else graph_inputs
             for n, a in zip(names, ins):
                 feeds[n] = _to_torch(a)
+            outs = [_to_numpy_expected(x) for x in outs]
         except TypeError as e:
             return Result(case, "unsupported", str(e), ops)
         try:
             got = m.graph.run(feeds, outputs=[o.name for o in case.model.graph.output])
         except Exception as e:
-            from jacaudit.errors import UnsupportedOpError as U
-            if isinstance(e, U):
+            if isinstance(e, UnsupportedError):
                 return Result(case, "unsupported", str(e), ops)
             msg = str(e).splitlines()[0] if str(e) else ""
             return Result(case, "error", f"{type(e).__name__}: {msg}", ops)

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ...errors import JacauditError, RuntimeFailure, UnsupportedOpError
+from ...errors import JacauditError, RuntimeFailure, UnsupportedError, UnsupportedOpError
 from . import registry
 from .registry import onnx_to_torch_dtype
 
@@ -326,6 +326,8 @@ class CompiledGraph:
                 res = n.fn(n.ctx, *args)
             except JacauditError:
                 raise
+            except NotImplementedError as e:  # an op variant we deliberately do not support
+                raise UnsupportedError(f"node {n.ctx.name!r} ({n.ctx.op_type}, opset {n.ctx.opset}): {e}") from e
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # annotate with the node; keep the original as the cause

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ...errors import ModelLoadError
+from ...errors import ModelLoadError, UnsupportedError
 from ..base import Model, TensorSpec
 from .registry import onnx_to_torch_dtype
 
@@ -16,7 +16,7 @@ def _value_info_spec(vi) -> TensorSpec:
     t = vi.type
     if not t.HasField("tensor_type"):
         kind = t.WhichOneof("value")
-        raise ModelLoadError(f"graph input/output {vi.name!r} has type {kind}; only tensors are supported")
+        raise UnsupportedError(f"graph input/output {vi.name!r} has type {kind}; only tensors are supported")
     tt = t.tensor_type
     shape = None
     if tt.HasField("shape"):
