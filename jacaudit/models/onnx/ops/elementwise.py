@@ -540,9 +540,9 @@ def _cast_to(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         return x.to(dt)
     if x.dtype == _U64 and (dt.is_floating_point or dt.is_complex):
         s = x.view(torch.int64)
-        f = s.to(torch.float64)
-        f = torch.where(s < 0, f + 18446744073709551616.0, f)
-        return f.to(dt)
+        hi = _lshr64(s, torch.full_like(s, 32)).to(torch.float64)
+        lo = torch.bitwise_and(s, 0xFFFFFFFF).to(torch.float64)
+        return (hi * 4294967296.0 + lo).to(dt)  # one rounding, as a direct conversion
     if x.dtype == _U64:
         return x.view(torch.int64).to(dt)
     if dt == _U64:
