@@ -181,9 +181,17 @@ def leaky_relu(ctx, x):
     return torch.where(x >= 0, x, x * alpha)
 
 
-@op("PRelu")
+@op("PRelu", since=7)
 def prelu(ctx, x, slope):
     return torch.where(x < 0, x * slope, x).to(x.dtype)
+
+
+@op("PRelu", since=1)
+def prelu_6(ctx, x, slope):
+    # before opset 7 a 1-D slope is per channel (axis 1), not numpy-broadcast from the right
+    if slope.dim() == 1 and slope.numel() > 1 and x.dim() > 2 and slope.numel() == x.shape[1]:
+        slope = slope.reshape([slope.numel()] + [1] * (x.dim() - 2))
+    return prelu(ctx, x, slope)
 
 
 @op("Elu")
@@ -312,7 +320,8 @@ def pow_(ctx, a, b):
         if not _is_float(b):
             b = _to_signed(b).to(a.dtype) if b.dtype != _U64 else b.view(torch.int64).to(a.dtype)
         elif b.dtype != a.dtype:
-            b = b.to(a.dtype)
+            work = torch.promote_types(a.dtype, b.dtype)
+            return torch.pow(a.to(work), b.to(work)).to(a.dtype)
         return torch.pow(a, b)
     # integer base: result has the base's type
     if _is_float(b):
@@ -484,13 +493,10 @@ def _clip(x, lo, hi):
         if hi is not None:
             out = _extreme([out, hi], False)
         return out
-    if lo is not None and hi is not None:
-        return torch.minimum(torch.maximum(x, lo), hi)
-    if lo is not None:
-        return torch.maximum(x, lo)
-    if hi is not None:
-        return torch.minimum(x, hi)
-    return x
+    if lo is None and hi is None:
+        return x
+    # clamp: min > max gives max, as numpy.clip; the gradient w.r.t. x is 1 inside [min, max]
+    return torch.clamp(x, min=lo, max=hi)
 
 
 @op("Clip", since=1)
