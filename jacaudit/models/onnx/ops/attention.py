@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import op, onnx_to_torch_dtype
-from ._util import ints
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -245,7 +244,7 @@ def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
 # ---------------------------------------------------------------------------------------------
 # SwiGLU
 # ---------------------------------------------------------------------------------------------
-@op("SwiGLU", since=1)
+@op("SwiGLU", since=28)
 def swiglu(ctx, a, b):
     alpha = float(ctx.attr("alpha", 1.0))
     wd = _work_dtype(a.dtype)
@@ -257,7 +256,7 @@ def swiglu(ctx, a, b):
 # ---------------------------------------------------------------------------------------------
 # LinearAttention
 # ---------------------------------------------------------------------------------------------
-@op("LinearAttention", since=1)
+@op("LinearAttention", since=27)
 def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=None):
     rule = ctx.attr("update_rule", "gated_delta")
     hq = int(ctx.attr("q_num_heads"))
@@ -317,7 +316,7 @@ def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=N
 # ---------------------------------------------------------------------------------------------
 # CausalConvWithState
 # ---------------------------------------------------------------------------------------------
-@op("CausalConvWithState", since=1)
+@op("CausalConvWithState", since=27)
 def causal_conv_with_state(ctx, x, weight, bias=None, past_state=None):
     act = ctx.attr("activation", "none")
     if act not in ("none", "silu", "swish"):
@@ -402,5 +401,3 @@ def flex_attention(ctx, Q, K, V):
     out = torch.matmul(probs, V.to(cdt))
     return out.to(V.dtype)
 
-
-del ints

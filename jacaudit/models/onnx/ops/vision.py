@@ -9,7 +9,6 @@ import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..registry import op
 from ._util import axes as _axes, ints
@@ -432,5 +431,3 @@ def center_crop_pad(ctx, x, shape):
             y = torch.cat([zb, y, za], dim=a)
     return y
 
-
-del F
