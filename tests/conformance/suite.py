@@ -210,12 +210,16 @@ def run_case(case: Case) -> Result:
 def grad_check(case: Case):
     from .gradients import check_case
 
-    ins, _ = case.data_sets[0]
+    ins, outs = case.data_sets[0]
     graph_inputs = [vi.name for vi in case.model.graph.input]
     init = {t.name for t in case.model.graph.initializer}
     names = [n for n in graph_inputs if n not in init] if len(ins) < len(graph_inputs) else graph_inputs
-    feeds = {n: np.asarray(a) for n, a in zip(names, ins) if isinstance(a, np.ndarray)}
-    return check_case(case.model, feeds)
+    feeds = {}
+    for n, a in zip(names, ins):
+        a = _to_numpy_expected(a)
+        if isinstance(a, np.ndarray) and a.dtype.name != "bfloat16":
+            feeds[n] = a
+    return check_case(case.model, feeds, expected=[_to_numpy_expected(o) for o in outs])
 
 
 def main(argv=None) -> int:
