@@ -128,6 +128,8 @@ def _to_torch(a):
         raise TypeError("non-tensor input (sequence/map/optional)")
     if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: exact through float32
         return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    if a.dtype.name.startswith("float8") and hasattr(torch, a.dtype.name):  # exact through float32
+        return torch.from_numpy(a.astype(np.float32)).to(getattr(torch, a.dtype.name))
     return torch.from_numpy(np.array(a, copy=True))
 
 
@@ -144,9 +146,12 @@ def compare(got, exp, rtol: float, atol: float) -> str:
 
     if isinstance(got, torch.Tensor):
         got = got.detach().cpu()
-        got = got.to(torch.float32).numpy() if got.dtype == torch.bfloat16 else got.numpy()
+        low = got.dtype == torch.bfloat16 or (got.dtype.is_floating_point and got.dtype.itemsize == 1)
+        got = got.to(torch.float32).numpy() if low else got.numpy()
     got = np.asarray(got)
     exp = np.asarray(exp)
+    if exp.dtype.name.startswith("float8"):
+        exp = exp.astype(np.float32)  # exact; compared bit-for-bit below (values are on the float8 grid)
     if exp.dtype.name == "bfloat16":
         # bfloat16 keeps 8 significant bits: a tolerance below one unit in the last place is meaningless
         exp = exp.astype(np.float32)

@@ -22,9 +22,10 @@ def tensor_from_proto(t, device: torch.device | None = None) -> torch.Tensor:
     """TensorProto -> torch tensor (copying; handles every numeric type torch has)."""
     from onnx import numpy_helper, TensorProto
 
-    if t.data_type == TensorProto.BFLOAT16:
-        arr = numpy_helper.to_array(t).astype(np.float32)
-        out = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.bfloat16)
+    f8 = onnx_to_torch_dtype(t.data_type)
+    if t.data_type == TensorProto.BFLOAT16 or (f8 is not None and f8.is_floating_point and f8.itemsize == 1):
+        arr = numpy_helper.to_array(t).astype(np.float32)  # exact: these types are subsets of float32
+        out = torch.from_numpy(np.ascontiguousarray(arr)).to(f8)
     else:
         arr = numpy_helper.to_array(t)
         if arr.dtype == object or arr.dtype.kind in "USO":

@@ -92,4 +92,7 @@ def onnx_to_torch_dtype(elem_type: int) -> torch.dtype | None:
         T.UINT16: torch.uint16, T.UINT32: torch.uint32, T.UINT64: torch.uint64,
         T.COMPLEX64: torch.complex64, T.COMPLEX128: torch.complex128,
     }
+    for code, name in ((17, "float8_e4m3fn"), (18, "float8_e4m3fnuz"), (19, "float8_e5m2"), (20, "float8_e5m2fnuz")):
+        if hasattr(torch, name):
+            table[code] = getattr(torch, name)
     return table.get(elem_type)

@@ -563,14 +563,40 @@ def _dtype_from_attr(ctx, to) -> torch.dtype:
     return dt
 
 
+_FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+           if hasattr(torch, n)}
+
+
+def _cast_to_float8(x: torch.Tensor, dt: torch.dtype, saturate: bool) -> torch.Tensor:
+    """ONNX Cast to a float8 type: round to nearest even; ``saturate`` clamps overflow (and inf) to the
+    largest finite value, otherwise overflow is NaN (inf for float8e5m2, the one type with infinities)."""
+    xf = x.to(torch.float32)
+    mx = torch.finfo(dt).max
+    if saturate:
+        y = torch.where(torch.isinf(xf), torch.sign(xf) * mx, xf.clamp(-mx, mx))
+        return y.to(dt)
+    if dt == torch.float8_e4m3fn:  # torch saturates this one; ONNX wants NaN beyond the rounding range
+        limit = 464.0  # values in (448, 464] round (to even) down to 448
+        xf = torch.where(xf.abs() > limit, torch.full_like(xf, float("nan")), xf)
+    return xf.to(dt)
+
+
+def _cast_checked(ctx, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    if dt in _FLOAT8:
+        return _cast_to_float8(x, dt, bool(ctx.attr("saturate", 1)))
+    if x.dtype in _FLOAT8:
+        return _cast_to(x.to(torch.float32), dt)
+    return _cast_to(x, dt)
+
+
 @op("Cast")
 def cast(ctx, x):
-    return _cast_to(x, _dtype_from_attr(ctx, ctx.attr("to")))
+    return _cast_checked(ctx, x, _dtype_from_attr(ctx, ctx.attr("to")))
 
 
 @op("CastLike")
 def cast_like(ctx, x, like):
-    return _cast_to(x, like.dtype)
+    return _cast_checked(ctx, x, like.dtype)
 
 
 @op("BitCast")
