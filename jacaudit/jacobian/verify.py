@@ -32,6 +32,7 @@ _FD = {
     "float32": {"h0": 2e-2, "eps": 2.0 ** -23, "rtol": 2e-3},
     "float64": {"h0": 1e-4, "eps": 2.0 ** -52, "rtol": 1e-6},
 }
+_F32_ENGINE_RTOL = 1e-2     # a float32 jvp through 50 layers is off by ~4e-3 (ResNet-50); float64 for tight checks
 _N_STEPS = 4                 # h0, h0/2, h0/4, h0/8
 _NONDIFF_SPREAD = 0.05       # relative spread of the extrapolated slopes above which a direction is not smooth
 _NONDIFF_RATIO = 10.0        # slope magnitudes differing by this factor across steps: piecewise constant
@@ -347,8 +348,8 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
             steps, D, asym = _central(model_fn, x64, vn, h0)
             st, err, tol, fdn, spread, note = _assess(jv, steps, D, asym, f0_model, "float64",
                                                       rtol if check is None else None, final=True)
-            if t.dtype != torch.float64:  # the engine's jvp carries float32 rounding
-                tol = max(tol, 1e-3)
+            if t.dtype != torch.float64:  # the engine's jvp carries float32 rounding: ~1e-3 through deep nets
+                tol = max(tol, _F32_ENGINE_RTOL)
                 if st == "fail" and err <= tol:
                     st = "pass"
             prev = check
@@ -378,6 +379,7 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
                 "forward_tol": forward_tol if is_onnx else None,
                 "rtol": rtol if rtol is not None else {k: v["rtol"] for k, v in _FD.items()},
                 "adjoint_tol": adj_tol, "steps": _N_STEPS,
+                "float32_engine_rtol": _F32_ENGINE_RTOL if t.dtype != torch.float64 else None,
                 "nondiff_spread": _NONDIFF_SPREAD, "nondiff_ratio": _NONDIFF_RATIO}
     return VerifyResult("pass" if ok else "fail", fwd, tuple(checks), adj, settings, tuple(warnings))
 
