@@ -87,11 +87,14 @@ def test_folder_is_small():
     assert total < 5e6, total
 
 
-def test_readme_mentions_every_model():
+def test_readme_mentions_every_model_and_is_current():
+    from jacaudit.samples.readme import render_readme
+
     with open(os.path.join(SM, "README.md")) as f:
         text = f.read()
     for n in NAMES:
         assert f"## {n}" in text
+    assert text == render_readme(SM), "sample_models/README.md is stale: rebuild or call write_readme"
 
 
 # ------------------------------------------------------------------------------------------------ shapes
@@ -358,13 +361,15 @@ def test_sequence_position_map_highlights_a_and_b():
 
 
 # ------------------------------------------------------------------------------------------------ rebuild
-def test_rebuild_arm_and_tabular_reproduces_cards(tmp_path):
-    """The script rebuilds from scratch with the same seed: the cheap models, compared with the committed
-    cards (the full rebuild is the slow test below)."""
+def test_rebuild_arm_reproduces_card(tmp_path):
+    """The script rebuilds from scratch with the same seed: the cheapest model, compared with the committed
+    card and file (the full rebuild is the slow test below)."""
     from jacaudit.samples import build
 
     cards = build(["arm"], out_dir=str(tmp_path), seed=card("arm")["seed"], log=lambda *_: None)
     assert cards["arm"] == card("arm")
+    with open(tmp_path / "arm" / "arm.pt", "rb") as a, open(path("arm", "torchscript"), "rb") as b:
+        assert a.read() == b.read()
 
 
 @pytest.mark.slow
@@ -376,3 +381,7 @@ def test_full_rebuild_reproduces_cards(tmp_path):
         a, b = cards[n], card(n)
         for k in ("train_accuracy", "heldout_accuracy", "inputs", "outputs", "classes"):
             assert a[k] == b[k], (n, k)
+        for f in b["files"].values():  # byte-identical on the same platform and library versions
+            with open(tmp_path / n / f, "rb") as x, open(os.path.join(SM, n, f), "rb") as y:
+                if x.read() != y.read():
+                    pytest.xfail(f"{n}/{f} differs from the committed file (other torch/onnx version?)")

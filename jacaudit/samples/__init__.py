@@ -58,15 +58,23 @@ def build(names: list[str] | None = None, out_dir: str | None = None, seed: int 
     if unknown:
         raise ValueError(f"unknown sample model(s) {unknown}; choose from {NAMES}")
     os.makedirs(out_dir, exist_ok=True)
+    import torch
+
     cards = {}
     t0 = time.time()
-    for n in names:
-        d = os.path.join(out_dir, n)
-        if clean and os.path.isdir(d):
-            shutil.rmtree(d)
-        log(f"building {n} ...")
-        t = time.time()
-        cards[n] = _builder(n)(out_dir, seed=seed, log=log)
+    # the builders pin torch to one thread and deterministic algorithms; give the caller its settings back
+    threads, determ = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    determ_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for n in names:
+            d = os.path.join(out_dir, n)
+            if clean and os.path.isdir(d):
+                shutil.rmtree(d)
+            log(f"building {n} ...")
+            cards[n] = _builder(n)(out_dir, seed=seed, log=log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(determ, warn_only=determ_warn)
     from .readme import write_readme
 
     write_readme(out_dir)

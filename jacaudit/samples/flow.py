@@ -73,7 +73,6 @@ class RealNVP(torch.nn.Module):
 
 def log_density(z: np.ndarray | torch.Tensor, log_det):
     """log p(x) = log N(z; 0, I) + log|det dz/dx| (works on numpy or torch)."""
-    lib = torch if isinstance(z, torch.Tensor) else np
     return -0.5 * (z ** 2).sum(-1) - math.log(2 * math.pi) + log_det
 
 

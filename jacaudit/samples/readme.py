@@ -28,6 +28,14 @@ def _fmt(v):
 
 
 def write_readme(out_dir: str) -> str:
+    text = render_readme(out_dir)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def render_readme(out_dir: str) -> str:
+    """The README text for the cards found in ``out_dir``."""
     cards = {}
     for name in ORDER:
         p = os.path.join(out_dir, name, f"{name}.json")
@@ -86,14 +94,12 @@ def write_readme(out_dir: str) -> str:
         elif name == "sequence":
             s = c["position_map_check"]
             lines += [f"Input: int64 token ids [batch, 12] (1 = A, 2 = B, 3..9 fillers). Differentiate with "
-                      f"respect to the tensor **`{c['wrt_tensor']}`** ({c['wrt_tensor_note']}). Classes: "
+                      f"respect to the tensor **`{c['wrt_tensor']}`**, shape {c['wrt_tensor_shape']}: "
+                      f"{c['wrt_tensor_note']}. Classes: "
                       f"{c['classes']}. Measured: the two largest positions of the map are exactly A and B in "
                       f"{_fmt(s['top2_positions_are_A_and_B'])} of held-out sequences; median share of A+B "
                       f"{_fmt(s['median_share_of_A_and_B'])} (2 of 12 positions).", ""]
-    text = "\n".join(lines).rstrip() + "\n"
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(text)
-    return text
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _saliency_line(s: dict) -> str:
@@ -101,7 +107,7 @@ def _saliency_line(s: dict) -> str:
     if "median_mass_in_mask_dilated_2px" in s:
         parts.append(f"inside the mask grown by 2 px {_fmt(s['median_mass_in_mask_dilated_2px'])}")
     parts.append(f"the mask's median share of the pixels {_fmt(s['median_mask_area_fraction'])}")
-    for k, v in s.items():
-        if k.startswith("smoothgrad") and isinstance(v, float):
-            parts.append(f"{k.replace('_', ' ')} {_fmt(v)}")
+    if "median_energy_in_mask" in s:
+        parts.append(f"with the squared map (energy): {_fmt(s['median_energy_in_mask'])} inside the mask, "
+                     f"{_fmt(s['median_energy_in_mask_dilated_2px'])} inside the grown mask")
     return ", ".join(parts)

@@ -146,8 +146,8 @@ def build_sequence(out_dir: str, seed: int = 0, log=print) -> dict[str, Any]:
         "output_kind": "logits",
         "wrt_tensor": WRT_TENSOR,
         "wrt_tensor_shape": ["batch", SEQ_LEN, DIM],
-        "wrt_tensor_note": "the output of the token-embedding Gather (before the positional embedding is added); "
-                           "differentiate with respect to it, since the input ids are integers",
+        "wrt_tensor_note": "the output of the token-embedding Gather, before the positional embedding is added; "
+                           "the input ids are integers, so derivatives are taken with respect to this tensor",
         "preprocessing": {"layout": f"[batch, {SEQ_LEN}] int64 token ids", "scale": None},
         "vocabulary": {"0": "unused", "1": "A", "2": "B", "3-9": "fillers"},
         "classes": CLASSES,
