@@ -235,8 +235,9 @@ def hard_swish(ctx, x):
 
 @op("Softplus")
 def softplus(ctx, x):
-    # log(exp(x) + 1), stable: max(x, 0) + log1p(exp(-|x|))
-    return torch.clamp(x, min=0) + torch.log1p(torch.exp(-torch.abs(x)))
+    # log(exp(x) + 1) = logaddexp(x, 0): stable, and its derivative is sigmoid(x) everywhere
+    # (max(x, 0) + log1p(exp(-|x|)) has the right value but a wrong subgradient at exactly 0).
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 @op("ThresholdedRelu")
