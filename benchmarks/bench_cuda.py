@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def oom_retry_check() -> None:
     """A full Jacobian whose first chunk is sized to overflow the free GPU memory: the chunk must halve."""
-    from jacaudit.jacobian.core import full_jacobian, prepare
+    from jacaudit.engine.core import full_jacobian, prepare
 
     free, total = torch.cuda.mem_get_info()
     n = 16384                                   # J is 1 GiB in float32

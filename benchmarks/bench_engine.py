@@ -208,7 +208,7 @@ def bench_eager(args, module, x, t_ort, interp_best):
 
 # ---- 2. per-sample Jacobians ---------------------------------------------------------------------------
 def bench_per_sample(args):
-    from jacaudit.jacobian import per_sample_jacobian
+    from jacaudit.engine import per_sample_jacobian
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -234,7 +234,7 @@ def bench_per_sample(args):
 
 # ---- 3. spectral ----------------------------------------------------------------------------------------
 def bench_spectral(args):
-    from jacaudit.jacobian import top_singular
+    from jacaudit.engine import top_singular
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -10,6 +10,26 @@ _LAZY = {
     "load": ("jacaudit.models", "load"),
     "Model": ("jacaudit.models.base", "Model"),
     "TensorSpec": ("jacaudit.models.base", "TensorSpec"),
+    # Jacobian engine
+    "jacobian": ("jacaudit.engine.core", "jacobian"),
+    "vjp": ("jacaudit.engine.core", "vjp"),
+    "jvp": ("jacaudit.engine.core", "jvp"),
+    "per_sample_jacobian": ("jacaudit.engine.core", "per_sample_jacobian"),
+    "JacobianTooLarge": ("jacaudit.engine.core", "JacobianTooLarge"),
+    "frobenius_norm": ("jacaudit.engine.estimators", "frobenius_norm"),
+    "spectral_norm": ("jacaudit.engine.estimators", "spectral_norm"),
+    "top_singular": ("jacaudit.engine.estimators", "top_singular"),
+    "verify": ("jacaudit.engine.verify", "verify"),
+    "VerifyResult": ("jacaudit.engine.verify", "VerifyResult"),
+    "linearity": ("jacaudit.engine.linearity", "linearity"),
+    # analyses, data, reports
+    "saliency": ("jacaudit.analyses.saliency", "saliency"),
+    "SaliencyOptions": ("jacaudit.analyses.saliency", "SaliencyOptions"),
+    "attribute": ("jacaudit.analyses.saliency", "attribute"),
+    "Preprocess": ("jacaudit.data", "Preprocess"),
+    "load_inputs": ("jacaudit.data", "load_inputs"),
+    "make_report": ("jacaudit.results", "make_report"),
+    "render": ("jacaudit.report", "render"),
 }
 
 __all__ = ["__version__", *_LAZY]

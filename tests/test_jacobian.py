@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from jacaudit.jacobian import (JacobianTooLarge, Target, frobenius_norm, jacobian, jvp, per_sample_jacobian,
+from jacaudit.engine import (JacobianTooLarge, Target, frobenius_norm, jacobian, jvp, per_sample_jacobian,
                                spectral_norm, top_singular, vjp)
-from jacaudit.jacobian.core import full_jacobian, parse_memory, prepare
-from jacaudit.jacobian.linearity import linearity
+from jacaudit.engine.core import full_jacobian, parse_memory, prepare
+from jacaudit.engine.linearity import linearity
 
 torch.set_num_threads(1)
 D64 = torch.float64

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import jacaudit.models as M
 from jacaudit.cli.main import app
-from jacaudit.jacobian.verify import verify
+from jacaudit.engine.verify import verify
 from tests.test_jacobian import _conv_tanh_onnx
 
 torch.set_num_threads(1)

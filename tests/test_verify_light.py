@@ -64,7 +64,7 @@ def test_verify_light_graph(name):
         pytest.skip("heavy light graph: set JACAUDIT_SLOW=1")
     import onnx
 
-    from jacaudit.jacobian.verify import verify
+    from jacaudit.engine.verify import verify
     from jacaudit.models.onnx.model import OnnxModel
 
     proto = randomize(onnx.load(os.path.join(ROOT, name + ".onnx")))

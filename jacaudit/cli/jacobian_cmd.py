@@ -187,8 +187,8 @@ def register(app: typer.Typer) -> None:
             import torch
 
             from ..errors import RuntimeFailure
-            from ..jacobian.core import full_jacobian, prepare
-            from ..jacobian.summary import summarize
+            from ..engine.core import full_jacobian, prepare
+            from ..engine.summary import summarize
 
             torch.manual_seed(seed)
             ld = load_model_and_input(model, input=input, input_name=input_name, device=device, dtype=dtype,
@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
                           warnings=tuple(warnings), settings=settings)
             lin = None
             if linearity:
-                from ..jacobian.linearity import linearity as lin_fn
+                from ..engine.linearity import linearity as lin_fn
                 sv = None
                 if min(t.m, t.n) <= 4096:
                     M = J.reshape(t.m, t.n).double()

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
             setup_runtime()
             import torch
 
-            from ..jacobian.verify import verify
+            from ..engine.verify import verify
 
             torch.manual_seed(seed)
             # the model stays in its stored dtype: verify() builds the float64 copies it needs

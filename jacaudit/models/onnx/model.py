@@ -85,10 +85,11 @@ class OnnxModel(Model):
     format = "onnx"
 
     def __init__(self, proto, path: str | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, sha256: str | None = None):
+                 dtype: torch.dtype | None = None, sha256: str | None = None, optimize: bool = True):
         from .interpreter import compile_model
 
         device = torch.device(device)
+        self._optimize = optimize
         self.proto = proto
         graph = proto.graph
         init_names = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
@@ -98,6 +99,7 @@ class OnnxModel(Model):
         self.graph = compile_model(proto, device, dtype)
         self.graph.input_names = [s.name for s in inputs] + [n for n in self.graph.input_names
                                                              if n in init_names]
+        self._plain_graph = None  # the graph as written, compiled on demand (internal tensors by name)
         # Initializers listed as graph inputs (old IR): they are constants unless the caller feeds them.
         from collections import Counter
         ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
@@ -109,6 +111,12 @@ class OnnxModel(Model):
             "parameters": int(sum(t.numel() for t in self.graph.initializers.values() if t.is_floating_point())),
             "sha256": sha256,
         }
+        if optimize:
+            # Load-time graph work (constant folding, BatchNormalization folded into Conv): the function and
+            # its input derivatives are unchanged. Internal tensors stay reachable through the plain graph.
+            from .optimize import optimize as _optimize
+            steps = ("fold_constants", "fold_batchnorm") + (("channels_last",) if device.type == "cuda" else ())
+            self.metadata["optimizations"] = _optimize(self.graph, keep=[s.name for s in outputs], steps=steps)
 
     @property
     def opset(self) -> int:
@@ -120,16 +128,32 @@ class OnnxModel(Model):
         if missing:
             from ...errors import InputError
             raise InputError(f"missing input(s): {', '.join(missing)}")
-        return self.graph.run(feeds, outputs=outputs or [s.name for s in self.outputs], overrides=overrides)
+        out_names = [s.name for s in self.outputs]
+        graph = self.graph
+        if overrides or (outputs is not None and any(o not in out_names for o in outputs)):
+            graph = self.plain_graph
+        return graph.run(feeds, outputs=outputs or out_names, overrides=overrides)
+
+    @property
+    def plain_graph(self):
+        """The graph exactly as written (no folding), where every internal tensor exists by its name."""
+        if not self._optimize:
+            return self.graph
+        if self._plain_graph is None:
+            from .interpreter import compile_model
+            g = compile_model(self.proto, self.device, self.dtype)
+            g.input_names = list(self.graph.input_names)
+            self._plain_graph = g
+        return self._plain_graph
 
     def tensor_names(self) -> list[str]:
         """Every tensor name the graph produces (candidates for ``wrt=`` / ``output=``)."""
-        return [o for n in self.graph.nodes for o in n.outputs if o]
+        return [o for n in self.plain_graph.nodes for o in n.outputs if o]
 
     def softmax_input(self, output: str | None = None) -> str | None:
         """If ``output`` is produced by a Softmax, the name of that Softmax's input (the logits)."""
         out = output or self.outputs[0].name
-        for n in self.graph.nodes:
+        for n in self.plain_graph.nodes:
             if out in n.outputs:
                 if n.ctx.op_type in ("Softmax",):
                     return n.inputs[0]

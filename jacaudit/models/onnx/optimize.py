@@ -71,7 +71,7 @@ def fold_batchnorm(g, keep: Iterable[str] = ()) -> int:
     for bn in g.nodes:
         if bn.ctx.op_type != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1:
             continue
-        if bn.ctx.attr("training_mode", 0) or len(bn.inputs) < 5:
+        if bn.ctx.attr("training_mode", 0) or len(bn.inputs) < 5 or bn.ctx.attr("spatial", 1) == 0:
             continue
         x, scale, bias, mean, var = bn.inputs[:5]
         conv = producer.get(x)

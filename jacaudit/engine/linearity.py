@@ -43,7 +43,7 @@ def linearity(model: Any, x: Any = None, *, steps: Sequence[float] = (1e-3, 1e-2
     """Relative error of the linear model ``f(x) + J D`` at ``||D|| = step * ||x||``.
 
     ``singular_vectors`` (k, *input_shape) may be passed when already computed; else the top ``singular``
-    right-singular vectors are estimated by :func:`jacaudit.jacobian.estimators.top_singular`.
+    right-singular vectors are estimated by :func:`jacaudit.engine.estimators.top_singular`.
     """
     t = prepare(model, x, **kw) if not isinstance(model, Target) else model
     g = torch.Generator(device="cpu").manual_seed(seed)
