@@ -8,7 +8,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from . import DEFAULT_SEED, NAMES, build, default_out_dir
 
-    p = argparse.ArgumentParser(prog="python -m jacaudit.samples", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m jacaudit.samples",
+                                description="Rebuild the sample models (seeded, CPU, one thread) and their cards.")
     p.add_argument("--out", default=None, help=f"output folder (default: {default_out_dir()})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for every random choice (default 0)")
     p.add_argument("--only", nargs="+", choices=NAMES, default=None, help="build only these models")

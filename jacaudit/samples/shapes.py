@@ -288,7 +288,7 @@ def build_shapes(out_dir: str, seed: int = 0, log=print) -> dict[str, Any]:
     ts_path = os.path.join(d, "shapes_cnn.pt")
     ex = export_onnx(model, (torch.from_numpy(xho[:2]),), onnx_path, dynamo=True, input_names=["image"],
                      output_names=["logits"])
-    torch.jit.trace(model, torch.from_numpy(xho[:2])).save(ts_path)
+    torch.jit.script(model).save(ts_path)  # script, not trace: a trace stores the caller's stack (not reproducible)
     ort_acc = accuracy(ort_run(onnx_path, {"image": xho})[0], ho["labels"])
 
     exs = make_images(N_EXAMPLES, seed, "examples")
@@ -305,7 +305,7 @@ def build_shapes(out_dir: str, seed: int = 0, log=print) -> dict[str, Any]:
         "description": "Small CNN classifying the kind of a single synthetic shape on a textured background.",
         "files": {"onnx": "shapes_cnn.onnx", "torchscript": "shapes_cnn.pt", "labels": "labels.txt"},
         "format": ["onnx", "torchscript"],
-        "exporter": {"shapes_cnn.onnx": ex["exporter"], "shapes_cnn.pt": "torch.jit.trace"},
+        "exporter": {"shapes_cnn.onnx": ex["exporter"], "shapes_cnn.pt": "torch.jit.script"},
         "opset": ex["opset"],
         **onnx_io(onnx_path),
         "output_kind": "logits",
