@@ -381,7 +381,12 @@ def test_full_rebuild_reproduces_cards(tmp_path):
         a, b = cards[n], card(n)
         for k in ("train_accuracy", "heldout_accuracy", "inputs", "outputs", "classes"):
             assert a[k] == b[k], (n, k)
-        for f in b["files"].values():  # byte-identical on the same platform and library versions
-            with open(tmp_path / n / f, "rb") as x, open(os.path.join(SM, n, f), "rb") as y:
+        for f in b["files"].values():
+            new, old = str(tmp_path / n / f), os.path.join(SM, n, f)
+            if f.endswith(".pt"):  # scripted code lists constants in hash order: compare the weights instead
+                sa, sb = torch.jit.load(new).state_dict(), torch.jit.load(old).state_dict()
+                assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f
+                continue
+            with open(new, "rb") as x, open(old, "rb") as y:  # byte-identical with the same library versions
                 if x.read() != y.read():
                     pytest.xfail(f"{n}/{f} differs from the committed file (other torch/onnx version?)")
