@@ -15,7 +15,8 @@ from rich.console import Console
 from ..errors import EXIT_INPUT, EXIT_RUNTIME, JacauditError
 
 # stdout carries data; stderr carries messages and progress.
-out = Console(highlight=False, soft_wrap=True)
+# Not a terminal (CI logs, pipes): a wide fixed width so tables do not wrap into unreadable columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

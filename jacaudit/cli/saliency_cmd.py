@@ -60,9 +60,9 @@ def register(app: typer.Typer) -> None:
                                                      "flagged.", rich_help_panel=MET)] = False,
         input_name: Annotated[Optional[str], typer.Option("--input", help="Model input to attribute to.")] = None,
         output_name: Annotated[Optional[str], typer.Option("--output", help="Model output to explain.")] = None,
-        mask_suffix: Annotated[Optional[str], typer.Option("--mask-suffix", help="Object masks beside images "
-                                                           "(IMAGE<suffix>.png, e.g. _mask): report the saliency "
-                                                           "mass inside; mask files are not inputs.")] = None,
+        mask_suffix: Annotated[str, typer.Option("--mask-suffix", help="Object masks beside images "
+                                                 "(IMAGE<suffix>.png): the saliency mass inside is reported, and "
+                                                 "mask files are not inputs. '' turns it off.")] = "_mask",
         json_out: Annotated[bool, typer.Option("--json", help="Summary on stdout as JSON.")] = False,
         preset: Annotated[Optional[str], typer.Option("--preset", help="imagenet, minus1to1, unit, raw, caffe.",
                                                       rich_help_panel=PP)] = None,

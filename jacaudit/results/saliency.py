@@ -21,7 +21,8 @@ class Concentration:
 
     centroid_x: float = field(metadata={"doc": "mass centroid, fraction of the width (0 left, 1 right)"})
     centroid_y: float = field(metadata={"doc": "mass centroid, fraction of the height (0 top, 1 bottom)"})
-    region: str = field(metadata={"doc": "the centroid as words: upper-left ... centre ... lower-right"})
+    region: str = field(metadata={"doc": "where the densest window (1/8 of the side) of the map lies, as words: "
+                                         "upper-left ... centre ... lower-right"})
     top10_mass: float = field(metadata={"doc": "share of the mass in the 10% most salient pixels"})
     area50: float = field(metadata={"doc": "smallest share of the pixels holding half of the mass"})
     bbox50: list[int] = field(metadata={"doc": "[x0, y0, x1, y1] (exclusive end) around those pixels"})
