@@ -6,6 +6,7 @@ Also holds the option set and input loading that ``verify`` shares (model + inpu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -40,7 +41,11 @@ MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="Working 
                                                   "2GiB (default 1GiB).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-OutDirOpt = Annotated[Optional[str], typer.Option("--out", help="Write a report (JSON) into this folder.")]
+FormatsOpt = Annotated[str, typer.Option("--format", help="Reports to write: html,json,md (a comma-separated "
+                                          "list; '' for none).")]
+
+# as saliency: reports are written by default (html,json,md into ./jacaudit-<command>)
+ReportDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")]
 
 
 @dataclass
@@ -161,6 +166,50 @@ def _print_summary(s, lin) -> None:
         out.print(lt)
 
 
+def jacobian_result(s, jinfo, lin=None, *, input_name: str, requested_mode: str, source: str, synthetic: bool,
+                    logits: bool, softmax_warning: str | None = None, saved: str | None = None, spectral_est=None):
+    """Adapter: the engine's :class:`JacobianSummary` (+ linearity, + a spectral estimate) -> the report's
+    :class:`jacaudit.results.jacobian.JacobianResult` (plain data)."""
+    from ..results.jacobian import (FrobeniusNorm, JacobianComputation, JacobianEntry, JacobianLinearity,
+                                    JacobianLinearityRow, JacobianResult, SpectralNorm)
+
+    c = dict(s.info)
+    comp = JacobianComputation(mode=str(c.get("mode")), path=str(c.get("path")), dtype=str(c.get("dtype")),
+                               device=str(c.get("device")), chunk_size=int(c.get("chunk_size") or 0),
+                               chunks=int(c.get("chunks") or 0), oom_retries=int(c.get("oom_retries") or 0),
+                               bytes=int(c.get("bytes") or 0), notes=[str(n) for n in c.get("notes") or ()])
+    if spectral_est is not None:
+        res = list(spectral_est.residuals)
+        spectral = SpectralNorm(float(spectral_est.spectral_norm), "power-iteration",
+                                converged=bool(spectral_est.converged), iterations=int(spectral_est.iterations),
+                                residual=float(res[0]) if res else None)
+    elif s.spectral is None:
+        spectral = SpectralNorm(None, "none")
+    elif s.spectral_method == "svd":
+        spectral = SpectralNorm(float(s.spectral), "svd", converged=True)
+    else:
+        spectral = SpectralNorm(float(s.spectral), str(s.spectral_method))
+    linearity = None
+    if lin is not None:
+        rows = [JacobianLinearityRow(str(r.direction), float(r.step), float(r.error)) for r in lin.rows]
+        worst: dict[float, JacobianLinearityRow] = {}
+        for r in rows:
+            if r.step not in worst or not (r.error <= worst[r.step].error):
+                worst[r.step] = r
+        linearity = JacobianLinearity(steps=[float(x) for x in lin.steps], rows=rows,
+                                      worst_by_step=[worst[k] for k in sorted(worst)])
+    return JacobianResult(
+        input_name=str(input_name), wrt=str(s.input), output=str(s.output),
+        input_shape=[int(d) for d in s.input_shape], output_shape=[int(d) for d in s.output_shape],
+        jacobian_shape=[int(d) for d in s.jacobian_shape], requested_mode=str(requested_mode), computation=comp,
+        frobenius=FrobeniusNorm(float(s.frobenius), "exact", stderr=0.0),
+        spectral=spectral, rank=s.rank, rank_tol=s.rank_tol,
+        largest=[JacobianEntry([int(i) for i in e["output_index"]], [int(i) for i in e["input_index"]],
+                               float(e["value"])) for e in s.largest],
+        finite=bool(s.finite), input_source=str(source), synthetic_input=bool(synthetic), logits=bool(logits),
+        softmax_warning=softmax_warning, linearity=linearity, saved=saved)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("jacobian")
     def jacobian_cmd(
@@ -178,11 +227,22 @@ def register(app: typer.Typer) -> None:
         size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, scale: ScaleOpt = None,
         layout: LayoutOpt = None, channels: ChannelsOpt = None, preset: PresetOpt = None, shape: ShapeOpt = None,
         device: DeviceOpt = "cpu", dtype: DtypeOpt = None, max_memory: MaxMemOpt = None, seed: SeedOpt = 0,
+        out_dir: ReportDirOpt = Path("jacaudit-jacobian"),
+        formats: FormatsOpt = "html,json,md",
         json_out: JsonOpt = False,
     ) -> None:
-        """Compute the full Jacobian J (shape output + input) and print its summary."""
+        """Compute the full Jacobian J (shape output + input), print its summary and write reports into --out."""
+        import time
+
+        t_start = time.perf_counter()
         with handle_errors():
+            from ..report import parse_formats, write_reports
+            from ..results import make_report, timed
+
+            fmts = parse_formats(formats)
             setup_runtime()
+            import dataclasses
+
             import numpy as np
             import torch
 
@@ -190,19 +250,23 @@ def register(app: typer.Typer) -> None:
             from ..engine.core import full_jacobian, prepare
             from ..engine.summary import summarize
 
+            timings: dict[str, float] = {}
             torch.manual_seed(seed)
-            ld = load_model_and_input(model, input=input, input_name=input_name, device=device, dtype=dtype,
-                                      seed=seed, shape=shape, size=size, mean=mean, std=std, scale=scale,
-                                      layout=layout, channels=channels, preset=preset)
-            t = prepare(ld.model, ld.feeds, input=ld.input_name, output=output_name, wrt=wrt, logits=logits)
+            with timed(timings, "load"):
+                ld = load_model_and_input(model, input=input, input_name=input_name, device=device, dtype=dtype,
+                                          seed=seed, shape=shape, size=size, mean=mean, std=std, scale=scale,
+                                          layout=layout, channels=channels, preset=preset)
+                t = prepare(ld.model, ld.feeds, input=ld.input_name, output=output_name, wrt=wrt, logits=logits)
             warnings = list(t.notes)
             if ld.synthetic:
                 warnings.append("the input is synthetic (seeded random values from the declared shape)")
+            softmax_warning = None
             if not logits and getattr(ld.model, "softmax_input", None) and ld.model.softmax_input(t.output_name):
-                warnings.append(f"output {t.output_name!r} comes out of a Softmax: its gradients saturate; "
-                                "--logits differentiates the pre-softmax logits")
+                softmax_warning = (f"output {t.output_name!r} comes out of a Softmax: its gradients saturate; "
+                                   "--logits differentiates the pre-softmax logits")
+                warnings.append(softmax_warning)
             progress = _progress()
-            with progress as p:
+            with timed(timings, "jacobian"), progress as p:
                 task = p.add_task("Jacobian", total=None)
                 J, jinfo = full_jacobian(t, mode=mode, max_memory=max_memory,
                                          progress=lambda done, total: p.update(task, completed=done, total=total))
@@ -214,17 +278,36 @@ def register(app: typer.Typer) -> None:
             settings = {"seed": seed, "mode": mode, "dtype": str(t.dtype).replace("torch.", ""),
                         "device": str(t.device), "logits": logits, "input_source": ld.source,
                         "synthetic_input": ld.synthetic}
-            s = summarize(J, jinfo, input=t.name, output=t.output_name, top=top, target=t,
-                          warnings=tuple(warnings), settings=settings)
+            with timed(timings, "summary"):
+                # the spectral estimate (for Jacobians too large for an SVD) is run here to keep its convergence
+                s = summarize(J, jinfo, input=t.name, output=t.output_name, top=top, target=None,
+                              warnings=tuple(warnings), settings=settings)
+                est = None
+                if s.spectral is None and s.finite:
+                    from ..engine.estimators import spectral_norm
+                    est = spectral_norm(t, seed=seed)
+                    s = dataclasses.replace(s, spectral=est.spectral_norm, spectral_method="power-iteration")
             lin = None
             if linearity:
                 from ..engine.linearity import linearity as lin_fn
-                sv = None
-                if min(t.m, t.n) <= 4096:
-                    M = J.reshape(t.m, t.n).double()
-                    _, _, Vh = torch.linalg.svd(M, full_matrices=False)
-                    sv = Vh[:1].reshape(1, *t.in_shape)
-                lin = lin_fn(t, seed=seed, singular_vectors=sv)
+                with timed(timings, "linearity"):
+                    sv = None
+                    if est is not None:
+                        sv = est.right[:1]
+                    elif min(t.m, t.n) <= 4096:
+                        M = J.reshape(t.m, t.n).double()
+                        _, _, Vh = torch.linalg.svd(M, full_matrices=False)
+                        sv = Vh[:1].reshape(1, *t.in_shape)
+                    lin = lin_fn(t, seed=seed, singular_vectors=sv)
+            result = jacobian_result(s, jinfo, lin, input_name=ld.input_name, requested_mode=mode,
+                                     source=ld.source, synthetic=ld.synthetic, logits=logits,
+                                     softmax_warning=softmax_warning, saved=save, spectral_est=est)
+            timings["total"] = round(time.perf_counter() - t_start, 4)
+            rep_settings = {**settings, "max_memory": max_memory, "top": top, "linearity": linearity,
+                            "input_name": ld.input_name, "wrt": wrt, "output": output_name, "shape": shape}
+            report = make_report("jacobian", result, model=ld.model, settings=rep_settings, timings=timings,
+                                 warnings=warnings, exit_code=0, device=str(t.device))
+            written = write_reports(report, str(out_dir), fmts) if fmts else []
         for w in s.warnings:
             warn(w)
         if json_out:
@@ -234,6 +317,8 @@ def register(app: typer.Typer) -> None:
             emit_json(d)
         else:
             _print_summary(s, lin)
+        for p_ in written:
+            info(f"wrote {p_}")
 
 
 def _progress():

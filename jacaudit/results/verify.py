@@ -1,0 +1,87 @@
+"""Result of ``jacaudit verify``: forward fidelity against onnxruntime, J v against central differences per
+direction, the adjoint (u^T J v) consistency, the tolerances used and the verdict."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import result_type
+
+
+@dataclass(frozen=True)
+class VerifyForward:
+    """The interpreter's forward against the reference's on the same input."""
+
+    reference: str = field(metadata={"doc": "onnxruntime, or none (no reference forward for this format)"})
+    max_abs: float | None = field(metadata={"doc": "max |engine - reference|"})
+    max_rel: float | None = field(metadata={"doc": "max |engine - reference| / max |reference|"})
+    tol: float | None
+    passed: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyDirection:
+    """J v from jvp against central differences (Richardson-extrapolated) along one seeded random direction."""
+
+    index: int
+    reference: str = field(metadata={"doc": "onnxruntime or model-float64 (the model itself in float64)"})
+    status: str = field(metadata={"doc": "pass, fail or non-differentiable (kinks: reported, not failed)"})
+    non_differentiable: bool
+    rel_error: float = field(metadata={"doc": "||Jv - FD|| / max(||Jv||, ||FD||)"})
+    tol: float = field(metadata={"doc": "relative tolerance used (rtol + the differences' own error)"})
+    jvp_norm: float = field(metadata={"doc": "||J v|| from the engine's jvp"})
+    fd_norm: float = field(metadata={"doc": "||FD||, the extrapolated central difference"})
+    fd_spread: float = field(metadata={"doc": "relative spread of the extrapolated slopes across steps"})
+    steps: list[float] = field(metadata={"doc": "the finite-difference step sizes h"})
+    slope_norms: list[float] = field(metadata={"doc": "||(f(x+hv) - f(x-hv)) / 2h|| at each step"})
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyAdjoint:
+    """u^T (J v) from jvp against (u^T J) v from vjp, over the same directions."""
+
+    max_rel_error: float
+    tol: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyTolerances:
+    forward: float | None = field(metadata={"doc": "bound on max|engine - onnxruntime| / max|onnxruntime|"})
+    rtol: float | None = field(metadata={"doc": "--rtol as given (None: the default by the reference's dtype)"})
+    default_rtol: dict[str, float] = field(metadata={"doc": "default derivative rtol by the reference's dtype"})
+    adjoint: float
+    float32_engine_rtol: float | None = field(
+        metadata={"doc": "floor on the tolerance when the engine runs in float32"})
+    nondiff_spread: float | None = field(
+        default=None, metadata={"doc": "slope spread above which a direction counts as non-differentiable"})
+    nondiff_ratio: float | None = field(
+        default=None, metadata={"doc": "slope ratio across steps that marks a piecewise-constant graph"})
+
+
+@result_type("verify")
+@dataclass(frozen=True)
+class VerifyResult:
+    """Are the engine's derivatives (and the interpreter's forward) right, against references that share no code
+    with it?"""
+
+    verdict: Literal["pass", "fail"]
+    input_name: str
+    wrt: str = field(metadata={"doc": "the tensor differentiated with respect to"})
+    output: str
+    reference: str = field(metadata={"doc": "onnxruntime (ONNX) or model-float64 (TorchScript, callables)"})
+    dtype: str = field(metadata={"doc": "the engine's dtype"})
+    device: str
+    directions_requested: int
+    forward: VerifyForward
+    directions: list[VerifyDirection]
+    adjoint: VerifyAdjoint
+    tolerances: VerifyTolerances
+    non_differentiable: int = field(metadata={"doc": "directions that cross non-differentiable points"})
+    fd_steps: int = field(metadata={"doc": "step sizes per finite difference (halving)"})
+    input_source: str = field(metadata={"doc": "the input file, or 'synthetic'"})
+    synthetic_input: bool
+    logits: bool
+    softmax_warning: str | None = None
