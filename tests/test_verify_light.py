@@ -1,6 +1,6 @@
 """``verify`` on onnx's 9 light graphs (onnx/backend/test/data/light) with random weights substituted for their
 ConstantOfShape weights. Heavy (VGG-19 is 140M parameters): the two smallest run by default, all nine with
-JACAUDIT_SLOW=1. A graph whose ops are not implemented yet is skipped (and says which)."""
+the `slow` marker (run by .ci/run)."""
 from __future__ import annotations
 
 import glob
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from jacaudit.errors import UnsupportedOpError
 
 torch.set_num_threads(1)
 
@@ -23,7 +22,6 @@ except ImportError:  # pragma: no cover
     pass
 ALL = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT or "", "light_*.onnx")))
 DEFAULT = {"light_squeezenet", "light_shufflenet"}
-SLOW = os.environ.get("JACAUDIT_SLOW") == "1"
 
 
 def randomize(proto, seed=0):
@@ -58,20 +56,15 @@ def randomize(proto, seed=0):
     return proto
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in ALL])
 def test_verify_light_graph(name):
-    if name not in DEFAULT and not SLOW:
-        pytest.skip("heavy light graph: set JACAUDIT_SLOW=1")
     import onnx
 
     from jacaudit.engine.verify import verify
     from jacaudit.models.onnx.model import OnnxModel
 
     proto = randomize(onnx.load(os.path.join(ROOT, name + ".onnx")))
-    try:
-        model = OnnxModel(proto)
-    except UnsupportedOpError as e:
-        pytest.skip(f"ops not implemented yet: {e}")
+    model = OnnxModel(proto)
     r = verify(model, None, directions=1, dtype="float32", logits=model.softmax_input() is not None)
     assert r.forward.passed, r.forward
     assert r.verdict == "pass", r.to_dict()
