@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
             result = inspect_result(d)
             code = 0 if result.supported else EXIT_INPUT
             warnings = [f"unsupported op {u.domain}::{u.op_type} (opset {u.opset}) in {len(u.nodes)} node(s)"
-                        for u in result.unsupported_ops] + list(result.notes)
+                        for u in result.unsupported_ops]
             report = make_report("inspect", result, model=_identity(d), settings={}, warnings=warnings,
                                  timings={"total": round(time.perf_counter() - t_start, 4)}, exit_code=code,
                                  status="pass" if result.supported else "fail")

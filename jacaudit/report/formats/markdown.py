@@ -59,7 +59,72 @@ def _saliency(report: Any) -> list[str]:
     return lines
 
 
-SECTIONS: dict[str, Callable[[Any], list[str]]] = {"saliency": _saliency}
+def _jacobian(report: Any) -> list[str]:
+    r = report.result
+    lines = [f"J = d `{esc(r.output)}` / d `{esc(r.wrt)}`, shape {esc(' x '.join(map(str, r.jacobian_shape)))}; "
+             f"{esc(r.computation.mode)} mode, path {esc(r.computation.path)}, {esc(r.computation.dtype)} on "
+             f"{esc(r.computation.device)}" + (" — **synthetic input**" if r.synthetic_input else "") + ".", "",
+             "| quantity | value | how |", "|---|---:|---|",
+             f"| Frobenius norm | {num(r.frobenius.value, 6)} | {esc(r.frobenius.method)}"
+             + (f" ± {num(r.frobenius.stderr)}" if r.frobenius.method != "exact" and r.frobenius.stderr is not None
+                else "") + " |",
+             f"| spectral norm | {num(r.spectral.value, 6)} | {esc(r.spectral.method)}"
+             + ((" (converged)" if r.spectral.converged else " (**not converged**)")
+                if r.spectral.method == "power-iteration" else "") + " |",
+             f"| rank estimate | {num(r.rank)} | tol {num(r.rank_tol, 3)} |"]
+    if r.largest:
+        lines += ["", "| output index | input index | value |", "|---|---|---:|"]
+        lines += [f"| ({esc(', '.join(map(str, e.output_index)))}) | ({esc(', '.join(map(str, e.input_index)))}) | "
+                  f"{num(e.value, 6)} |" for e in r.largest]
+    if r.linearity is not None:
+        lines += ["", "Local linearity, worst relative error of f(x) + J D by step:", "",
+                  "| step | error | direction |", "|---:|---:|---|"]
+        lines += [f"| {num(w.step, 3)} | {num(w.error, 3)} | {esc(w.direction)} |" for w in r.linearity.worst_by_step]
+    if r.saved:
+        lines += ["", f"J saved to `{esc(r.saved)}`."]
+    return lines
+
+
+def _verify(report: Any) -> list[str]:
+    r = report.result
+    f = r.forward
+    lines = [f"Verdict **{esc(r.verdict)}**: d `{esc(r.output)}` / d `{esc(r.wrt)}`, engine {esc(r.dtype)}, "
+             f"reference {esc(r.reference)}" + (" — **synthetic input**" if r.synthetic_input else "") + ".", ""]
+    if f.reference != "none":
+        lines += [f"Forward vs {esc(f.reference)}: max rel {num(f.max_rel, 3)} (tol {num(f.tol, 3)}) — "
+                  f"{'pass' if f.passed else '**fail**'}", ""]
+    lines += ["| dir | reference | status | rel error | tol | \\|Jv\\| | \\|FD\\| |",
+              "|---:|---|---|---:|---:|---:|---:|"]
+    for d in r.directions:
+        st = "**fail**" if d.status == "fail" else esc(d.status)
+        lines.append(f"| {d.index} | {esc(d.reference)} | {st} | {num(d.rel_error, 3)} | {num(d.tol, 3)} | "
+                     f"{num(d.jvp_norm, 6)} | {num(d.fd_norm, 6)} |")
+    a = r.adjoint
+    lines += ["", f"u^T (J v) vs (u^T J) v: max rel error {num(a.max_rel_error, 3)} (tol {num(a.tol, 3)}) — "
+                  f"{'pass' if a.passed else '**fail**'}"]
+    return lines
+
+
+def _inspect(report: Any) -> list[str]:
+    r = report.result
+    opset = ", ".join(f"{esc(k)} {v}" for k, v in (r.opset or {}).items()) or "n/a"
+    lines = [f"Format {esc(r.format)}, opset {opset}, producer {esc(r.producer or '?')}, "
+             f"{num(r.parameters)} parameters, {r.nodes} nodes.", "",
+             "| | name | shape | dtype | differentiable |", "|---|---|---|---|---|"]
+    for kind, ts in (("input", r.inputs), ("output", r.outputs)):
+        lines += [f"| {kind} | {esc(t.name)} | {esc(t.shape)} | {esc(t.dtype)} | "
+                  f"{'yes' if t.differentiable else 'no'} |" for t in ts]
+    if r.op_histogram:
+        lines += ["", "Ops: " + ", ".join(f"{esc(o.op_type)}×{o.count}" for o in r.op_histogram[:60])]
+    if r.unsupported_ops:
+        lines += ["", f"**{len(r.unsupported_ops)} unsupported op type(s):**", ""]
+        lines += [f"- {esc(u.domain)}::{esc(u.op_type)} (opset {num(u.opset)}) in "
+                  f"{esc(', '.join(u.nodes[:5]))}" for u in r.unsupported_ops]
+    return lines
+
+
+SECTIONS: dict[str, Callable[[Any], list[str]]] = {"saliency": _saliency, "jacobian": _jacobian,
+                                                   "verify": _verify, "inspect": _inspect}
 
 
 def _generic(report: Any) -> list[str]:
