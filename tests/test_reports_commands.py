@@ -127,12 +127,35 @@ def test_jacobian_synthetic_flag_and_formats(tmp_path):
 
 
 def test_jacobian_softmax_warning(tmp_path):
+    """The shortcut sample ends in a Softmax: the report carries the warning (and --logits removes it)."""
     out = tmp_path / "sc"
-    _run("jacobian", ROOT / "sample_models/tabular/tabular_mlp.onnx", "--out", out, "--format", "json,html")
+    _run("jacobian", ROOT / "sample_models/shortcut/shortcut_cnn.onnx", "--out", out, "--format", "json,html")
     d = json.loads((out / "report.json").read_text())
     validate(d)
-    assert d["result"]["computation"]["mode"] in ("reverse", "forward")
-    assert d["result"]["softmax_warning"] is None  # logits model
+    assert "Softmax" in d["result"]["softmax_warning"] and d["result"]["softmax_warning"] in d["warnings"]
+    assert d["result"]["computation"]["mode"] == "reverse" and d["result"]["jacobian_shape"] == [1, 4, 1, 3, 64, 64]
+    assert "Softmax" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_jacobian_spectral_estimate_records_convergence(tmp_path):
+    """Above 4096 rows and columns the spectral norm is estimated by power iteration: its convergence is kept."""
+    import onnx
+
+    g = helper.make_graph([helper.make_node("Tanh", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4100])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4100])])
+    p = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    out = tmp_path / "big"
+    _run("jacobian", p, "--out", out, "--format", "json,html", "--top", "3")
+    d = json.loads((out / "report.json").read_text())
+    validate(d)
+    sp = d["result"]["spectral"]
+    assert sp["method"] == "power-iteration" and isinstance(sp["converged"], bool) and sp["iterations"] >= 1
+    assert 0.5 < sp["value"] <= 1.0 + 1e-6  # max(1 - tanh^2) over a standard-normal input
+    assert d["result"]["rank"] is None
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "power-iteration" in html and ("converged" in html)
 
 
 def test_verify_report_pass(evil, tmp_path):
