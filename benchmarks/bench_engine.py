@@ -166,12 +166,19 @@ def bench_saliency(args, name, module, size):
     print(f"\n[{name}] {size}x{size}, ops {dict(sorted(ops.items(), key=lambda kv: -kv[1]))}")
     print(f"  onnxruntime forward                  {t_ort * 1e3:8.1f} ms   (1.00x)")
     rows = []
-    steps_list = [(), ("fold_constants",), ("fold_constants", "fold_batchnorm"),
-                  ("fold_constants", "fold_batchnorm", "channels_last")]
+    import jacaudit.models.onnx.ops.nn as nn_ops
+    # (label, optimize steps, specialize_ops after constant folding, pointwise-conv fast path)
+    fc, bn = "fold_constants", "fold_batchnorm"
+    steps_list = [("as loaded", (), False, False),
+                  ("fold_constants", (fc,), False, False),
+                  ("+fold_batchnorm (previous default)", (fc, bn), False, False),
+                  ("+specialize Clip", (fc, bn), True, False),
+                  ("+1x1 conv fast path (default load)", (fc, bn), True, True),
+                  ("+channels_last", (fc, bn, "channels_last"), True, True)]
     y_ref = None
-    for steps in steps_list:
-        model = OnnxModel(proto, device=dev)
-        done = optimize(model.graph, keep=["y"], steps=steps) if steps else {}
+    for label, steps, spec, fast in steps_list:
+        model = OnnxModel(proto, device=dev, optimize=False)
+        done = optimize(model.graph, keep=["y"], steps=steps, specialize=spec) if steps else {}
         fwd = lambda: model.run({"x": xd})  # noqa: E731
 
         def grad():
@@ -181,18 +188,21 @@ def bench_saliency(args, name, module, size):
             (g,) = torch.autograd.grad(y[0, c], xr)
             return g
 
+        nn_ops.FAST_CONV = fast
         with torch.no_grad():
             t_f = timeit(fwd, args.reps)
         t_g = timeit(grad, args.reps)
         with torch.no_grad():
             y = model.run({"x": xd})[0].cpu()
+        g = grad().cpu()
+        nn_ops.FAST_CONV = True
         if y_ref is None:
-            y_ref = y
+            y_ref, g_ref = y, g
         drift = float((y - y_ref).abs().max() / y_ref.abs().max())
-        label = "+".join(steps) if steps else "as loaded"
-        print(f"  interp forward  [{label:44s}] {t_f * 1e3:8.1f} ms   ({t_f / t_ort:.2f}x ort)  changes {done}")
-        print(f"  input gradient  [{label:44s}] {t_g * 1e3:8.1f} ms   ({t_g / t_ort:.2f}x ort; target <= 3.0x)"
-              f"  output drift {drift:.1e}")
+        gdrift = float((g - g_ref).abs().max() / g_ref.abs().max())
+        print(f"  interp forward  [{label:36s}] {t_f * 1e3:8.1f} ms   ({t_f / t_ort:.2f}x ort)  changes {done}")
+        print(f"  input gradient  [{label:36s}] {t_g * 1e3:8.1f} ms   ({t_g / t_ort:.2f}x ort; target <= 3.0x)"
+              f"  output drift {drift:.1e}, gradient drift {gdrift:.1e}")
         rows.append((label, t_f, t_g))
     return t_ort, rows, module, x
 
@@ -268,7 +278,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", default="saliency,resnet50,persample,spectral")
+    ap.add_argument("--only", default="saliency,resnet50,persample,spectral",
+                    help="comma list of saliency (ResNet-18 + MobileNet), mobilenet (MobileNet only), resnet50, "
+                         "persample, spectral")
     ap.add_argument("--quick", action="store_true", help="smaller images (for a smoke run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -284,6 +296,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, reps {args.reps}")
     if "saliency" in only:
         bench_saliency(args, "ResNet-18-class", resnet("18"), size)
+    if "saliency" in only or "mobilenet" in only:
         bench_saliency(args, "MobileNetV2-class", mobilenet(), size)
     if "resnet50" in only:
         t_ort, rows, module, x = bench_saliency(args, "ResNet-50-class", resnet("50"), size)

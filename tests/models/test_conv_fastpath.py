@@ -1,0 +1,166 @@
+"""The interpreter's fast paths for MobileNet-class graphs, checked against torch's own kernels.
+
+* the 1x1 (pointwise) Conv fast path (``ops/nn.py``: one matrix product while autograd records);
+* ``optimize.specialize_ops``: a Clip with constant bounds runs clamp with number bounds and a fused backward.
+
+Truth: ``torch.nn.functional.conv2d`` and ``torch.clamp`` with tensor bounds, differentiated by torch
+(reverse and forward mode); they share no code with the fast paths. The interpreter runs an ONNX graph
+Conv(1x1) -> Clip(0, 6) -> Conv(1x1, no bias) -> Clip(lo, hi) with the fast paths on, and with them off.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+import jacaudit.models.onnx.ops.nn as nn_ops
+from jacaudit.models.onnx.model import OnnxModel
+from jacaudit.models.onnx.optimize import _ClipConst
+
+CIN, CMID, COUT, H, W = 3, 5, 4, 4, 3
+LO2, HI2 = -0.25, 0.5
+
+
+def _weights(dtype=np.float64):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((CMID, CIN, 1, 1)).astype(dtype), rng.standard_normal(CMID).astype(dtype),
+            rng.standard_normal((COUT, CMID, 1, 1)).astype(dtype))
+
+
+def _model(dtype=np.float64, optimize=True) -> OnnxModel:
+    w1, b1, w2 = _weights(dtype)
+    et = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array(0, dtype), "lo"), numpy_helper.from_array(np.array(6, dtype), "hi"),
+             numpy_helper.from_array(np.array(LO2, dtype), "lo2"),
+             numpy_helper.from_array(np.array(HI2, dtype), "hi2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1], pads=[0, 0, 0, 0]),
+             helper.make_node("Clip", ["c2", "lo2", "hi2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", et, [None, CIN, H, W])],
+                          [helper.make_tensor_value_info("y", et, [None, COUT, H, W])], inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    return OnnxModel(proto, optimize=optimize)
+
+
+def _reference(x: torch.Tensor) -> torch.Tensor:
+    """The same function with torch's own conv2d and tensor-bound clamp (batch of images)."""
+    w1, b1, w2 = (torch.from_numpy(a).to(x.dtype) for a in _weights())
+    t = lambda v: torch.tensor(v, dtype=x.dtype)  # noqa: E731
+    r1 = torch.clamp(F.conv2d(x, w1, b1), t(0.0), t(6.0))
+    return torch.clamp(F.conv2d(r1, w2), t(LO2), t(HI2))
+
+
+def _inputs(n=2, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, CIN, H, W, generator=g, dtype=dtype)
+    return x
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "plain"])
+def model(request):
+    old = nn_ops.FAST_CONV
+    nn_ops.FAST_CONV = request.param
+    yield _model(optimize=request.param)
+    nn_ops.FAST_CONV = old
+
+
+def _f(model):
+    return lambda x: model.run({"x": x})[0]
+
+
+def test_specialised_and_fast_path_taken(monkeypatch):
+    m = _model()
+    assert sum(isinstance(n.fn, _ClipConst) for n in m.graph.nodes) == 2
+    calls = []
+    orig = nn_ops._pointwise_conv2d
+    monkeypatch.setattr(nn_ops, "_pointwise_conv2d", lambda *a: calls.append(1) or orig(*a))
+    x = _inputs()
+    with torch.no_grad():
+        m.run({"x": x})
+    assert calls == []  # forward-only use keeps torch's kernel
+    m.run({"x": x.requires_grad_(True)})
+    assert len(calls) == 2
+
+
+def test_forward(model):
+    x = _inputs(3)
+    torch.testing.assert_close(_f(model)(x), _reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_input_gradient(model):
+    x = _inputs(3).requires_grad_(True)
+    gy = torch.randn(3, COUT, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (g,) = torch.autograd.grad(_f(model)(x), x, gy)
+    (g_ref,) = torch.autograd.grad(_reference(x), x, gy)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_jacrev_jacfwd_vmap(model):
+    x = _inputs(3)
+    f1 = lambda xi: _f(model)(xi.unsqueeze(0)).squeeze(0)  # noqa: E731
+    r1 = lambda xi: _reference(xi.unsqueeze(0)).squeeze(0)  # noqa: E731
+    ref = torch.func.vmap(torch.func.jacrev(r1))(x)
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacrev(f1))(x), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(torch.func.jacfwd(f1))(x), ref, rtol=1e-12, atol=1e-12)
+    # whole batch through jacrev / jacfwd (the N > 1 matmul branch)
+    fb, rb = _f(model), _reference
+    torch.testing.assert_close(torch.func.jacrev(fb)(x), torch.func.jacrev(rb)(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(fb)(x), torch.func.jacrev(rb)(x), rtol=1e-12, atol=1e-12)
+    # jvp under no_grad (the forward-only branch of the Clip specialisation)
+    v = torch.randn_like(x)
+    with torch.no_grad():
+        _, t = torch.func.jvp(fb, (x,), (v,))
+    _, t_ref = torch.func.jvp(rb, (x,), (v,))
+    torch.testing.assert_close(t, t_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_matches_to_rounding():
+    m32 = _model(np.float32)
+    x = _inputs(2, torch.float32).requires_grad_(True)
+    y = m32.run({"x": x})[0]
+    torch.testing.assert_close(y, _reference(x.double()).float(), rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g_ref,) = torch.autograd.grad(_reference(x.double()).sum(), x)
+    torch.testing.assert_close(g, g_ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_boundaries_match_clamp(dtype):
+    """The derivative at and one ulp beyond the bounds is clamp's (1 on the closed interval)."""
+    lo, hi = torch.tensor(-0.25, dtype=dtype), torch.tensor(0.5, dtype=dtype)
+    c = _ClipConst(None, lo, hi)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    vals = torch.stack([lo, hi, torch.nextafter(lo, -inf), torch.nextafter(hi, inf), torch.nextafter(lo, inf),
+                        torch.nextafter(hi, -inf), torch.tensor(0.1, dtype=dtype), torch.tensor(-3.0, dtype=dtype),
+                        torch.tensor(7.0, dtype=dtype)])
+    x = vals.clone().requires_grad_(True)
+    y = c(None, x)
+    xr = vals.clone().requires_grad_(True)
+    y_ref = torch.clamp(xr, lo, hi)
+    assert torch.equal(y, y_ref)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), xr)
+    assert torch.equal(g, g_ref)
+    assert g.tolist()[:6] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    # forward mode and vmap agree too
+    ones = torch.ones_like(vals)
+    _, t = torch.func.jvp(lambda v: c(None, v), (vals,), (ones,))
+    assert torch.equal(t, g_ref)
+    J = torch.func.vmap(torch.func.jacrev(lambda v: c(None, v)))(vals.reshape(-1, 1))
+    assert torch.equal(J.reshape(-1), g_ref)
+
+
+def test_clip_double_backward_runs():
+    c = _ClipConst(None, torch.tensor(0.0), torch.tensor(6.0))
+    x = torch.randn(5, dtype=torch.float32, requires_grad=True)
+    v = torch.randn(5, requires_grad=True)
+    (g,) = torch.autograd.grad(c(None, x), x, v, create_graph=True)
+    (gv,) = torch.autograd.grad(g.sum(), v)  # d(g)/dv is the 0/1 mask
+    assert torch.equal(gv, ((x >= 0) & (x <= 6)).float())
