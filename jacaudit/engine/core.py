@@ -19,9 +19,11 @@ Every batched primitive tries three paths in order and records which one ran:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -558,7 +560,10 @@ def per_sample_jacobian(model: Any, X: Any, *, input: str | None = None, output:
                         return_info: bool = False):
     """``J[b] = d out[b] / d X[b]`` for every sample of a batch: shape ``(B, *out.shape[1:], *X.shape[1:])``.
 
-    Paths, in order: ``vmap`` of ``jacrev``/``jacfwd`` over the batch; ``batched`` (the batch replicated
+    Paths, in order: ``rows`` (CPU, reverse mode, at most 64 outputs per sample, a model with convolutions
+    that treats samples independently: one batch forward, reverse passes per output
+    element, see ``_per_sample_rows``); ``vmap`` of ``jacrev``/``jacfwd``
+    over the batch; ``batched`` (the batch replicated
     once per output element, one ``autograd.grad`` for all of them -- valid when samples are independent,
     which is checked); ``loop`` over samples.
     """
@@ -589,14 +594,24 @@ def per_sample_jacobian(model: Any, X: Any, *, input: str | None = None, output:
     jac = torch.func.jacrev if mode == "reverse" else torch.func.jacfwd
     per_sample_bytes = m1 * n1 * item * 4 + (n1 + m1) * item * 8
     bchunk = _chunk_size(per_sample_bytes, B, budget)
-    try:
-        parts = [torch.func.vmap(jac(f1))(Xb[i:i + bchunk]) for i in range(0, B, bchunk)]
-        J = torch.cat(parts) if len(parts) > 1 else parts[0]
-    except Exception as e:
-        if _is_oom(e):
-            raise
-        notes.append(f"vmap could not run the model ({type(e).__name__}); fell back")
-        J = None
+    if mode == "reverse" and m1 <= _ROWS_MAX and Xb.device.type == "cpu" and _has_conv(model):
+        try:
+            J = _per_sample_rows(f, Xb, out_s, m1, n1, bchunk, notes)
+        except Exception as e:
+            if _is_oom(e):
+                raise
+            J = None
+        if J is not None:
+            path = "rows"
+    if J is None:
+        try:
+            parts = [torch.func.vmap(jac(f1))(Xb[i:i + bchunk]) for i in range(0, B, bchunk)]
+            J = torch.cat(parts) if len(parts) > 1 else parts[0]
+        except Exception as e:
+            if _is_oom(e):
+                raise
+            notes.append(f"vmap could not run the model ({type(e).__name__}); fell back")
+            J = None
     if J is None and mode == "reverse" and _samples_independent(f, Xb, t.y):  # (t.y: one batch forward)
         path = "batched"
         J = torch.empty(B, m1, n1, dtype=Xb.dtype, device=Xb.device)
@@ -630,19 +645,109 @@ def per_sample_jacobian(model: Any, X: Any, *, input: str | None = None, output:
     return (J, info) if return_info else J
 
 
-def _samples_independent(f: Callable, X: torch.Tensor, Y: torch.Tensor) -> bool:
-    """The model treats the samples of a batch independently (checked on a permuted batch)."""
+_ROWS_MAX = 64  # outputs per sample up to which the "rows" path (one reverse pass per output) is used
+
+
+_CONV_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
+
+
+def _has_conv(model: Any) -> bool | None:
+    """Whether the model has convolutions (torch module, TorchScript module, ONNX graph); None when it
+    cannot be told (a plain callable)."""
+    module = getattr(model, "module", None) if not isinstance(model, torch.nn.Module) else model
+    if isinstance(module, torch.nn.Module):
+        return any(isinstance(m, torch.nn.modules.conv._ConvNd)
+                   or getattr(m, "original_name", None) in _CONV_NAMES for m in module.modules())
+    graph = getattr(model, "graph", None)
+    nodes = getattr(graph, "nodes", None)
+    if isinstance(nodes, list):
+        return any(getattr(getattr(n, "ctx", None), "op_type", None) in ("Conv", "ConvTranspose") for n in nodes)
+    return None
+
+
+def _per_sample_rows(f: Callable, Xb: torch.Tensor, out_s: tuple, m1: int, n1: int, bchunk: int,
+                     notes: list) -> torch.Tensor | None:
+    """Per-sample Jacobians from one forward of the batch and one plain reverse pass per output element
+    ``i`` (cotangent 1 at ``out[b, i]`` for every sample ``b``: row ``i`` of every sample's Jacobian), for
+    models that treat samples independently (checked on the first chunk; None otherwise).
+
+    Used on CPU for models with convolutions, where vmap(jacrev) is slow: torch has no batching rule for
+    the CPU convolution backward and loops over the vmapped rows. Also on CPU, whether torch's oneDNN
+    (mkldnn) convolution backward runs is chosen by measurement: it is several times slower than the native
+    kernel for layers with few input channels (an image model's first convolution), faster for wide ones;
+    the first two rows run with it on and off, and the faster setting runs the rest (every row is needed,
+    so the trial costs nothing).
+    """
+    B = Xb.shape[0]
+    J = torch.empty(B, m1, n1, dtype=Xb.dtype, device=Xb.device)
+    tune = (Xb.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and bool(torch.backends.mkldnn.enabled) and m1 >= 3)
+    timings: dict[bool, float] = {}
+    for s in range(0, B, bchunk):
+        Xc = Xb[s:s + bchunk].detach().requires_grad_(True)
+        b = Xc.shape[0]
+        with torch.enable_grad():
+            Y = f(Xc)
+        if not isinstance(Y, torch.Tensor) or tuple(Y.shape) != (b, *out_s) or not Y.requires_grad:
+            return None
+        if s == 0 and not _samples_independent(f, Xc.detach(), Y.detach(), subset=4):
+            return None
+        G = torch.zeros_like(Y)
+        Gf = G.view(b, m1)
+        for i in range(m1):
+            if tune and len(timings) < 2:
+                setting = len(timings) == 0  # first row: oneDNN on; second: off
+            else:
+                setting = timings.get(True, 0.0) <= timings.get(False, float("inf"))
+            Gf[:, i] = 1
+            t0 = time.perf_counter()
+            with _mkldnn_enabled(setting) if tune else contextlib.nullcontext():
+                (g,) = torch.autograd.grad(Y, Xc, G, retain_graph=i < m1 - 1, allow_unused=True)
+            if tune and len(timings) < 2:
+                timings[setting] = time.perf_counter() - t0
+            Gf[:, i] = 0
+            if g is None:
+                J[s:s + b, i].zero_()
+            else:
+                J[s:s + b, i] = g.reshape(b, n1)
+    if tune and timings.get(False, float("inf")) < timings.get(True, 0.0):
+        notes.append("CPU convolution backward: native kernels (measured faster than oneDNN here)")
+    return J.reshape(B, *out_s, *Xb.shape[1:])
+
+
+class _mkldnn_enabled:
+    """Context: torch.backends.mkldnn.enabled set to ``on`` (restored after); no-op when already so."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.prev = None
+
+    def __enter__(self):
+        if torch.backends.mkldnn.enabled != self.on:
+            self.prev = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = self.on
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            torch.backends.mkldnn.enabled = self.prev
+        return False
+
+
+def _samples_independent(f: Callable, X: torch.Tensor, Y: torch.Tensor, subset: int | None = None) -> bool:
+    """The model treats the samples of a batch independently (checked on a permuted batch: the whole batch,
+    or the first ``subset`` samples reversed -- a smaller batch than Y's, in another order -- and sample 0
+    alone)."""
     B = X.shape[0]
     if B == 1:
         return True
     try:
-        perm = torch.arange(B - 1, -1, -1, device=X.device)
+        perm = torch.arange((B if subset is None else min(B, subset)) - 1, -1, -1, device=X.device)
         with torch.no_grad():
             Yp = f(X[perm])
             Y1 = f(X[:1])
         tol = 1e-4 if X.dtype == torch.float32 else 1e-9
         scale = float(Y.abs().max()) + 1e-12
-        return tuple(Yp.shape) == tuple(Y.shape) and tuple(Y1.shape) == (1, *Y.shape[1:]) and \
+        return tuple(Yp.shape) == (len(perm), *Y.shape[1:]) and tuple(Y1.shape) == (1, *Y.shape[1:]) and \
             float((Yp - Y[perm]).abs().max()) <= tol * scale and float((Y1 - Y[:1]).abs().max()) <= tol * scale
     except Exception as e:
         if _is_oom(e):

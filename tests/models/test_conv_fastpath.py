@@ -164,3 +164,55 @@ def test_clip_double_backward_runs():
     (g,) = torch.autograd.grad(c(None, x), x, v, create_graph=True)
     (gv,) = torch.autograd.grad(g.sum(), v)  # d(g)/dv is the 0/1 mask
     assert torch.equal(gv, ((x >= 0) & (x <= 6)).float())
+
+
+# ---- per-sample Jacobians of convolutional models: the "rows" path (jacaudit/engine/core.py) -------------
+def _cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                               torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                               torch.nn.Linear(6 * 4 * 4, 5)).double().eval()
+
+
+def _loop_reference(f, X):
+    """Truth: one torch.autograd.functional.jacobian per sample (no batching, no vmap)."""
+    return torch.stack([torch.autograd.functional.jacobian(lambda z: f(z[None])[0], X[b]) for b in range(len(X))])
+
+
+def test_per_sample_rows_path_cnn():
+    from jacaudit.engine import per_sample_jacobian
+
+    net = _cnn()
+    X = torch.randn(7, 1, 8, 8, dtype=torch.float64)
+    mkl = torch.backends.mkldnn.enabled
+    J, info = per_sample_jacobian(net, X, return_info=True, max_memory=3 * 5 * 64 * 8 * 4 + 1)  # chunks
+    assert info.path == "rows" and J.shape == (7, 5, 1, 8, 8)
+    torch.testing.assert_close(J, _loop_reference(net, X), rtol=1e-10, atol=1e-12)
+    assert torch.backends.mkldnn.enabled == mkl  # the backend trial restores the flag
+
+
+def test_per_sample_rows_path_onnx_and_coupled_fallback():
+    from jacaudit.engine import per_sample_jacobian
+
+    m = _model()
+    X = _inputs(3)
+    J, info = per_sample_jacobian(m, X, return_info=True, input="x")
+    assert info.path == "rows"
+    ref = torch.func.vmap(torch.func.jacrev(lambda xi: _reference(xi[None])[0]))(X)
+    torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12)
+
+    net = _cnn()
+
+    class Coupled(torch.nn.Module):  # samples interact: the rows shortcut must not be taken
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z):
+            y = self.net(z)
+            return y + y.mean(0, keepdim=True)
+
+    Xc = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    Jc, info = per_sample_jacobian(Coupled(), Xc, return_info=True)
+    assert info.path != "rows"
+    torch.testing.assert_close(Jc, torch.func.vmap(torch.func.jacrev(lambda z: Coupled()(z[None])[0]))(Xc))
