@@ -196,7 +196,7 @@ def test_per_sample_rows_path_onnx_and_coupled_fallback():
 
     m = _model()
     X = _inputs(3)
-    J, info = per_sample_jacobian(m, X, return_info=True, input="x")
+    J, info = per_sample_jacobian(m, X, return_info=True, input="x", mode="reverse")
     assert info.path == "rows"
     ref = torch.func.vmap(torch.func.jacrev(lambda xi: _reference(xi[None])[0]))(X)
     torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12)
