@@ -167,14 +167,15 @@ def bench_saliency(args, name, module, size):
     print(f"  onnxruntime forward                  {t_ort * 1e3:8.1f} ms   (1.00x)")
     rows = []
     import jacaudit.models.onnx.ops.nn as nn_ops
-    # (label, optimize steps, specialize_ops after constant folding, pointwise-conv fast path)
+    # (label, optimize steps, specialize_ops after constant folding, interpreter Conv fast paths on CPU)
     fc, bn = "fold_constants", "fold_batchnorm"
-    steps_list = [("as loaded", (), False, False),
-                  ("fold_constants", (fc,), False, False),
-                  ("+fold_batchnorm (previous default)", (fc, bn), False, False),
-                  ("+specialize Clip", (fc, bn), True, False),
-                  ("+1x1 conv fast path (default load)", (fc, bn), True, True),
-                  ("+channels_last", (fc, bn, "channels_last"), True, True)]
+    all_fast = ("depthwise_nhwc",)
+    steps_list = [("as loaded", (), False, ()),
+                  ("fold_constants", (fc,), False, ()),
+                  ("+fold_batchnorm (previous default)", (fc, bn), False, ()),
+                  ("+specialize Clip", (fc, bn), True, ()),
+                  ("+depthwise NHWC (default load)", (fc, bn), True, all_fast),
+                  ("+channels_last weights", (fc, bn, "channels_last"), True, all_fast)]
     y_ref = None
     for label, steps, spec, fast in steps_list:
         model = OnnxModel(proto, device=dev, optimize=False)
@@ -188,14 +189,14 @@ def bench_saliency(args, name, module, size):
             (g,) = torch.autograd.grad(y[0, c], xr)
             return g
 
-        nn_ops.FAST_CONV = fast
+        nn_ops.FAST_CONV = set(fast)
         with torch.no_grad():
             t_f = timeit(fwd, args.reps)
         t_g = timeit(grad, args.reps)
         with torch.no_grad():
             y = model.run({"x": xd})[0].cpu()
         g = grad().cpu()
-        nn_ops.FAST_CONV = True
+        nn_ops.FAST_CONV = set(all_fast)
         if y_ref is None:
             y_ref, g_ref = y, g
         drift = float((y - y_ref).abs().max() / y_ref.abs().max())

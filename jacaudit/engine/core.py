@@ -692,7 +692,7 @@ def _per_sample_rows(f: Callable, Xb: torch.Tensor, out_s: tuple, m1: int, n1: i
             return None
         if s == 0 and not _samples_independent(f, Xc.detach(), Y.detach(), subset=4):
             return None
-        G = torch.zeros_like(Y)
+        G = torch.zeros(Y.shape, dtype=Y.dtype, device=Y.device)  # contiguous whatever Y's layout
         Gf = G.view(b, m1)
         for i in range(m1):
             if tune and len(timings) < 2:

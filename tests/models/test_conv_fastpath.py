@@ -1,11 +1,13 @@
 """The interpreter's fast paths for MobileNet-class graphs, checked against torch's own kernels.
 
-* the 1x1 (pointwise) Conv fast path (``ops/nn.py``: one matrix product while autograd records);
+* the Conv fast path in ``ops/nn.py`` (CPU, plain tensors): "depthwise_nhwc" (depthwise convolutions run
+  channels_last; the layout carries on through Clip and the 1x1 convolutions after it);
 * ``optimize.specialize_ops``: a Clip with constant bounds runs clamp with number bounds and a fused backward.
 
 Truth: ``torch.nn.functional.conv2d`` and ``torch.clamp`` with tensor bounds, differentiated by torch
 (reverse and forward mode); they share no code with the fast paths. The interpreter runs an ONNX graph
-Conv(1x1) -> Clip(0, 6) -> Conv(1x1, no bias) -> Clip(lo, hi) with the fast paths on, and with them off.
+Conv(3x3, stride 2, 3 -> 8) -> Clip(0, 6) -> Conv(1x1) -> depthwise Conv(3x3) -> Clip(0, 6) -> Conv(1x1)
+-> Clip(lo, hi) -> Conv(1x1, no bias) with the fast paths on, and with them off.
 """
 from __future__ import annotations
 
@@ -20,29 +22,36 @@ import jacaudit.models.onnx.ops.nn as nn_ops
 from jacaudit.models.onnx.model import OnnxModel
 from jacaudit.models.onnx.optimize import _ClipConst
 
-CIN, CMID, COUT, H, W = 3, 5, 4, 4, 3
+CIN, C0, CMID, COUT, H, W = 3, 8, 5, 4, 6, 5
+HO, WO = 3, 3
 LO2, HI2 = -0.25, 0.5
 
 
 def _weights(dtype=np.float64):
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((CMID, CIN, 1, 1)).astype(dtype), rng.standard_normal(CMID).astype(dtype),
-            rng.standard_normal((COUT, CMID, 1, 1)).astype(dtype))
+    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    return {"w0": r(C0, CIN, 3, 3), "b0": r(C0), "wp": r(C0, C0, 1, 1) / 2, "bp": r(C0), "wd": r(C0, 1, 3, 3),
+            "bd": r(C0), "w1": r(CMID, C0, 1, 1), "b1": r(CMID), "w2": r(COUT, CMID, 1, 1)}
 
 
 def _model(dtype=np.float64, optimize=True) -> OnnxModel:
-    w1, b1, w2 = _weights(dtype)
+    ws = _weights(dtype)
     et = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2"),
-             numpy_helper.from_array(np.array(0, dtype), "lo"), numpy_helper.from_array(np.array(6, dtype), "hi"),
-             numpy_helper.from_array(np.array(LO2, dtype), "lo2"),
-             numpy_helper.from_array(np.array(HI2, dtype), "hi2")]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
-             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[1, 1], pads=[0, 0, 0, 0]),
-             helper.make_node("Clip", ["c2", "lo2", "hi2"], ["y"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in ws.items()]
+    inits += [numpy_helper.from_array(np.array(v, dtype), k)
+              for k, v in (("lo", 0), ("hi", 6), ("lo2", LO2), ("hi2", HI2))]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c0", "lo", "hi"], ["r0"]),
+             helper.make_node("Conv", ["r0", "wp", "bp"], ["p0"], kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["p0", "wd", "bd"], ["d0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              group=C0),
+             helper.make_node("Clip", ["d0", "lo", "hi"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+             helper.make_node("Clip", ["c1", "lo2", "hi2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w2"], ["y"], kernel_shape=[1, 1], pads=[0, 0, 0, 0])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", et, [None, CIN, H, W])],
-                          [helper.make_tensor_value_info("y", et, [None, COUT, H, W])], inits)
+                          [helper.make_tensor_value_info("y", et, [None, COUT, HO, WO])], inits)
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(proto)
     return OnnxModel(proto, optimize=optimize)
@@ -50,22 +59,24 @@ def _model(dtype=np.float64, optimize=True) -> OnnxModel:
 
 def _reference(x: torch.Tensor) -> torch.Tensor:
     """The same function with torch's own conv2d and tensor-bound clamp (batch of images)."""
-    w1, b1, w2 = (torch.from_numpy(a).to(x.dtype) for a in _weights())
+    w = {k: torch.from_numpy(v).to(x.dtype) for k, v in _weights().items()}
     t = lambda v: torch.tensor(v, dtype=x.dtype)  # noqa: E731
-    r1 = torch.clamp(F.conv2d(x, w1, b1), t(0.0), t(6.0))
-    return torch.clamp(F.conv2d(r1, w2), t(LO2), t(HI2))
+    r0 = torch.clamp(F.conv2d(x, w["w0"], w["b0"], 2, 1), t(0.0), t(6.0))
+    p0 = F.conv2d(r0, w["wp"], w["bp"])
+    r1 = torch.clamp(F.conv2d(p0, w["wd"], w["bd"], 1, 1, 1, C0), t(0.0), t(6.0))
+    r2 = torch.clamp(F.conv2d(r1, w["w1"], w["b1"]), t(LO2), t(HI2))
+    return F.conv2d(r2, w["w2"])
 
 
 def _inputs(n=2, dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, CIN, H, W, generator=g, dtype=dtype)
-    return x
+    return torch.randn(n, CIN, H, W, generator=g, dtype=dtype) * 2
 
 
 @pytest.fixture(params=[True, False], ids=["fast", "plain"])
 def model(request):
     old = nn_ops.FAST_CONV
-    nn_ops.FAST_CONV = request.param
+    nn_ops.FAST_CONV = set(old) if request.param else set()
     yield _model(optimize=request.param)
     nn_ops.FAST_CONV = old
 
@@ -74,18 +85,15 @@ def _f(model):
     return lambda x: model.run({"x": x})[0]
 
 
-def test_specialised_and_fast_path_taken(monkeypatch):
+def test_specialised_and_fast_path_taken():
     m = _model()
-    assert sum(isinstance(n.fn, _ClipConst) for n in m.graph.nodes) == 2
-    calls = []
-    orig = nn_ops._pointwise_conv2d
-    monkeypatch.setattr(nn_ops, "_pointwise_conv2d", lambda *a: calls.append(1) or orig(*a))
+    assert sum(isinstance(n.fn, _ClipConst) for n in m.graph.nodes) == 3
     x = _inputs()
     with torch.no_grad():
-        m.run({"x": x})
-    assert calls == []  # forward-only use keeps torch's kernel
-    m.run({"x": x.requires_grad_(True)})
-    assert len(calls) == 2
+        y = m.run({"x": x})[0]
+        d0 = m.run({"x": x}, outputs=["d0"])[0]  # (the plain graph: the same fast path)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # NHWC from the depthwise layer on
+    assert d0.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_forward(model):
@@ -95,7 +103,7 @@ def test_forward(model):
 
 def test_input_gradient(model):
     x = _inputs(3).requires_grad_(True)
-    gy = torch.randn(3, COUT, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gy = torch.randn(3, COUT, HO, WO, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (g,) = torch.autograd.grad(_f(model)(x), x, gy)
     (g_ref,) = torch.autograd.grad(_reference(x), x, gy)
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)

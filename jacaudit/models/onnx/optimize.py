@@ -144,6 +144,21 @@ class _ClampConst(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(t, x, *ctx.bounds)
 
 
+class _ClampConstEager(torch.autograd.Function):
+    """_ClampConst in the ctx-style form, which autograd applies ~4x faster (~7 us vs ~28 us a call);
+    used when no torch.func transform is active (the ctx style does not run under them)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, lo_out, hi_out):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.bounds = (lo_out, hi_out)
+        return torch.clamp(x, lo, hi)
+
+    backward = _ClampConst.backward
+    jvp = _ClampConst.jvp
+
+
 class _ClipConst:
     """A Clip node's function with its (constant) bounds bound; other dtypes fall back to the op."""
 
@@ -160,7 +175,8 @@ class _ClipConst:
             return self.fn(ctx, x, *rest)
         if not torch.is_grad_enabled():  # also exact under forward-mode AD (clamp's own jvp)
             return torch.clamp(x, self.lo, self.hi)
-        return _ClampConst.apply(x, self.lo, self.hi, self.lo_out, self.hi_out)
+        fn = _ClampConstEager if torch._C._functorch.peek_interpreter_stack() is None else _ClampConst
+        return fn.apply(x, self.lo, self.hi, self.lo_out, self.hi_out)
 
 
 def specialize_ops(g) -> int:

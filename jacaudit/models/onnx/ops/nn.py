@@ -189,34 +189,27 @@ def conv(ctx, x, w, b=None):
     if b is not None and b.dtype != x.dtype:
         b = b.to(x.dtype)
     w = w.to(x.dtype)
-    if (FAST_CONV and nd == 2 and group == 1 and padding == [0, 0] and kernel == [1, 1] and strides == [1, 1]
-            and torch.is_grad_enabled() and x.device.type == "cpu" and x.is_floating_point()
-            and x.is_contiguous()):
-        return _pointwise_conv2d(x, w, b)
+    if ("depthwise_nhwc" in FAST_CONV and nd == 2 and 1 < group == x.shape[1] == w.shape[0]
+            and x.device.type == "cpu" and x.is_floating_point() and not _wrapped(x, w, b)):
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first depthwise layer
     return _CONV[nd](x, w, b, strides, padding, dil, group)
 
 
-# The 1x1 (pointwise) fast path: on CPU torch runs unstrided 1x1 convolutions single-threaded through its
-# "slow" im2col+GEMM kernel, which broadcast-copies the bias into the output (slow) and whose backward does
-# more than the one GEMM the input gradient needs. As a plain matrix product the forward is one GEMM plus an
-# in-place bias add and the backward is one GEMM (W^T g): ~15% less time for forward+backward on
-# MobileNet-class graphs. Used only when autograd records (no_grad forwards keep torch's kernel, which is
-# as fast there); same results to float rounding; vmap/jacrev/jacfwd run through mm/matmul.
-FAST_CONV = True
+# CPU fast paths for convolutions, plain tensors only (under torch.func transforms -- vmap, jacrev, jacfwd --
+# nothing changes). Exact: the same kernels on another memory layout. Measured on a MobileNetV2-class graph
+# (benchmarks/bench_engine.py; README "Engine"), one named path kept:
+# * "depthwise_nhwc": depthwise convolutions (groups == channels) run channels_last. oneDNN's NHWC depthwise
+#   kernels are ~2x faster than its NCHW ones, forward and backward; the layout then carries through
+#   Clip/Add and the 1x1 convolutions to the next depthwise layer (one conversion per graph). Input gradient
+#   -5%, forward -5% on MobileNetV2-class graphs.
+# Measured and not kept (no gain on the whole graph): 1x1 convolutions as a matrix product (NCHW and NHWC);
+# torch's native kernel instead of oneDNN for 1-4 input channels (faster in isolation, not in the graph);
+# a depthwise convolution as k*k shifted multiply-adds (10x slower forward, 16x slower forward+backward).
+FAST_CONV: set[str] = {"depthwise_nhwc"}
 
 
-def _pointwise_conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    n, c, h, wd = x.shape
-    w2 = w.reshape(w.shape[0], c)
-    if n == 1:
-        y = torch.mm(w2, x.reshape(c, h * wd))
-        if b is not None:
-            y = y.add_(b.reshape(-1, 1))
-        return y.reshape(1, -1, h, wd)
-    y = torch.matmul(w2, x.reshape(n, c, h * wd))
-    if b is not None:
-        y = y.add_(b.reshape(-1, 1))
-    return y.reshape(n, -1, h, wd)
+def _wrapped(*ts) -> bool:
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
 
 
 @op("ConvTranspose", since=1)
