@@ -243,12 +243,15 @@ def main(argv=None) -> int:
     for s in suites:
         counts = collections.Counter()
         gcounts = collections.Counter()
+        skip_reasons = collections.Counter()
         for case in iter_cases(s, args.filter):
             r = run_case(case)
             counts[r.status] += 1
             if args.grad and r.status == "pass":
                 g = grad_check(case)
                 gcounts[g.status] += 1
+                if g.status == "skip":
+                    skip_reasons[g.detail.split(" (")[0].split(":")[0]] += 1
                 if g.status == "fail":
                     for o in r.ops:
                         grad_by_op[o] += 1
@@ -265,8 +268,9 @@ def main(argv=None) -> int:
               f"{counts['unsupported']} unsupported", flush=True)
         if args.grad:
             print(f"[{s}] gradients: {gcounts['pass']} agree with onnxruntime finite differences, "
-                  f"{gcounts['fail']} disagree, {gcounts['skip']} skipped (not differentiable / no float "
-                  f"input or output / non-smooth point)", flush=True)
+                  f"{gcounts['fail']} disagree, {gcounts['skip']} skipped"
+                  + (" (" + "; ".join(f"{v} {k}" for k, v in skip_reasons.most_common()) + ")" if skip_reasons
+                     else ""), flush=True)
     if grad_by_op:
         print("gradient failures by op type:", ", ".join(f"{k}={v}" for k, v in grad_by_op.most_common(40)))
     if by_op:

@@ -65,7 +65,7 @@ def test_node_gradients_agree_with_onnxruntime_finite_differences(node_results):
         if g.status == "fail":
             fails.append(f"{r.case.name}: {g.detail}")
     print(f"\n[node gradients] {counts['pass']} agree, {counts['fail']} disagree, {counts['skip']} skipped")
-    assert counts["pass"] >= 600
+    assert counts["pass"] >= 1000  # measured: 1074 of the 1668 passing node tests
     assert not fails, "\n".join(fails)
 
 
