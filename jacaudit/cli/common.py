@@ -98,7 +98,10 @@ def handle_errors() -> Iterator[None]:
         name = type(e).__name__
         if name == "OutOfMemoryError":
             raise fail(f"out of memory: {e}".splitlines()[0], EXIT_RUNTIME) from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        first = lines[0] if lines else ""
+        if first.startswith("The following operation failed in the TorchScript interpreter") and len(lines) > 1:
+            first = "TorchScript model failed: " + lines[-1]  # the model's own error is on the last line
         raise fail(f"{name}: {first} (run with --debug for the traceback)", EXIT_RUNTIME) from None
 
 

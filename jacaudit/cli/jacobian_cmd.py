@@ -119,6 +119,9 @@ def load_model_and_input(model_path: str, *, input: str | None, input_name: str 
         extra = dict(s.extra)
         source = input
     else:
+        if spec.shape is None and full_shape is not None and len(full_shape) < 2:
+            raise InputError(f"--shape includes the batch dimension: e.g. --shape 1,{full_shape[0]} for one "
+                             f"sample of {full_shape[0]} values")
         if spec.shape is None and full_shape is not None:
             arr = np.random.default_rng(seed).standard_normal(full_shape[1:]).astype(np.float32)
         elif spec.shape is None:
