@@ -325,10 +325,12 @@ class CompiledGraph:
             n.ctx.values = values
             try:
                 res = n.fn(n.ctx, *args)
+            except (UnsupportedError, NotImplementedError) as e:  # an op variant we deliberately do not support
+                if isinstance(e, UnsupportedError) and str(e).startswith("node "):
+                    raise  # already names its node (a nested subgraph or function)
+                raise UnsupportedError(f"node {n.ctx.name!r} ({n.ctx.op_type}, opset {n.ctx.opset}): {e}") from e
             except JacauditError:
                 raise
-            except NotImplementedError as e:  # an op variant we deliberately do not support
-                raise UnsupportedError(f"node {n.ctx.name!r} ({n.ctx.op_type}, opset {n.ctx.opset}): {e}") from e
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # annotate with the node; keep the original as the cause

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ....errors import UnsupportedError
 from ..registry import onnx_to_torch_dtype, op
 
 _WIDE_U = (torch.uint16, torch.uint32)
@@ -560,7 +561,7 @@ def _cast_to(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 def _dtype_from_attr(ctx, to) -> torch.dtype:
     dt = onnx_to_torch_dtype(int(to))
     if dt is None:
-        raise NotImplementedError(f"Cast to ONNX element type {to} is not supported (torch cannot hold it)")
+        raise UnsupportedError(f"Cast to ONNX element type {to} is not supported (torch cannot hold it)")
     return dt
 
 
@@ -633,7 +634,7 @@ def dropout_12(ctx, x, ratio=None, training_mode=None):
         if not (isinstance(r, torch.Tensor) and not _is_float(r)) and float(r) == 0.0:
             pass  # ratio 0: nothing is dropped even in training mode
         else:
-            raise NotImplementedError("Dropout in training mode is random; training-mode dropout is unsupported")
+            raise UnsupportedError("Dropout in training mode is random; training-mode dropout is unsupported")
     if ctx.n_outputs > 1:
         return x, torch.ones_like(x, dtype=torch.bool)
     return x

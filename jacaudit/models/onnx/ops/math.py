@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ....errors import UnsupportedError
 from ..registry import onnx_to_torch_dtype, op
 from ._util import axis as _axis, ints
 
@@ -52,7 +53,7 @@ def _dtype_attr(code, default=torch.float32) -> torch.dtype:
         return default
     dt = onnx_to_torch_dtype(int(code))
     if dt is None:
-        raise NotImplementedError(f"ONNX element type {code} is not supported (torch cannot hold it)")
+        raise UnsupportedError(f"ONNX element type {code} is not supported (torch cannot hold it)")
     return dt
 
 
@@ -201,7 +202,7 @@ def constant(ctx):
     if "value_ints" in a:
         return torch.tensor([int(v) for v in a["value_ints"]], dtype=torch.int64, device=dev)
     if "value_string" in a or "value_strings" in a:
-        raise NotImplementedError("string constants are not supported")
+        raise UnsupportedError("string constants are not supported")
     raise ValueError("Constant node has no value attribute")
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ....errors import UnsupportedError
 from ..registry import op
 from ._util import ints
 
@@ -47,7 +48,7 @@ def _activations(ctx, defaults: list[str], num_dir: int) -> list[list[Callable]]
     for nm in names:
         key = nm.lower()
         if key not in _ACTS:
-            raise NotImplementedError(f"{ctx.op_type}: unknown activation {nm!r}")
+            raise UnsupportedError(f"{ctx.op_type}: unknown activation {nm!r}")
         f, da, db, ua, ub = _ACTS[key]
         a, b = da, db
         if ua and ai < len(alphas):
