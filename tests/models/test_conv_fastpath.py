@@ -224,3 +224,15 @@ def test_per_sample_rows_path_onnx_and_coupled_fallback():
     Jc, info = per_sample_jacobian(Coupled(), Xc, return_info=True)
     assert info.path != "rows"
     torch.testing.assert_close(Jc, torch.func.vmap(torch.func.jacrev(lambda z: Coupled()(z[None])[0]))(Xc))
+
+
+def test_clip_fed_bounds_are_honoured():
+    """A Clip bound that is an initializer can still be fed (old-IR graphs list initializers as inputs):
+    the specialised node then runs the op as written."""
+    m = _model()
+    clip = next(n for n in m.graph.nodes if isinstance(n.fn, _ClipConst) and n.inputs[1] == "lo2")
+    r2 = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    lo2, hi2 = m.graph.initializers["lo2"], m.graph.initializers["hi2"]
+    torch.testing.assert_close(clip.fn(clip.ctx, r2, lo2, hi2), torch.clamp(r2, LO2, HI2))
+    fed = torch.tensor(0.0, dtype=torch.float64)
+    torch.testing.assert_close(clip.fn(clip.ctx, r2, fed, hi2), torch.clamp(r2, 0.0, HI2))

@@ -162,8 +162,9 @@ class _ClampConstEager(torch.autograd.Function):
 class _ClipConst:
     """A Clip node's function with its (constant) bounds bound; other dtypes fall back to the op."""
 
-    def __init__(self, fn, lo: torch.Tensor, hi: torch.Tensor):
+    def __init__(self, fn, lo: torch.Tensor, hi: torch.Tensor, bound_args: tuple = ()):
         self.fn = fn
+        self.bound_args = bound_args  # the initializer tensors the node reads (Clip-11); a fed value differs
         self.dtype = lo.dtype
         self.lo, self.hi = float(lo), float(hi)
         ninf = torch.tensor(-float("inf"), dtype=lo.dtype)
@@ -171,7 +172,7 @@ class _ClipConst:
         self.hi_out = float(torch.nextafter(hi.reshape(()), -ninf))
 
     def __call__(self, ctx, x, *rest):
-        if x.dtype != self.dtype:
+        if x.dtype != self.dtype or any(a is not b for a, b in zip(rest, self.bound_args)):
             return self.fn(ctx, x, *rest)
         if not torch.is_grad_enabled():  # also exact under forward-mode AD (clamp's own jvp)
             return torch.clamp(x, self.lo, self.hi)
@@ -187,6 +188,7 @@ def specialize_ops(g) -> int:
         if n.ctx.op_type != "Clip" or n.ctx.node.domain not in ("", "ai.onnx") or isinstance(n.fn, _ClipConst) \
                 or n.fn is None:
             continue
+        bound_args: tuple = ()
         if n.ctx.opset < 11:
             lo, hi = n.ctx.attr("min"), n.ctx.attr("max")
             if lo is None or hi is None:
@@ -198,13 +200,14 @@ def specialize_ops(g) -> int:
             lo, hi = g.initializers.get(n.inputs[1]), g.initializers.get(n.inputs[2])
             if lo is None or hi is None:
                 continue
+            bound_args = (lo, hi)
         if lo.numel() != 1 or hi.numel() != 1 or lo.dtype != hi.dtype or lo.dtype not in (torch.float32,
                                                                                            torch.float64):
             continue
         lo, hi = lo.detach().reshape(()).cpu(), hi.detach().reshape(()).cpu()
         if not bool(torch.isfinite(lo)) or not bool(torch.isfinite(hi)) or not bool(lo <= hi):
             continue
-        n.fn = _ClipConst(n.fn, lo, hi)
+        n.fn = _ClipConst(n.fn, lo, hi, bound_args)
         changed += 1
     if changed:
         g._plans = {}
