@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ....errors import UnsupportedError
 from ..registry import op, onnx_to_torch_dtype
 from ._util import axis as _axis, ints
 
@@ -53,7 +54,7 @@ def _torch_pad(pb: Sequence[int], pe: Sequence[int]) -> list[int]:
 
 def _nd_check(nd: int, what: str) -> None:
     if nd not in (1, 2, 3):
-        raise NotImplementedError(f"{what} over {nd} spatial dimension(s) is not supported (1-3 only)")
+        raise UnsupportedError(f"{what} over {nd} spatial dimension(s) is not supported (1-3 only)")
 
 
 def _spatial(ctx, nd: int, name: str, default: int) -> list[int]:
