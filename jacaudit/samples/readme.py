@@ -64,6 +64,22 @@ def render_readme(out_dir: str) -> str:
             lines += [f"Classes: {', '.join(c['classes'])} (`shapes/labels.txt`); output: raw logits. "
                       f"Examples with their object masks: `shapes/examples/*.png`, `*_mask.png`. "
                       f"Measured at build: {s['method']}; {_saliency_line(s)}.", ""]
+            if "training" in c:
+                t = c["training"]
+                lines += [f"**Training.** {t['method']}. Loss: {t['loss']}; lambda {t['lambda']:g} "
+                          f"({t['lambda_schedule']}), {t['epochs']} epochs, {t['optimizer']}. Architecture: "
+                          f"{c['architecture']}. Why the penalty is normalised: {t['why_normalised']}. Why SiLU: "
+                          f"{t['why_silu']}.", ""]
+            if "jacaudit" in s:
+                j = s["jacaudit"]
+                lines += [f"**Saliency mass inside the object mask, per method** ({j['how']}):", "",
+                          "| images | mask area | grad | gradxinput | smoothgrad | ig |", "|---|---|---|---|---|---|"]
+                for key, label in (("examples", f"the {j['examples']['n']} shipped examples"),
+                                   ("heldout", f"held-out, first {j['heldout']['first_n']} (regenerated)")):
+                    r = j[key]
+                    lines.append(f"| {label} | {_fmt(r['median_mask_area_fraction'])} | "
+                                 + " | ".join(_fmt(r[m]) for m in ("grad", "gradxinput", "smoothgrad", "ig")) + " |")
+                lines.append("")
         elif name == "shortcut":
             s = c["saliency_check"]
             lines += [f"Output: probabilities (a final Softmax). Marker: {c['marker']['description']}; "
