@@ -2,9 +2,10 @@
 
     python scripts/make_reports.py [--samples sample_models] [--out reports]
 
-For each sample image classifier found (shapes, shortcut) it runs ``jacaudit saliency`` on the model's
-examples/ folder (object masks via --mask-suffix _mask) with all methods and the sanity check, writing
-reports/saliency-<model>/report.{html,json,md} and maps/. Deterministic (--seed 0).
+Runs each command on the samples it suits, writing reports/<command>-<model>/report.{html,json,md}:
+saliency on the image classifiers' examples/ (object masks via --mask-suffix _mask; all methods and the
+sanity check on shapes), verify on the tabular MLP, the flow and the sequence model (through its embedding
+output), jacobian on the robot arm (float64) and the flow, inspect on the sequence model. Deterministic (--seed 0).
 """
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RUNS = {
-    # model folder: (model file, extra arguments)
-    "shapes": ("shapes_cnn.onnx", ["--method", "all", "--sanity", "--steps", "32", "--samples", "16"]),
-    "shortcut": ("shortcut_cnn.onnx", ["--method", "grad,ig", "--steps", "32"]),
-}
+# (report folder, command, model path relative to the samples folder, arguments)
+RUNS = [
+    ("saliency-shapes", "saliency", "shapes/shapes_cnn.onnx",
+     ["shapes/examples", "--method", "all", "--sanity", "--steps", "32", "--samples", "16"]),
+    ("saliency-shortcut", "saliency", "shortcut/shortcut_cnn.onnx",
+     ["shortcut/examples", "--method", "grad,ig", "--steps", "32"]),
+    ("verify-tabular", "verify", "tabular/tabular_mlp.onnx", []),
+    ("verify-flow", "verify", "flow/flow.onnx", []),
+    ("verify-sequence", "verify", "sequence/sequence.onnx", ["--wrt", "embeddings"]),
+    ("jacobian-arm", "jacobian", "arm/arm.pt", ["--shape", "1,3", "--dtype", "float64"]),
+    ("jacobian-flow", "jacobian", "flow/flow.onnx", ["--output-name", "z", "--linearity"]),
+    ("inspect-sequence", "inspect", "sequence/sequence.onnx", []),
+]
 
 
 def main() -> int:
@@ -28,23 +37,24 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "reports"))
     a = ap.parse_args()
     done = 0
-    for name, (fname, extra) in RUNS.items():
-        d = os.path.join(a.samples, name)
-        model = os.path.join(d, fname)
-        if not os.path.exists(model):
-            cands = [f for f in sorted(os.listdir(d)) if f.endswith(".onnx")] if os.path.isdir(d) else []
-            if not cands:
-                print(f"skip {name}: no model in {d} (run python -m jacaudit.samples)", file=sys.stderr)
-                continue
-            model = os.path.join(d, cands[0])
-        out = os.path.join(a.out, f"saliency-{name}")
-        cmd = [sys.executable, "-m", "jacaudit", "saliency", os.path.relpath(model, ROOT),
-               os.path.relpath(os.path.join(d, "examples"), ROOT), "--mask-suffix", "_mask", "--seed", "0",
-               "--out", os.path.relpath(out, ROOT), "--format", "html,json,md", *extra]
+    for folder, command, model, args in RUNS:
+        model_path = os.path.join(a.samples, model)
+        if not os.path.exists(model_path):
+            print(f"skip {folder}: {model_path} missing (run python -m jacaudit.samples)", file=sys.stderr)
+            continue
+        rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731  (paths in the reports stay repo-relative)
+        args = [rel(os.path.join(a.samples, x)) if x.endswith("examples") else x for x in args]
+        out = os.path.join(a.out, folder)
+        cmd = [sys.executable, "-m", "jacaudit", command, rel(model_path), *args,
+               "--out", rel(out), "--format", "html,json,md"]
+        if command != "inspect":
+            cmd += ["--seed", "0"]
+        if command == "saliency":
+            cmd += ["--mask-suffix", "_mask"]
         print("$", " ".join(cmd[1:]), file=sys.stderr)
-        p = subprocess.run(cmd, cwd=ROOT)
+        p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
         if p.returncode not in (0, 1):
-            print(f"{name}: exit {p.returncode}", file=sys.stderr)
+            print(f"{folder}: exit {p.returncode}", file=sys.stderr)
             return p.returncode
         done += 1
     print(f"{done} report(s) written under {a.out}", file=sys.stderr)
