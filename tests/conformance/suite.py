@@ -174,6 +174,34 @@ def compare(got, exp, rtol: float, atol: float) -> str:
     return f"unsupported expected dtype {exp.dtype}"
 
 
+def run_case_onnxruntime(case: Case) -> Result:
+    """The same case through onnxruntime (the baseline the issue compares with), same comparison."""
+    import onnxruntime as ort
+
+    ops = sorted({n.op_type for n in case.model.graph.node})
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(case.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        return Result(case, "unsupported", f"onnxruntime cannot load: {str(e).splitlines()[0][:150]}", ops)
+    names = [i.name for i in sess.get_inputs()]
+    for ins, outs in case.data_sets:
+        try:
+            feeds = {n: _to_numpy_expected(a) for n, a in zip(names, ins)}
+            got = sess.run(None, feeds)
+        except Exception as e:
+            return Result(case, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:150]}", ops)
+        for i, (g, x) in enumerate(zip(got, outs)):
+            x = _to_numpy_expected(x)
+            if isinstance(x, (list, dict)) or isinstance(g, (list, dict)):
+                return Result(case, "unsupported", "sequence/map output", ops)
+            d = compare(np.asarray(g), x, case.rtol, case.atol)
+            if d:
+                return Result(case, "fail", f"output {i}: {d}", ops)
+    return Result(case, "pass", "", ops)
+
+
 def run_case(case: Case) -> Result:
     from jacaudit.errors import UnsupportedError
     from jacaudit.models.onnx.model import OnnxModel
@@ -227,6 +255,12 @@ def grad_check(case: Case):
     return check_case(case.model, feeds, expected=[_to_numpy_expected(o) for o in outs])
 
 
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", choices=SUITES)
@@ -234,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="list every result")
     ap.add_argument("--failures", action="store_true", help="list failing/erroring tests")
     ap.add_argument("--grad", action="store_true", help="also check derivatives vs onnxruntime finite differences")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also run every case through onnxruntime itself and print its counts (same comparison)")
     args = ap.parse_args(argv)
     suites = args.suite or list(SUITES)
     totals = {}
@@ -242,11 +278,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     for s in suites:
         counts = collections.Counter()
+        base_counts = collections.Counter()
         gcounts = collections.Counter()
         skip_reasons = collections.Counter()
         for case in iter_cases(s, args.filter):
             r = run_case(case)
             counts[r.status] += 1
+            if args.baseline:
+                base_counts[run_case_onnxruntime(case).status] += 1
             if args.grad and r.status == "pass":
                 g = grad_check(case)
                 gcounts[g.status] += 1
@@ -266,6 +305,10 @@ def main(argv=None) -> int:
         total = sum(counts.values())
         print(f"[{s}] {counts['pass']}/{total} pass, {counts['fail']} wrong, {counts['error']} error, "
               f"{counts['unsupported']} unsupported", flush=True)
+        if args.baseline:
+            print(f"[{s}] onnxruntime {ort_version()} on the same cases: {base_counts['pass']}/{total} pass, "
+                  f"{base_counts['fail']} wrong, {base_counts['error']} error, "
+                  f"{base_counts['unsupported']} cannot load", flush=True)
         if args.grad:
             print(f"[{s}] gradients: {gcounts['pass']} agree with onnxruntime finite differences, "
                   f"{gcounts['fail']} disagree, {gcounts['skip']} skipped"
