@@ -22,18 +22,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-# (module, in order of the help listing)
-COMMANDS = ("inspect_cmd", "saliency_cmd", "jacobian_cmd", "verify_cmd", "render_cmd", "schema_cmd",
-            "robustness_cmd", "transfer_cmd", "geometry_cmd", "gradflow_cmd")
+# Command modules, in the order of the help listing.
+COMMANDS = ("inspect_cmd", "saliency_cmd", "jacobian_cmd", "verify_cmd", "render_cmd", "schema_cmd")
 
 for _mod in COMMANDS:
-    try:
-        m = import_module(f"{__package__}.{_mod}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.{_mod}":
-            raise
-        continue
-    m.register(app)
+    import_module(f"{__package__}.{_mod}").register(app)
 
 
 def _version(value: bool) -> None:
