@@ -407,7 +407,7 @@ def json_schema_for(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     if dataclasses.is_dataclass(tp):
         name = tp.__name__
         if name not in defs:
-            defs[name] = {}  # placeholder against recursion
+            defs[name] = {}  # reserved while its fields are walked (guards recursive types)
             hints = _hints(tp)
             props, required = {}, []
             for f in dataclasses.fields(tp):
