@@ -100,3 +100,25 @@ def test_shortcut_marker_lights_up():
     share = MARKER * MARKER / 64 / 64
     print(f"shortcut: median saliency mass on the marker {np.median(fr):.3f} (area {share:.4f})")
     assert np.median(fr) > 4 * share  # several times the marker's share of the pixels
+
+
+def test_sanity_randomisation_reaches_an_optimized_softmax_model(tmp_path):
+    """The shortcut model ends in a Softmax (saliency runs on the logits, an internal tensor) and is loaded
+    with load-time folding: randomising its layers must still change the maps (Adebayo et al.'s check)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from jacaudit.cli.main import app
+
+    model = os.path.join(ROOT, "sample_models", "shortcut", "shortcut_cnn.onnx")
+    img = os.path.join(ROOT, "sample_models", "shortcut", "examples", "02_circle_marker.png")
+    if not os.path.exists(model):
+        pytest.skip("sample models not built")
+    out = tmp_path / "r"
+    r = CliRunner().invoke(app, ["saliency", model, img, "--method", "grad", "--sanity", "--out", str(out),
+                                 "--format", "json"])
+    assert r.exit_code == 0, r.output
+    (check,) = json.loads((out / "report.json").read_text())["result"]["sanity"]
+    assert check["steps"][0]["spearman"] < 0.9  # the last layer alone already changes the map
+    assert abs(check["final_spearman"]) < 0.5 and not check["flagged"]

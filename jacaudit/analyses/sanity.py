@@ -80,8 +80,15 @@ def randomised(model: Any, layers: list[tuple[str, dict[str, torch.Tensor]]], se
 def sanity_check(model: Any, scorer: Any, kept: list, options: Any, preprocess: Any, layout: str) -> list:
     """Recompute every method's maps under cascading randomisation; one :class:`SanityCheck` per method."""
     from ..results.saliency import SanityCheck, SanityStep
-    from .saliency import attribute
+    from .saliency import attribute, make_scorer
 
+    if getattr(model, "format", None) == "onnx" and getattr(model, "_optimize", False):
+        # Randomise the graph as written: an optimized model runs folded copies of its weights (and, for an
+        # internal output such as the logits, another compiled graph), which its initializers do not reach.
+        from ..models.onnx.model import OnnxModel
+
+        model = OnnxModel(model.proto, path=model.path, device=model.device, dtype=model.dtype, optimize=False)
+        scorer = make_scorer(model, options.input_name, options.output, options.use_logits)
     layers = parameter_layers(model)
     if options.sanity_layers:
         layers = layers[: options.sanity_layers]

@@ -111,12 +111,16 @@ class OnnxModel(Model):
             "parameters": int(sum(t.numel() for t in self.graph.initializers.values() if t.is_floating_point())),
             "sha256": sha256,
         }
+        self._kept_graphs: dict[frozenset[str], object] = {}  # optimized graphs keeping internal outputs
         if optimize:
             # Load-time graph work (constant folding, BatchNormalization folded into Conv): the function and
-            # its input derivatives are unchanged. Internal tensors stay reachable through the plain graph.
-            from .optimize import optimize as _optimize
-            steps = ("fold_constants", "fold_batchnorm") + (("channels_last",) if device.type == "cuda" else ())
-            self.metadata["optimizations"] = _optimize(self.graph, keep=[s.name for s in outputs], steps=steps)
+            # its input derivatives are unchanged. Internal tensors stay reachable (see run()).
+            self.metadata["optimizations"] = self._optimized(self.graph, [s.name for s in outputs])
+
+    def _optimized(self, graph, keep):
+        from .optimize import optimize as _optimize
+        steps = ("fold_constants", "fold_batchnorm") + (("channels_last",) if self.device.type == "cuda" else ())
+        return _optimize(graph, keep=keep, steps=steps)
 
     @property
     def opset(self) -> int:
@@ -130,8 +134,21 @@ class OnnxModel(Model):
             raise InputError(f"missing input(s): {', '.join(missing)}")
         out_names = [s.name for s in self.outputs]
         graph = self.graph
-        if overrides or (outputs is not None and any(o not in out_names for o in outputs)):
-            graph = self.plain_graph
+        internal = [o for o in outputs or () if o not in out_names]
+        if overrides:
+            graph = self.plain_graph  # a replaced tensor must reach every consumer exactly as written
+        elif internal and self._optimize:
+            # e.g. the logits before a final Softmax: an optimized graph that keeps those tensors
+            key = frozenset(internal)
+            graph = self._kept_graphs.get(key)
+            if graph is None:
+                if len(self._kept_graphs) >= 8:
+                    self._kept_graphs.clear()
+                from .interpreter import compile_model
+                graph = compile_model(self.proto, self.device, self.dtype)
+                graph.input_names = list(self.graph.input_names)
+                self._optimized(graph, out_names + internal)
+                self._kept_graphs[key] = graph
         return graph.run(feeds, outputs=outputs or out_names, overrides=overrides)
 
     @property
