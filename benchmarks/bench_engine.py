@@ -1,10 +1,12 @@
 """Engine benchmarks, side by side in one process, ratios printed (not timed tests).
 
     python benchmarks/bench_engine.py [--device cpu|cuda] [--reps 3] [--quick] [--only saliency,perSample,...]
+                                      [--compile]
 
 1. saliency: input gradient and interpreter forward vs onnxruntime's forward on a ResNet-class and a
    MobileNet-class ONNX graph (exported here from torch modules), for the interpreter as loaded and after each
    optimize step (constant folding, BN folding, channels_last); ResNet-50-class forward vs native torch eager.
+   --compile adds torch.compile rows (one-time compile cost, calls to amortise it, agreement with eager).
 2. per-sample: full per-sample Jacobians for a batch of 32 (MLP 784-512-512-10, a small CNN) vs a hand-written
    vmap(jacrev) and a per-sample loop of torch.autograd.functional.jacobian.
 3. spectral: top-k singular values/vectors by the estimator vs jacrev + SVD (time and error).
@@ -196,6 +198,20 @@ def bench_saliency(args, name, module, size):
         return done, fwd, grad
 
     variants = [variant(steps, spec, fast) for _, steps, spec, fast in steps_list]
+    compile_cost = {}
+    if getattr(args, "compile", False):
+        # Opt-in (--compile): torch.compile (inductor, dynamic=False) over the default-load interpreter.
+        # "dynamo": torch.compile of the interpreter's forward function itself (dynamo traces model.run; it
+        # breaks the graph at the conv fast path's functorch check and at Python shape arithmetic).
+        # "make_fx": the interpreter traced once to an aten graph (real tensors, shapes fixed), that graph
+        # compiled. One-time cost = wall time of the first forward (no_grad) and first gradient call.
+        # "make_fx, simdlen 0": the same with inductor's scalar C++ (cpp.simdlen=0): its vectorized stores of
+        # the bool masks saved for Clip's backward are ~15x slower than scalar code here (torch 2.13, avx512).
+        for label, how in (("+torch.compile (dynamo on run)", "dynamo"),
+                           ("+torch.compile (make_fx graph)", "make_fx"),
+                           ("+torch.compile (make_fx, simdlen 0)", "make_fx_scalar")):
+            steps_list.append((label, (fc, bn), True, all_fast))
+            variants.append(compiled_variant(proto, dev, xd, how, compile_cost, label, nn_ops, all_fast))
     # Round-robin: every rep times ORT and each variant once, so a burst of load on the shared machine
     # hits them alike; each figure is the minimum over the reps (after one warm-up round).
     t_ort = float("inf")
@@ -216,8 +232,10 @@ def bench_saliency(args, name, module, size):
     print(f"  onnxruntime forward                  {t_ort * 1e3:8.1f} ms   (1.00x)")
     rows = []
     y_ref = None
+    outs = []
     for (label, *_), (done, fwd, grad), (t_f, t_g) in zip(steps_list, variants, best):
         y, g = fwd().cpu(), grad().cpu()
+        outs.append((y, g))
         if y_ref is None:
             y_ref, g_ref = y, g
         drift = float((y - y_ref).abs().max() / y_ref.abs().max())
@@ -226,8 +244,65 @@ def bench_saliency(args, name, module, size):
         print(f"  input gradient  [{label:36s}] {t_g * 1e3:8.1f} ms   ({t_g / t_ort:.2f}x ort; target <= 3.0x)"
               f"  output drift {drift:.1e}, gradient drift {gdrift:.1e}")
         rows.append((label, t_f, t_g))
+    if compile_cost:  # compiled rows vs the eager default-load row (index 4)
+        (y_d, g_d), (_, t_fd, t_gd) = outs[4], rows[4]
+        for k, (label, t_f, t_g) in enumerate(rows):
+            if label not in compile_cost:
+                continue
+            c_f, c_g = compile_cost[label]
+            y, g = outs[k]
+            rel_y = float((y - y_d).abs().max() / y_d.abs().max())
+            rel_g = float((g - g_d).abs().max() / g_d.abs().max())
+
+            def amort(c, te, tc):
+                return f"{c / (te - tc):.0f} calls" if tc < te else "never (not faster)"
+            print(f"  {label}: first call (compile) forward {c_f:.1f} s, gradient {c_g:.1f} s; amortised vs "
+                  f"eager default after forward {amort(c_f, t_fd, t_f)}, gradient {amort(c_g, t_gd, t_g)}; "
+                  f"max rel diff vs eager default: output {rel_y:.1e}, gradient {rel_g:.1e}")
     nn_ops.FAST_CONV = set(all_fast)
     return t_ort, rows, module, x
+
+
+def compiled_variant(proto, dev, xd, how, cost, label, nn_ops, fast):
+    """A timed variant: the default-load interpreter under torch.compile (see bench_saliency)."""
+    from jacaudit.models.onnx.model import OnnxModel
+
+    model = OnnxModel(proto, device=dev)  # default load-time optimization
+    nn_ops.FAST_CONV = set(fast)
+    if how == "dynamo":
+        fn = torch.compile(lambda t: model.run({"x": t})[0], dynamic=False)
+    else:
+        from torch.fx.experimental.proxy_tensor import make_fx
+        with torch.no_grad():
+            gm = make_fx(lambda t: model.run({"x": t})[0])(xd)
+        fn = torch.compile(gm, dynamic=False)
+
+    def fwd():
+        nn_ops.FAST_CONV = set(fast)
+        with torch.no_grad():
+            return fn(xd)
+
+    def grad():
+        nn_ops.FAST_CONV = set(fast)
+        xr = xd.clone().requires_grad_(True)
+        y = fn(xr)
+        c = int(y.detach().argmax())
+        (g,) = torch.autograd.grad(y[0, c], xr)
+        return g
+
+    import contextlib
+
+    import torch._inductor.config as ic
+    patch = ic.patch({"cpp.simdlen": 0}) if how == "make_fx_scalar" else contextlib.nullcontext()
+    with patch:  # inductor compiles at the first call (forward graph) and the first backward
+        t0 = time.perf_counter()
+        fwd()
+        c_f = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grad()
+        c_g = time.perf_counter() - t0
+    cost[label] = (c_f, c_g)
+    return f"{how} + inductor", fwd, grad
 
 
 def bench_eager(args, module, x, t_ort, interp_best):
@@ -321,6 +396,8 @@ def main(argv=None):
                     help="comma list of saliency (ResNet-18 + MobileNet), mobilenet (MobileNet only), resnet50, "
                          "persample, spectral")
     ap.add_argument("--quick", action="store_true", help="smaller images (for a smoke run)")
+    ap.add_argument("--compile", action="store_true",
+                    help="saliency: add torch.compile rows (dynamo on the interpreter; make_fx graph + inductor)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
