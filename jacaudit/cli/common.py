@@ -25,6 +25,7 @@ class State:
     quiet: bool = False
     threads: int | None = None
     config_path: str | None = None
+    model_args: tuple = ()
 
 
 state = State()
@@ -42,6 +43,26 @@ def warn(msg: str) -> None:
 def fail(msg: str, code: int) -> "typer.Exit":
     err.print(f"error: {msg}", style="bold red", markup=False)
     return typer.Exit(code)
+
+
+def parse_model_arg(text: str):
+    """A --model-arg value: int, float, true/false, or else the string itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_model(path: str, device: str | None = "cpu", dtype: str | None = None):
+    """``jacaudit.load`` with the global --model-arg values (extra arguments of a TorchScript forward)."""
+    from ..models import load
+
+    return load(path, device=device, dtype=dtype, extra_args=state.model_args)
 
 
 def setup_runtime(threads: int | None = None) -> None:

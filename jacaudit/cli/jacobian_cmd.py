@@ -82,9 +82,9 @@ def load_model_and_input(model_path: str, *, input: str | None, input_name: str 
 
     from .. import data as D
     from ..errors import InputError
-    from ..models import load
+    from .common import load_model
 
-    model = load(model_path, device=device, dtype=dtype)
+    model = load_model(model_path, device=device, dtype=dtype)
     spec = model.input_spec(input_name)
     full_shape = _parse_shape(shape)
     fill = None
@@ -141,6 +141,10 @@ def load_model_and_input(model_path: str, *, input: str | None, input_name: str 
             arr = D.synthetic_sample(other, seed=seed + 1).array
             feeds[other.name] = torch.from_numpy(np.ascontiguousarray(arr)[None])
             info(f"input {other.name!r}: seeded random values (synthetic)")
+    if model.format == "torchscript":
+        msg = model.check_stateless(feeds)  # state kept between calls makes derivatives describe one call
+        if msg:
+            warn(msg)
     return Loaded(model, feeds, spec.name, synthetic, source)
 
 

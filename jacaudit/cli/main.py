@@ -46,6 +46,10 @@ def _main(
                                           help="Print the version and exit.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", help="Config file (default: the nearest "
                       "jacaudit.toml, or pyproject.toml with [tool.jacaudit]).")] = None,
+    model_arg: Annotated[Optional[list[str]], typer.Option(
+        "--model-arg", help="Extra argument passed after the tensor inputs to a TorchScript forward that takes "
+                            "non-tensor arguments (e.g. a sample rate); repeat for several; int, float, "
+                            "true/false or text.")] = None,
 ) -> None:
     from .. import config as cfg
     from .common import handle_errors
@@ -60,6 +64,9 @@ def _main(
         state.config_path = str(path) if path is not None else None
     state.quiet = quiet
     state.threads = threads
+    from .common import parse_model_arg
+
+    state.model_args = tuple(parse_model_arg(a) for a in model_arg or ())
 
 
 def main() -> None:

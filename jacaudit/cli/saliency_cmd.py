@@ -101,14 +101,14 @@ def register(app: typer.Typer) -> None:
 
             from .. import data as D
             from ..analyses.saliency import SaliencyOptions, parse_methods, read_labels, saliency
-            from ..models import load
+            from .common import load_model
 
             methods_list = parse_methods(method)
             if score not in ("logit", "output"):
                 raise InputError("--score must be logit or output")
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
-            model = load(str(model_path), device=device, dtype=dtype)
+            model = load_model(str(model_path), device=device, dtype=dtype)
             timings["load"] = round(time.perf_counter() - t0, 4)
             spec = model.input_spec(input_name)
             pp = D.Preprocess.infer(spec.shape, preset=preset, size=size, mean=mean, std=std, scale=scale,

@@ -59,6 +59,9 @@ def load(path: str, device: str | torch.device | None = "cpu", dtype: str | torc
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     if fmt == "onnx":
+        if extra_args:
+            raise InputError("extra forward arguments (--model-arg) apply to TorchScript models only; an ONNX "
+                             "graph takes tensors by input name")
         from .onnx.model import load_onnx
         return load_onnx(path, device=dev, dtype=dt)
     from .torchscript import load_torchscript

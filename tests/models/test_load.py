@@ -228,3 +228,41 @@ def test_help_does_not_import_torch():
     code = "import sys; from jacaudit.cli.main import app; assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_model_args_and_state_warning(tmp_path):
+    """--model-arg reaches a TorchScript forward's non-tensor argument; a stateful model is called out."""
+    import json
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x: torch.Tensor, rate: int) -> torch.Tensor:
+            return x * float(rate)
+
+    class Stateful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.count += 1
+            return x * self.count
+
+    p1, p2 = tmp_path / "scaled.pt", tmp_path / "stateful.pt"
+    torch.jit.script(Scaled()).save(str(p1))
+    torch.jit.script(Stateful()).save(str(p2))
+    base = [sys.executable, "-m", "jacaudit"]
+    r = subprocess.run(base + ["--model-arg", "3", "jacobian", str(p1), "--shape", "1,2", "--json", "--format", ""],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert abs(summary["frobenius_norm"] - 3 * np.sqrt(2)) < 1e-5  # J = 3·I (2x2)
+    r = subprocess.run(base + ["jacobian", str(p2), "--shape", "1,2", "--format", ""], capture_output=True,
+                       text=True, timeout=120)
+    assert "disagree" in r.stderr
+    onnx_path = _save(_mlp_model()[0], tmp_path / "m.onnx")
+    r = subprocess.run(base + ["--model-arg", "3", "inspect", onnx_path, "--format", ""], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0  # inspect ignores it; loading for computation refuses it:
+    r = subprocess.run(base + ["--model-arg", "3", "jacobian", onnx_path, "--format", ""], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "TorchScript models only" in r.stderr
