@@ -144,10 +144,7 @@ class OnnxModel(Model):
             if graph is None:
                 if len(self._kept_graphs) >= 8:
                     self._kept_graphs.clear()
-                from .interpreter import compile_model
-                graph = compile_model(self.proto, self.device, self.dtype)
-                graph.input_names = list(self.graph.input_names)
-                self._optimized(graph, out_names + internal)
+                graph = self._compile_again(keep=out_names + internal)
                 self._kept_graphs[key] = graph
         return graph.run(feeds, outputs=outputs or out_names, overrides=overrides)
 
@@ -157,11 +154,18 @@ class OnnxModel(Model):
         if not self._optimize:
             return self.graph
         if self._plain_graph is None:
-            from .interpreter import compile_model
-            g = compile_model(self.proto, self.device, self.dtype)
-            g.input_names = list(self.graph.input_names)
-            self._plain_graph = g
+            self._plain_graph = self._compile_again(keep=None)
         return self._plain_graph
+
+    def _compile_again(self, keep: list[str] | None):
+        """Another compiled copy of the graph: as written (``keep=None``) or optimized keeping ``keep``."""
+        from .interpreter import compile_model
+
+        g = compile_model(self.proto, self.device, self.dtype)
+        g.input_names = list(self.graph.input_names)
+        if keep is not None:
+            self._optimized(g, keep)
+        return g
 
     def tensor_names(self) -> list[str]:
         """Every tensor name the graph produces (candidates for ``wrt=`` / ``output=``)."""
