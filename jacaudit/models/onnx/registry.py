@@ -57,10 +57,6 @@ def lookup(op_type: str, domain: str, opset: int) -> OpFn | None:
     return chosen if chosen is not None else versions[0][1]
 
 
-def registered_ops() -> list[tuple[str, str]]:
-    return sorted(_REGISTRY)
-
-
 # Why an op is refused even though the ONNX standard defines it (reported, never silently wrong).
 OUT_OF_SCOPE: dict[str, str] = {}
 for _n in ("StringNormalizer", "StringConcat", "StringSplit", "RegexFullMatch", "TfIdfVectorizer",
