@@ -53,7 +53,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Union
 
-SCHEMA_VERSION = "1.0"
+from .checks import BaselineComparison, Check, MetricValue
+
+SCHEMA_VERSION = "1.1"
+#: versions this package still reads and renders (1.0: no checks/metrics/baseline)
+READABLE_VERSIONS = ("1.0", "1.1")
 TOOL = "jacaudit"
 
 __all__ = ["SCHEMA_VERSION", "Report", "ModelIdentity", "TensorInfo", "Environment", "Image", "result_type",
@@ -147,8 +151,9 @@ class Report:
     version: str
     command_line: list[str]
     created: str = field(metadata={"doc": "UTC time, ISO 8601"})
-    status: Literal["pass", "fail", "partial", "error"] = field(
-        metadata={"doc": "pass; fail: a gate failed; partial: some inputs were skipped; error"})
+    status: Literal["pass", "warn", "fail", "partial", "error"] = field(
+        metadata={"doc": "from the checks: fail when a check fails or errs, warn when one warns, else pass; "
+                         "partial: some inputs were skipped; error"})
     exit_code: int
     model: ModelIdentity | None
     environment: Environment
@@ -156,6 +161,11 @@ class Report:
     timings: dict[str, float] = field(metadata={"doc": "seconds per phase"})
     warnings: list[str]
     result: Any
+    checks: list[Check] = field(default_factory=list, metadata={"doc": "the verdicts (schema 1.1)"})
+    metrics: list[MetricValue] = field(default_factory=list, metadata={
+        "doc": "every number the analysis measured, by id; --fail-on/--warn-on turn one into a check"})
+    baseline: BaselineComparison | None = field(default=None, metadata={
+        "doc": "comparison with --baseline-report, by check id"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +231,8 @@ def command_line() -> list[str]:
 def make_report(kind: str, result: Any, *, model: Any = None, settings: dict[str, Any] | None = None,
                 timings: dict[str, float] | None = None, warnings: list[str] | None = None,
                 exit_code: int = 0, status: str | None = None, device: str | None = None,
-                argv: list[str] | None = None) -> Report:
+                argv: list[str] | None = None, checks: list[Check] | None = None,
+                metrics: list[MetricValue] | None = None, baseline: BaselineComparison | None = None) -> Report:
     """Wrap an analysis result in the envelope. ``model`` is a loaded Model or a ModelIdentity."""
     from .. import __version__
 
@@ -235,7 +246,7 @@ def make_report(kind: str, result: Any, *, model: Any = None, settings: dict[str
                   created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
                   status=status, exit_code=int(exit_code), model=ident, environment=environment(device),
                   settings=dict(settings or {}), timings=dict(timings or {}), warnings=list(warnings or []),
-                  result=result)
+                  result=result, checks=list(checks or []), metrics=list(metrics or []), baseline=baseline)
 
 
 @contextmanager
@@ -444,7 +455,7 @@ def schema(kind: str | None = None) -> dict[str, Any]:
     json_schema_for(Report, defs)
     env = dict(defs.pop("Report"))
     props = dict(env["properties"])
-    props["schema_version"] = {"const": SCHEMA_VERSION}
+    props["schema_version"] = {"enum": list(READABLE_VERSIONS)}
     chosen = {kind: kinds[kind]} if kind else kinds
     if kind:
         props["kind"] = {"const": kind, "description": props["kind"].get("description", "")}
