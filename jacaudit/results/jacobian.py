@@ -91,3 +91,7 @@ class JacobianResult:
         default=None, metadata={"doc": "set when the differentiated output comes out of a Softmax"})
     linearity: JacobianLinearity | None = None
     saved: str | None = field(default=None, metadata={"doc": "the .npy file J was saved to (--save)"})
+    matrix: list[list[float]] | None = field(default=None, metadata={
+        "doc": "J as an (outputs x inputs) matrix when small (at most 64 x 64 entries), else None"})
+    singular_values: list[float] | None = field(default=None, metadata={
+        "doc": "all singular values of J, largest first, when J is small enough for an SVD (else None)"})

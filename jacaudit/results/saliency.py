@@ -42,6 +42,9 @@ class MethodMap:
     f_baseline: float | None = None
     mask_fraction: float | None = field(
         default=None, metadata={"doc": "share of the saliency mass inside the given object mask"})
+    heat_max: float | None = field(default=None, metadata={
+        "doc": "the map value at the top of the heatmap's colour scale (the bottom is 0)"})
+    mask_outlined: bool = field(default=False, metadata={"doc": "the overlay outlines the object mask"})
 
 
 @dataclass(frozen=True)
