@@ -20,7 +20,7 @@ _LAZY = {
     "spectral_norm": ("jacaudit.engine.estimators", "spectral_norm"),
     "top_singular": ("jacaudit.engine.estimators", "top_singular"),
     "verify": ("jacaudit.engine.verify", "verify"),
-    "VerifyResult": ("jacaudit.engine.verify", "VerifyResult"),
+    "VerifyResult": ("jacaudit.results.verify", "VerifyResult"),
     "linearity": ("jacaudit.engine.linearity", "linearity"),
     # analyses, data, reports
     "saliency": ("jacaudit.analyses.saliency", "saliency"),

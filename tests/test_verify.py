@@ -50,6 +50,7 @@ def test_verify_fails_on_a_broken_op(tmp_path, monkeypatch, kind):
     else:
         def broken(ctx, x):
             return torch.tanh(x) * 1.01
+    registry.lookup("Tanh", "", 13)  # load the op families first, or their import re-registers the real Tanh
     monkeypatch.setitem(registry._REGISTRY, ("", "Tanh"), [(1, broken)])
     p = tmp_path / "ct.onnx"
     _conv_tanh_onnx(p)
@@ -75,7 +76,7 @@ def test_cli_verify_passes(tmp_path):
 def test_relu_kink_is_reported_not_failed():
     x = torch.tensor([[0.0, 1.0, -1.0, 0.0, 2.0]], dtype=torch.float64)  # two units sit on the kink
     r = verify(lambda z: torch.relu(z) * 3, x, directions=3)
-    assert r.verdict == "pass"
+    assert r.verdict == "inconclusive"  # no direction gave evidence: never a pass
     assert all(d.status == "non-differentiable" for d in r.directions)
     assert "kink" in r.directions[0].note
 
@@ -83,5 +84,5 @@ def test_relu_kink_is_reported_not_failed():
 def test_quantised_graph_is_reported_not_failed():
     x = torch.linspace(-1, 1, 50, dtype=torch.float64)[None] + 1e-3
     r = verify(lambda z: torch.round(z * 2000) / 2000, x, directions=2)
-    assert r.verdict == "pass"
+    assert r.verdict == "inconclusive"
     assert all(d.status == "non-differentiable" for d in r.directions)

@@ -67,4 +67,4 @@ def test_verify_light_graph(name):
     model = OnnxModel(proto)
     r = verify(model, None, directions=1, dtype="float32", logits=model.softmax_input() is not None)
     assert r.forward.passed, r.forward
-    assert r.verdict == "pass", r.to_dict()
+    assert r.verdict == "pass", r

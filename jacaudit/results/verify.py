@@ -26,7 +26,8 @@ class VerifyDirection:
 
     index: int
     reference: str = field(metadata={"doc": "onnxruntime or model-float64 (the model itself in float64)"})
-    status: str = field(metadata={"doc": "pass, fail or non-differentiable (kinks: reported, not failed)"})
+    status: str = field(metadata={"doc": "pass, fail, non-differentiable (kinks: reported, not failed) or "
+                                         "inconclusive"})
     non_differentiable: bool
     rel_error: float = field(metadata={"doc": "||Jv - FD|| / max(||Jv||, ||FD||)"})
     tol: float = field(metadata={"doc": "relative tolerance used (rtol + the differences' own error)"})
@@ -67,7 +68,8 @@ class VerifyResult:
     """Are the engine's derivatives (and the interpreter's forward) right, against references that share no code
     with it?"""
 
-    verdict: Literal["pass", "fail"]
+    verdict: Literal["pass", "fail", "inconclusive"] = field(metadata={
+        "doc": "inconclusive: no direction gave evidence (kinks, zero derivatives, loose tolerances)"})
     input_name: str
     wrt: str = field(metadata={"doc": "the tensor differentiated with respect to"})
     output: str
@@ -81,7 +83,12 @@ class VerifyResult:
     tolerances: VerifyTolerances
     non_differentiable: int = field(metadata={"doc": "directions that cross non-differentiable points"})
     fd_steps: int = field(metadata={"doc": "step sizes per finite difference (halving)"})
-    input_source: str = field(metadata={"doc": "the input file, or 'synthetic'"})
-    synthetic_input: bool
     logits: bool
+    input_source: str = field(default="tensor", metadata={"doc": "the input file, 'synthetic', or 'tensor' (API)"})
+    synthetic_input: bool = False
     softmax_warning: str | None = None
+    warnings: list[str] = field(default_factory=list, metadata={"doc": "what the check itself noticed"})
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
