@@ -10,8 +10,13 @@ import io
 import numpy as np
 
 # A perceptually ordered colormap (approximation of "inferno"): black -> purple -> orange -> yellow.
-_ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
-                     [250, 193, 39], [252, 255, 164]], dtype=np.float64)
+#: the colormap's RGB anchors, evenly spaced from 0 to 1 (plain tuples; the HTML colour bars in
+#: :mod:`jacaudit.report.svg` draw the same scale and a test keeps the two equal)
+ANCHORS: tuple[tuple[int, int, int], ...] = ((0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99),
+                                             (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164))
+_ANCHORS = np.array(ANCHORS, dtype=np.float64)
+#: the colour of an object mask's outline on overlays (cyan: far from every colour of the map)
+OUTLINE_RGB = (0, 255, 255)
 
 
 def reduce_channels(attr: np.ndarray, layout: str = "NCHW", how: str = "max-abs") -> np.ndarray:
@@ -109,8 +114,23 @@ def heatmap_rgb(m: np.ndarray) -> np.ndarray:
     return colormap(normalise(m))
 
 
-def overlay_rgb(pixels: np.ndarray, m: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """The heatmap over a dimmed grey copy of the image, more opaque where saliency is high."""
+def mask_boundary(mask: np.ndarray) -> np.ndarray:
+    """The 1-pixel inner boundary of a boolean (H, W) mask: mask pixels with a 4-neighbour outside it (the image
+    edge counts as outside)."""
+    k = np.asarray(mask).astype(bool)
+    if k.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {k.shape}")
+    p = np.pad(k, 1, constant_values=False)
+    interior = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return k & ~interior
+
+
+def overlay_rgb(pixels: np.ndarray, m: np.ndarray, alpha: float = 0.6, mask: np.ndarray | None = None,
+                outline: tuple[int, int, int] = OUTLINE_RGB) -> np.ndarray:
+    """The heatmap over a dimmed grey copy of the image, more opaque where saliency is high.
+
+    With a boolean (H, W) ``mask`` (the object mask; resized nearest-neighbour to the image when its size
+    differs), its 1-pixel boundary is drawn in ``outline`` (cyan) on top."""
     from PIL import Image
 
     v = normalise(m)
@@ -121,7 +141,16 @@ def overlay_rgb(pixels: np.ndarray, m: np.ndarray, alpha: float = 0.6) -> np.nda
     grey = base.mean(axis=2, keepdims=True) * 0.5 + base * 0.5
     a = (alpha * np.sqrt(np.clip(v, 0, 1)))[..., None]
     out = grey * (1 - a) + colormap(v).astype(np.float64) * a
-    return np.round(np.clip(out, 0, 255)).astype(np.uint8)
+    out = np.round(np.clip(out, 0, 255)).astype(np.uint8)
+    if mask is not None:
+        k = np.asarray(mask).astype(bool)
+        if k.ndim != 2:
+            raise ValueError(f"mask must be (H, W), got shape {k.shape}")
+        if k.shape != out.shape[:2]:
+            k = np.asarray(Image.fromarray(k.astype(np.uint8) * 255, mode="L").resize(
+                (out.shape[1], out.shape[0]), Image.NEAREST)) > 127
+        out[mask_boundary(k)] = np.asarray(outline, dtype=np.uint8)
+    return out
 
 
 def png_bytes(rgb: np.ndarray, max_side: int | None = None) -> tuple[bytes, int, int]:

@@ -101,3 +101,209 @@ def svg_lines(series: dict[str, Sequence[float | None]], x_labels: Sequence[str]
                      f'<text x="{left + 14}" y="{ly}">{escape(str(name)[:40])}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Colour scales (plain tuples: no numpy here)
+# ---------------------------------------------------------------------------------------------------------
+#: the saliency heatmap's colormap anchors, evenly spaced 0..1; equal to :data:`jacaudit.analyses.maps.ANCHORS`
+#: (a test keeps them equal; this module must not import numpy)
+HEAT_ANCHORS: tuple[tuple[int, int, int], ...] = ((0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99),
+                                                  (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164))
+#: diverging scale for signed values: blue (negative) -> white (0) -> red (positive)
+DIVERGING_ANCHORS: tuple[tuple[int, int, int], ...] = ((33, 102, 172), (103, 169, 207), (209, 229, 240),
+                                                       (247, 247, 247), (253, 219, 199), (239, 138, 98),
+                                                       (178, 24, 43))
+
+
+def _lerp(anchors: Sequence[tuple[int, int, int]], t: float) -> str:
+    t = min(max(t, 0.0), 1.0) if _num(t) else 0.0
+    pos = t * (len(anchors) - 1)
+    i = min(int(pos), len(anchors) - 2)
+    f = pos - i
+    a, b = anchors[i], anchors[i + 1]
+    return "#%02x%02x%02x" % tuple(round(a[k] * (1 - f) + b[k] * f) for k in range(3))
+
+
+def compact(v: float | None) -> str:
+    """A number in few characters: 3 significant digits, exponent form only for very small / large values."""
+    if not _num(v):
+        return "n/a"
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a < 1e-3 or a >= 1e5:
+        m, e = f"{v:.2e}".split("e")
+        m = m.rstrip("0").rstrip(".")
+        return f"{m}e{int(e)}"
+    if a >= 999.5:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
+def svg_colorbar(vmax: float | None, *, vmin: float = 0.0, anchors: Sequence[tuple[int, int, int]] = HEAT_ANCHORS,
+                 width: int = 128, height: int = 10, title: str = "colour scale", steps: int = 48) -> Markup:
+    """A horizontal colour bar with ticks at ``vmin`` and ``vmax`` (``vmax`` None: ticks 'low' / 'high').
+
+    Drawn as thin rectangles (no gradient element: a CSP-proof page needs no ``url(#id)`` references)."""
+    pad = 2
+    h = height + 16
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" role="img" '
+             f'aria-label="{escape(title)}" font-family="sans-serif" font-size="10" class="cbar">',
+             f"<title>{escape(title)}</title>"]
+    inner = width - 2 * pad
+    cw = inner / steps
+    for i in range(steps):
+        parts.append(f'<rect x="{pad + i * cw:.2f}" y="0" width="{cw + 0.4:.2f}" height="{height}" '
+                     f'fill="{_lerp(anchors, (i + 0.5) / steps)}"/>')
+    parts.append(f'<rect x="{pad}" y="0" width="{inner}" height="{height}" fill="none" stroke="#9ca3af" '
+                 f'stroke-width="0.5"/>')
+    lo_t, hi_t = (compact(vmin), compact(vmax)) if _num(vmax) else ("low", "high")
+    parts.append(f'<text x="{pad}" y="{height + 12}" text-anchor="start">{escape(lo_t)}</text>')
+    if _num(vmax) and vmin < 0 < vmax:
+        parts.append(f'<text x="{pad + inner * (-vmin) / (vmax - vmin):.1f}" y="{height + 12}" '
+                     f'text-anchor="middle">0</text>')
+    parts.append(f'<text x="{width - pad}" y="{height + 12}" text-anchor="end">{escape(hi_t)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def _ticks(n: int, most: int = 6) -> list[int]:
+    """Index ticks 0 .. n-1 at a round step."""
+    if n <= 1:
+        return [0]
+    for step in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000):
+        if (n - 1) / step <= most - 1:
+            break
+    ticks = list(range(0, n, step))
+    if n - 1 - ticks[-1] >= step / 2:
+        ticks.append(n - 1)
+    return ticks
+
+
+def svg_matrix(matrix: Sequence[Sequence[float | None]], *, max_width: int = 520, max_height: int = 420,
+               row_label: str = "output index", col_label: str = "input index",
+               title: str = "J (signed)") -> Markup:
+    """A signed matrix as a heatmap (diverging: blue < 0 < red, symmetric around 0) with a vertical colour bar
+    labelled -max .. +max and axis labels. Non-finite entries are grey with a cross-hatch-free light fill."""
+    rows = [list(r) for r in matrix]
+    nr = len(rows)
+    nc = max((len(r) for r in rows), default=0)
+    if nr == 0 or nc == 0:
+        return Markup('<span class="muted">empty matrix</span>')
+    vals = [abs(v) for r in rows for v in r if _num(v)]
+    vmax = max(vals, default=0.0)
+    cell = max(2.0, min(28.0, max_width / nc, max_height / nr))
+    left, top = 52, 10
+    pw, ph = cell * nc, cell * nr
+    bar_x = left + pw + 18
+    width = int(bar_x + 14 + 60)
+    height = int(top + ph + 40)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{escape(title)}" font-family="sans-serif" font-size="10">',
+             f"<title>{escape(title)}: {nr} × {nc}, |max| {escape(compact(vmax))}</title>"]
+    for i, r in enumerate(rows):
+        for j in range(nc):
+            v = r[j] if j < len(r) else None
+            if _num(v):
+                color = _lerp(DIVERGING_ANCHORS, 0.5 + (0.5 * v / vmax if vmax > 0 else 0.0))
+            else:
+                color = "#9ca3af"
+            parts.append(f'<rect x="{left + j * cell:.2f}" y="{top + i * cell:.2f}" width="{cell + 0.3:.2f}" '
+                         f'height="{cell + 0.3:.2f}" fill="{color}">'
+                         + (f"<title>J[{i}, {j}] = {escape(compact(v) if _num(v) else 'n/a')}</title>"
+                            if nr * nc <= 1024 else "") + "</rect>")
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw:.2f}" height="{ph:.2f}" fill="none" stroke="#6b7280" '
+                 f'stroke-width="0.6"/>')
+    for j in _ticks(nc):
+        x = left + (j + 0.5) * cell
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 11:.1f}" text-anchor="middle">{j}</text>')
+    for i in _ticks(nr):
+        y = top + (i + 0.5) * cell
+        parts.append(f'<text x="{left - 4}" y="{y + 3.5:.1f}" text-anchor="end">{i}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph + 28:.1f}" text-anchor="middle" '
+                 f'font-size="11">{escape(col_label)}</text>')
+    parts.append(f'<text x="12" y="{top + ph / 2:.1f}" text-anchor="middle" font-size="11" '
+                 f'transform="rotate(-90 12 {top + ph / 2:.1f})">{escape(row_label)}</text>')
+    # vertical colour bar: +max at the top, -max at the bottom
+    steps = 48
+    bh = max(ph, 80.0)
+    for k in range(steps):
+        t = 1 - (k + 0.5) / steps
+        parts.append(f'<rect x="{bar_x:.1f}" y="{top + k * bh / steps:.2f}" width="12" '
+                     f'height="{bh / steps + 0.4:.2f}" fill="{_lerp(DIVERGING_ANCHORS, t)}"/>')
+    parts.append(f'<rect x="{bar_x:.1f}" y="{top}" width="12" height="{bh:.2f}" fill="none" stroke="#9ca3af" '
+                 f'stroke-width="0.5"/>')
+    for t, lab in ((0.0, "+" + compact(vmax) if vmax > 0 else "0"), (0.5, "0"),
+                   (1.0, "−" + compact(vmax) if vmax > 0 else "0")):
+        parts.append(f'<text x="{bar_x + 16:.1f}" y="{top + t * bh + (8 if t == 0 else 0 if t == 1 else 3.5):.1f}">'
+                     f"{escape(lab)}</text>")
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def svg_spectrum(values: Sequence[float | None], *, tol: float | None = None, rank: int | None = None,
+                 width: int = 520, height: int = 220, title: str = "singular values") -> Markup:
+    """Singular values (largest first) as vertical bars; a log axis when they span more than 3 decades; a dashed
+    line at the rank tolerance ``tol`` (values above it count towards the numerical rank)."""
+    vals = [float(v) if _num(v) else 0.0 for v in values]
+    n = len(vals)
+    if n == 0:
+        return Markup('<span class="muted">no singular values</span>')
+    pos = [v for v in vals if v > 0]
+    hi = max(vals) if vals else 1.0
+    lo_pos = min(pos) if pos else 1.0
+    if _num(tol) and tol > 0:
+        lo_pos = min(lo_pos, tol)
+        hi = max(hi, tol)
+    log = bool(pos) and hi / lo_pos > 1e3
+    left, right, top, bottom = 62, 12, 10, 40
+    pw, ph = width - left - right, height - top - bottom
+    if log:
+        lo_e = math.floor(math.log10(lo_pos))
+        hi_e = math.ceil(math.log10(hi)) if hi > 0 else lo_e + 1
+        if hi_e <= lo_e:
+            hi_e = lo_e + 1
+
+        def py(v: float) -> float:
+            if v <= 0:
+                return top + ph
+            f = (math.log10(v) - lo_e) / (hi_e - lo_e)
+            return top + (1 - min(max(f, 0.0), 1.0)) * ph
+        step = max(1, math.ceil((hi_e - lo_e) / 6))
+        yticks = [10.0 ** e for e in range(lo_e, hi_e + 1, step)]
+    else:
+        top_v = hi if hi > 0 else 1.0
+
+        def py(v: float) -> float:
+            return top + (1 - min(max(v / top_v, 0.0), 1.0)) * ph
+        yticks = [0.0, top_v / 2, top_v]
+    bw = pw / n
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{escape(title)}" font-family="sans-serif" font-size="10">',
+             f"<title>{escape(title)}{' (log scale)' if log else ''}</title>",
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#d1d5db"/>']
+    for t in yticks:
+        y = py(t)
+        parts.append(f'<line x1="{left - 3}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eef2f7"/>'
+                     f'<text x="{left - 5}" y="{y + 3.5:.1f}" text-anchor="end">{escape(compact(t))}</text>')
+    for i, v in enumerate(vals):
+        above = not (_num(tol)) or v > tol
+        y = py(v)
+        gap = min(2.0, bw * 0.2)
+        parts.append(f'<rect x="{left + i * bw + gap / 2:.2f}" y="{y:.2f}" width="{max(bw - gap, 0.8):.2f}" '
+                     f'height="{max(top + ph - y, 0.0):.2f}" fill="{PALETTE[0] if above else "#9ca3af"}">'
+                     f"<title>σ{i + 1} = {escape(compact(v))}</title></rect>")
+    for i in _ticks(n):
+        parts.append(f'<text x="{left + (i + 0.5) * bw:.1f}" y="{top + ph + 12}" text-anchor="middle">{i + 1}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph + 28}" text-anchor="middle" font-size="11">'
+                 f"index (largest first){' · log scale' if log else ''}</text>")
+    if _num(tol) and tol > 0:
+        y = py(tol)
+        lab = f"rank tol {compact(tol)}" + (f" → rank {rank}" if rank is not None else "")
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#dc2626" '
+                     f'stroke-dasharray="4 3"/>'
+                     f'<text x="{left + pw - 4}" y="{y - 4:.1f}" text-anchor="end" fill="#dc2626">'
+                     f"{escape(lab)}</text>")
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -78,6 +78,61 @@ def _kind_of(v: Any) -> str:
     return "scalar"
 
 
+def _breakable(v: Any) -> Markup:
+    """Escape a long identifier (path, check id) and let it wrap after ``/ _ : \\`` (<wbr>), never inside
+    a number."""
+    if v is None:
+        return Markup("")
+    return Markup("<wbr>").join(escape(p) for p in re.split(r"(?<=[/_:\\])", str(v)))
+
+
+_NEG_OP = {">": "≤", ">=": "<", "<": "≥", "<=": ">"}
+_OP = {">": ">", ">=": "≥", "<": "<", "<=": "≤"}
+#: display order of the checks table: the worst first
+_ORDER = {"fail": 0, "error": 1, "warn": 2, "skipped": 3, "pass": 4}
+
+
+def _compact(v: Any) -> str:
+    from .. import svg
+
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return svg.compact(v) if isinstance(v, (int, float)) else ("n/a" if v is None else str(v))
+
+
+def _check_value(c: Any) -> str:
+    """``value op threshold (level)`` for a check: the threshold it crossed, else the nearest one it kept to."""
+    val = _compact(c.value) if c.value is not None else "n/a"
+    op = getattr(c, "op", ">")
+    warn, fail = getattr(c, "warn", None), getattr(c, "fail", None)
+    status = getattr(c, "status", "")
+    if status in ("fail", "warn"):
+        thr = fail if status == "fail" else warn
+        if thr is None:  # failed by a baseline regression, not a threshold
+            thr, level = (warn, "warn") if status == "fail" and warn is not None else (None, status)
+        else:
+            level = status
+        return f"{val} {_OP.get(op, op)} {_compact(thr)} ({level})" if thr is not None else val
+    if status == "pass":
+        thr, level = (warn, "warn") if warn is not None else (fail, "fail")
+        return f"{val} {_NEG_OP.get(op, op)} {_compact(thr)} ({level})" if thr is not None else val
+    # error / skipped: the value (if any) next to the threshold it would be judged against
+    thr, level = (fail, "fail") if fail is not None else (warn, "warn")
+    return f"{val} · {level} if {_OP.get(op, op)} {_compact(thr)}" if thr is not None else val
+
+
+def _sorted_checks(checks: Any) -> list:
+    return sorted(checks or [], key=lambda c: _ORDER.get(getattr(c, "status", ""), 5))
+
+
+def _status_counts(checks: Any) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for c in checks or []:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    return [(s, counts[s]) for s in ("fail", "error", "warn", "skipped", "pass") if s in counts] + \
+        [(s, n) for s, n in counts.items() if s not in _ORDER]
+
+
 def _is_image(v: Any) -> bool:
     if _is_dc(v):
         return type(v).__name__ == "Image"
@@ -94,8 +149,11 @@ def environment():
         env = Environment(loader=PackageLoader("jacaudit.report", "templates"),
                           autoescape=select_autoescape(default=True, default_for_string=True),
                           trim_blocks=True, lstrip_blocks=True)
-        env.filters.update(img=_img, fmt=_fmt, pct=_pct)
-        env.globals.update(svg_bars=svg.svg_bars, svg_lines=svg.svg_lines, items=_items, kind_of=_kind_of)
+        env.filters.update(img=_img, fmt=_fmt, pct=_pct, compact=_compact, breakable=_breakable,
+                           check_value=_check_value, sorted_checks=_sorted_checks)
+        env.globals.update(svg_bars=svg.svg_bars, svg_lines=svg.svg_lines, svg_colorbar=svg.svg_colorbar,
+                           svg_matrix=svg.svg_matrix, svg_spectrum=svg.svg_spectrum, items=_items,
+                           kind_of=_kind_of, status_counts=_status_counts)
         _env = env
     return _env
 
