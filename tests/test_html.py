@@ -160,7 +160,7 @@ def test_jacobian_heatmap_and_singular_values():
     assert "J as a heatmap" in html and "output index" in html and "input index" in html
     vmax = max(abs(v) for row in rep.result.matrix for v in row)
     assert f">+{svg.compact(vmax)}</text>" in html and f">−{svg.compact(vmax)}</text>" in html
-    assert "Singular values" in html and "log scale" in html and "rank tol 1e-6 → rank 11" in html
+    assert "Singular values" in html and "log scale" in html and "rank tolerance 1e-6: numerical rank 11" in html
     # without the new fields: no section
     plain = _html(_example("jacobian-arm"))
     assert "J as a heatmap" not in plain and "Singular values" not in plain

@@ -71,3 +71,34 @@ def test_report_in_chromium(tmp_path):
     # the <script> label is text: it is in the page escaped, and no script element exists
     html = page.read_text()
     assert EVIL not in html and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
+
+
+def _png_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
+@pytest.mark.parametrize("kind", ["saliency", "jacobian", "verify", "inspect"])
+def test_each_report_kind_in_chromium(kind, tmp_path):
+    """Every report kind (built from the example reports, with checks of each status and the new result fields)
+    renders in Chromium without console errors or network, and its screenshot is not blank."""
+    from jacaudit.report import render
+    from tests.test_html import kind_reports
+
+    rep = kind_reports()[kind]
+    page = tmp_path / f"{kind}.html"
+    page.write_bytes(render(rep, "html"))
+    stderr, urls, shot = _browse(str(page), str(tmp_path))
+    assert not _console_lines(stderr), _console_lines(stderr)
+    assert urls == []
+    final = tmp_path / f"{kind}.png"
+    os.replace(shot, final)
+    w, h = _png_size(str(final))
+    assert (w, h) == (1100, 900)
+    assert os.path.getsize(final) > 10_000 and _not_blank(str(final))
+    keep = os.environ.get("JACAUDIT_SHOTS")  # a folder to copy the screenshots to, for a person to look at
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(final, os.path.join(keep, f"{kind}.png"))

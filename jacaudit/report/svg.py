@@ -245,22 +245,27 @@ def svg_matrix(matrix: Sequence[Sequence[float | None]], *, max_width: int = 520
 def svg_spectrum(values: Sequence[float | None], *, tol: float | None = None, rank: int | None = None,
                  width: int = 520, height: int = 220, title: str = "singular values") -> Markup:
     """Singular values (largest first) as vertical bars; a log axis when they span more than 3 decades; a dashed
-    line at the rank tolerance ``tol`` (values above it count towards the numerical rank)."""
+    line at the rank tolerance ``tol`` (values above it count towards the numerical rank; bars below it are grey),
+    explained in a legend above the plot."""
     vals = [float(v) if _num(v) else 0.0 for v in values]
     n = len(vals)
     if n == 0:
         return Markup('<span class="muted">no singular values</span>')
+    has_tol = bool(_num(tol) and tol > 0)
     pos = [v for v in vals if v > 0]
-    hi = max(vals) if vals else 1.0
+    hi = max(vals)
     lo_pos = min(pos) if pos else 1.0
-    if _num(tol) and tol > 0:
+    if has_tol:
         lo_pos = min(lo_pos, tol)
         hi = max(hi, tol)
     log = bool(pos) and hi / lo_pos > 1e3
-    left, right, top, bottom = 62, 12, 10, 40
-    pw, ph = width - left - right, height - top - bottom
+    left, right, top, bottom = 62, 12, 26 if has_tol else 10, 40
+    bw = min(28.0, (width - left - right) / n)
+    pw = bw * n
+    width = int(max(left + pw + right, 320 if has_tol else 0))  # room for the legend
+    ph = height - top - bottom
     if log:
-        lo_e = math.floor(math.log10(lo_pos))
+        lo_e = math.floor(math.log10(lo_pos)) - 1  # a decade below the smallest: every bar shows
         hi_e = math.ceil(math.log10(hi)) if hi > 0 else lo_e + 1
         if hi_e <= lo_e:
             hi_e = lo_e + 1
@@ -271,26 +276,25 @@ def svg_spectrum(values: Sequence[float | None], *, tol: float | None = None, ra
             f = (math.log10(v) - lo_e) / (hi_e - lo_e)
             return top + (1 - min(max(f, 0.0), 1.0)) * ph
         step = max(1, math.ceil((hi_e - lo_e) / 6))
-        yticks = [10.0 ** e for e in range(lo_e, hi_e + 1, step)]
+        yticks = [10.0 ** e for e in range(hi_e, lo_e - 1, -step)]
     else:
         top_v = hi if hi > 0 else 1.0
 
         def py(v: float) -> float:
             return top + (1 - min(max(v / top_v, 0.0), 1.0)) * ph
         yticks = [0.0, top_v / 2, top_v]
-    bw = pw / n
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="{escape(title)}" font-family="sans-serif" font-size="10">',
              f"<title>{escape(title)}{' (log scale)' if log else ''}</title>",
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#d1d5db"/>']
+             f'<rect x="{left}" y="{top}" width="{pw:.1f}" height="{ph}" fill="none" stroke="#d1d5db"/>']
     for t in yticks:
         y = py(t)
-        parts.append(f'<line x1="{left - 3}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eef2f7"/>'
+        parts.append(f'<line x1="{left - 3}" x2="{left + pw:.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eef2f7"/>'
                      f'<text x="{left - 5}" y="{y + 3.5:.1f}" text-anchor="end">{escape(compact(t))}</text>')
+    gap = min(3.0, bw * 0.25)
     for i, v in enumerate(vals):
-        above = not (_num(tol)) or v > tol
+        above = not has_tol or v > tol
         y = py(v)
-        gap = min(2.0, bw * 0.2)
         parts.append(f'<rect x="{left + i * bw + gap / 2:.2f}" y="{y:.2f}" width="{max(bw - gap, 0.8):.2f}" '
                      f'height="{max(top + ph - y, 0.0):.2f}" fill="{PALETTE[0] if above else "#9ca3af"}">'
                      f"<title>σ{i + 1} = {escape(compact(v))}</title></rect>")
@@ -298,12 +302,12 @@ def svg_spectrum(values: Sequence[float | None], *, tol: float | None = None, ra
         parts.append(f'<text x="{left + (i + 0.5) * bw:.1f}" y="{top + ph + 12}" text-anchor="middle">{i + 1}</text>')
     parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph + 28}" text-anchor="middle" font-size="11">'
                  f"index (largest first){' · log scale' if log else ''}</text>")
-    if _num(tol) and tol > 0:
+    if has_tol:
         y = py(tol)
-        lab = f"rank tol {compact(tol)}" + (f" → rank {rank}" if rank is not None else "")
-        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#dc2626" '
-                     f'stroke-dasharray="4 3"/>'
-                     f'<text x="{left + pw - 4}" y="{y - 4:.1f}" text-anchor="end" fill="#dc2626">'
-                     f"{escape(lab)}</text>")
+        parts.append(f'<line x1="{left}" x2="{left + pw:.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="#dc2626" '
+                     f'stroke-width="1.5" stroke-dasharray="5 3"/>')
+        lab = f"rank tolerance {compact(tol)}" + (f": numerical rank {rank}" if rank is not None else "")
+        parts.append(f'<line x1="{left}" x2="{left + 22}" y1="9" y2="9" stroke="#dc2626" stroke-width="1.5" '
+                     f'stroke-dasharray="5 3"/><text x="{left + 28}" y="12" fill="#b91c1c">{escape(lab)}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
