@@ -72,12 +72,15 @@ def kind_reports() -> dict[str, R.Report]:
     rng = np.random.default_rng(0)
     mat = (rng.standard_normal((12, 20)) * np.linspace(0.1, 3.0, 20)).round(4)
     mat[3, :] = 0.0
-    sv = [float(v) for v in np.linalg.svd(mat, compute_uv=False)]
-    sv[-1] = 1e-9  # span > 3 decades: log scale
+    sv = [float(v) for v in np.linalg.svd(mat, compute_uv=False)]  # one zero row: rank 11, sv[-1] ~ 1e-16
+    res = dataclasses.replace(
+        jac.result, input_shape=[1, 20], output_shape=[1, 12], jacobian_shape=[1, 12, 1, 20],
+        frobenius=dataclasses.replace(jac.result.frobenius, value=float(np.linalg.norm(mat))),
+        spectral=dataclasses.replace(jac.result.spectral, value=sv[0]), largest=[],
+        matrix=mat.tolist(), singular_values=sv, rank=int(sum(v > 1e-6 for v in sv)), rank_tol=1e-6)
     out["jacobian"] = dataclasses.replace(
-        jac, result=dataclasses.replace(jac.result, matrix=mat.tolist(), singular_values=sv, rank=11,
-                                        rank_tol=1e-6),
-        checks=[c for c in sample_checks("jacobian") if c.status in ("pass", "warn")], status="warn")
+        jac, result=res, checks=[c for c in sample_checks("jacobian") if c.status in ("pass", "warn")],
+        status="warn")
     ver = _example("verify-flow")
     out["verify"] = dataclasses.replace(ver, checks=sample_checks("verify")[:1])
     out["inspect"] = _example("inspect-sequence")  # schema 1.0, no checks
@@ -231,3 +234,12 @@ def test_every_example_report_renders():
     for p in sorted(glob.glob(os.path.join(EXAMPLES, "*", "report.json"))):
         with open(p) as f:
             _assert_safe(_html(R.from_json(f.read())))
+
+
+def test_templates_never_mark_strings_safe():
+    tdir = os.path.join(ROOT, "jacaudit", "report", "templates")
+    for name in os.listdir(tdir):
+        with open(os.path.join(tdir, name)) as f:
+            text = re.sub(r"\{#.*?#\}", "", f.read(), flags=re.S)  # comments may name the rule
+        assert not re.search(r"\|\s*safe\b", text), name
+        assert "<script" not in text.lower(), name
