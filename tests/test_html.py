@@ -243,3 +243,28 @@ def test_templates_never_mark_strings_safe():
             text = re.sub(r"\{#.*?#\}", "", f.read(), flags=re.S)  # comments may name the rule
         assert not re.search(r"\|\s*safe\b", text), name
         assert "<script" not in text.lower(), name
+
+
+def test_check_value_text():
+    from jacaudit.report.formats.html import _check_value
+
+    c = _check("fail", "m", "s", 0.0721234, 0.02, 0.05, "")
+    assert _check_value(c) == "0.0721 > 0.05 (fail)"
+    assert _check_value(dataclasses.replace(c, status="warn", value=0.03)) == "0.03 > 0.02 (warn)"
+    assert _check_value(dataclasses.replace(c, status="pass", value=0.01)) == "0.01 ≤ 0.02 (warn)"
+    low = _check("pass", "mask_fraction", "s", 0.7, None, 0.5, "", op="<")
+    assert _check_value(low) == "0.7 ≥ 0.5 (fail)"
+    # failed by a baseline regression while under every threshold: never claims a crossing
+    reg = dataclasses.replace(c, value=0.01, baseline=0.005)
+    assert _check_value(reg) == "0.01 vs baseline 0.005 (regressed)"
+    assert _check_value(dataclasses.replace(c, status="error", value=None)) == "n/a · fail if > 0.05"
+    assert _check_value(_check("skipped", "m", "s", None, None, None, "")) == "n/a"
+
+
+def test_many_checks_fold_the_passing_ones():
+    rep = kind_reports()["verify"]
+    many = [dataclasses.replace(sample_checks("verify")[0], id=f"verify.x[dir {i}]", subject=f"dir {i}")
+            for i in range(30)] + [sample_checks("verify")[2]]
+    html = _html(dataclasses.replace(rep, checks=many, status="fail"))
+    assert "<summary>30 passing checks</summary>" in html
+    assert html.index("st-fail\">fail") < html.index("<summary>30 passing checks</summary>")

@@ -100,25 +100,32 @@ def _compact(v: Any) -> str:
     return svg.compact(v) if isinstance(v, (int, float)) else ("n/a" if v is None else str(v))
 
 
+def _crosses(value: Any, op: str, thr: Any) -> bool:
+    if not isinstance(value, (int, float)) or not isinstance(thr, (int, float)):
+        return False
+    return {">": value > thr, ">=": value >= thr, "<": value < thr, "<=": value <= thr}.get(op, False)
+
+
 def _check_value(c: Any) -> str:
-    """``value op threshold (level)`` for a check: the threshold it crossed, else the nearest one it kept to."""
+    """``value op threshold (level)`` for a check: the threshold it crossed, else the nearest one it kept to.
+
+    A check failed by a baseline regression (not by a threshold) shows its value next to the baseline's."""
     val = _compact(c.value) if c.value is not None else "n/a"
     op = getattr(c, "op", ">")
     warn, fail = getattr(c, "warn", None), getattr(c, "fail", None)
     status = getattr(c, "status", "")
-    if status in ("fail", "warn"):
-        thr = fail if status == "fail" else warn
-        if thr is None:  # failed by a baseline regression, not a threshold
-            thr, level = (warn, "warn") if status == "fail" and warn is not None else (None, status)
-        else:
-            level = status
-        return f"{val} {_OP.get(op, op)} {_compact(thr)} ({level})" if thr is not None else val
-    if status == "pass":
-        thr, level = (warn, "warn") if warn is not None else (fail, "fail")
-        return f"{val} {_NEG_OP.get(op, op)} {_compact(thr)} ({level})" if thr is not None else val
-    # error / skipped: the value (if any) next to the threshold it would be judged against
-    thr, level = (fail, "fail") if fail is not None else (warn, "warn")
-    return f"{val} · {level} if {_OP.get(op, op)} {_compact(thr)}" if thr is not None else val
+    base = getattr(c, "baseline", None)
+    if c.value is None or status in ("error", "skipped"):
+        # the value (if any) next to the threshold it would be judged against
+        thr, level = (fail, "fail") if fail is not None else (warn, "warn")
+        return f"{val} · {level} if {_OP.get(op, op)} {_compact(thr)}" if thr is not None else val
+    for thr, level in ((fail, "fail"), (warn, "warn")):
+        if thr is not None and _crosses(c.value, op, thr):
+            return f"{val} {_OP.get(op, op)} {_compact(thr)} ({level})"
+    if status in ("fail", "warn") and base is not None:  # judged on the regression, not a threshold
+        return f"{val} vs baseline {_compact(base)} (regressed)"
+    thr, level = (warn, "warn") if warn is not None else (fail, "fail")
+    return f"{val} {_NEG_OP.get(op, op)} {_compact(thr)} ({level})" if thr is not None else val
 
 
 def _sorted_checks(checks: Any) -> list:
