@@ -11,6 +11,11 @@ File layout (keys use the option's name with dashes or underscores)::
     seed = 0
     [tool.jacaudit.saliency]   # only for `jacaudit saliency`
     method = "ig"
+    fail_on = ["mask_outside@method=grad>0.8"]
+
+A key never means two things: only the shared options (:data:`jacaudit.cli.options.SHARED_KEYS`: same name, same
+meaning in every command) may stand at the top level or in ``JACAUDIT_<OPTION>``; a command's own options
+(``--method``, ``--ig-steps``, thresholds, ``--out``...) go in its table or ``JACAUDIT_<COMMAND>_<OPTION>``.
 """
 from __future__ import annotations
 
@@ -61,6 +66,18 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def cmd_params(cmd) -> dict[str, Any]:
+    return {p.name: p for p in cmd.params if p.name}
+
+
+def _env_value(name: str, value: str, params: dict[str, Any]) -> Any:
+    """A multiple option (--fail-on) from one environment string: split on ';'."""
+    p = params.get(name)
+    if p is not None and getattr(p, "multiple", False):
+        return [s.strip() for s in value.split(";") if s.strip()]
+    return value
+
+
 def _key(k: str) -> str:
     return k.replace("-", "_").lower()
 
@@ -78,8 +95,17 @@ def _aliases(cmd) -> dict[str, str]:
     return out
 
 
+_SOURCES: dict[tuple[str, str], str] = {}
+
+
+def option_source(command: str, name: str) -> str:
+    """Where a command's option value came from: cli (or its default), config or env."""
+    return _SOURCES.get((command, name), "cli")
+
+
 def default_map(config: dict[str, Any], commands: dict[str, Any],
-                environ: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                environ: dict[str, str] | None = None,
+                shared: frozenset[str] | set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Click ``default_map`` from the config file and the environment.
 
     Global keys go to every command having that option, ``[<command>]`` tables to that command only; the
@@ -92,6 +118,13 @@ def default_map(config: dict[str, Any], commands: dict[str, Any],
     unknown = [k for k in globals_ if k not in known]
     if unknown:
         raise InputError(f"config: unknown option(s) {', '.join(sorted(unknown))}")
+    if shared is not None:
+        own = sorted(k for k in globals_ if k not in shared)
+        if own:
+            where = {k: sorted(n for n, al in aliases.items() if k in al) for k in own}
+            hint = "; ".join(f"{k} -> [{' or '.join(v)}]" for k, v in where.items())
+            raise InputError(f"config: {', '.join(own)} is a command's own option, not shared by every command; "
+                             f"put it in the command's table ({hint})")
     for k, v in config.items():
         if isinstance(v, dict) and k not in aliases:
             raise InputError(f"config: unknown command table [{k}]")
@@ -106,13 +139,17 @@ def default_map(config: dict[str, Any], commands: dict[str, Any],
                 if _key(k) not in al:
                     raise InputError(f"config: `jacaudit {name}` has no option {k!r}")
                 dm[al[_key(k)]] = v
+        for k in dm:
+            _SOURCES[(name, k)] = "config"
         prefix = _key(name) + "_"
         for k, v in env.items():
-            if k in al and k not in ("threads", "debug", "quiet", "config"):
+            if k in al and k not in ("threads", "debug", "quiet", "config") and (shared is None or k in shared):
                 dm[al[k]] = v
+                _SOURCES[(name, al[k])] = "env"
         for k, v in env.items():
             if k.startswith(prefix) and k[len(prefix):] in al:
-                dm[al[k[len(prefix):]]] = v
+                dm[al[k[len(prefix):]]] = _env_value(al[k[len(prefix):]], v, cmd_params(commands[name]))
+                _SOURCES[(name, al[k[len(prefix):]])] = "env"
         if dm:
             out[name] = dm
     return out

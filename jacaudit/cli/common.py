@@ -124,10 +124,3 @@ def handle_errors() -> Iterator[None]:
         if first.startswith("The following operation failed in the TorchScript interpreter") and len(lines) > 1:
             first = "TorchScript model failed: " + lines[-1]  # the model's own error is on the last line
         raise fail(f"{name}: {first} (run with --debug for the traceback)", EXIT_RUNTIME) from None
-
-
-def emit_json(obj: Any) -> None:
-    import json
-
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()

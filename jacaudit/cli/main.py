@@ -60,7 +60,9 @@ def _main(
         path = config or cfg.find_config()
         file_cfg = cfg.read_config(path) if path is not None else {}
         commands = getattr(ctx.command, "commands", {})
-        ctx.default_map = cfg.default_map(file_cfg, commands)
+        from .options import SHARED_KEYS
+
+        ctx.default_map = cfg.default_map(file_cfg, commands, shared=SHARED_KEYS)
         state.config_path = str(path) if path is not None else None
     state.quiet = quiet
     state.threads = threads

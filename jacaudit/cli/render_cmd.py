@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..report import formats_help
 from .common import handle_errors, info
 
 
@@ -13,9 +14,10 @@ def register(app: typer.Typer) -> None:
     @app.command("render")
     def render_cmd(
         report: Annotated[Path, typer.Argument(help="A JSON report written by jacaudit.")],
-        output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file; the format follows "
-                                                       "its extension (.html, .md, .json). '-' for stdout.")] = None,
-        fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="html, md or json (overrides the "
+        output: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; the format follows "
+                                                       "its extension (.html, .md, .json, .junit.xml, .sarif). '-' "
+                                                       "for stdout.")] = None,
+        fmt: Annotated[Optional[str], typer.Option("--format", "-f", help=f"{formats_help()} (overrides the "
                                                    "extension).")] = None,
         validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Check the JSON against the "
                                                "schema first (needs the jsonschema package).")] = False,
@@ -48,10 +50,10 @@ def register(app: typer.Typer) -> None:
             except (ValueError, TypeError, KeyError) as e:
                 raise InputError(f"{report}: not a valid jacaudit report ({e})") from None
             if fmt is None:
-                ext = (output.suffix.lower() if output and str(output) != "-" else ".html")
-                fmt = {".html": "html", ".htm": "html", ".md": "md", ".json": "json"}.get(ext)
+                from ..report import format_for_path
+                fmt = format_for_path(str(output)) if output and str(output) != "-" else "html"
                 if fmt is None:
-                    raise InputError(f"cannot tell the format from {output}; pass --format html|md|json")
+                    raise InputError(f"cannot tell the format from {output}; pass --format ({formats_help()})")
             data_out = render(rep, fmt)
             if output is None or str(output) == "-":
                 sys.stdout.buffer.write(data_out)

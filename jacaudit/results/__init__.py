@@ -151,8 +151,9 @@ class Report:
     version: str
     command_line: list[str]
     created: str = field(metadata={"doc": "UTC time, ISO 8601"})
-    status: Literal["pass", "warn", "fail", "partial", "error"] = field(
+    status: Literal["pass", "warn", "fail", "inconclusive", "partial", "error"] = field(
         metadata={"doc": "from the checks: fail when a check fails or errs, warn when one warns, else pass; "
+                         "inconclusive: nothing failed but the evidence was too thin for a verdict; "
                          "partial: some inputs were skipped; error"})
     exit_code: int
     model: ModelIdentity | None

@@ -1,0 +1,72 @@
+"""``verify`` as an analysis: the engine's checks (:func:`jacaudit.engine.verify.verify`) exposed as metrics.
+
+Metrics (ids ``verify.<name>[<subject>]``), each judged against the tolerance the check itself used:
+
+* ``forward_rel_error[model]`` -- max|engine - onnxruntime| / max|onnxruntime|; fails above the forward tolerance
+  (ONNX only: other formats have no reference forward);
+* ``derivative_rel_error[dir k]`` -- ||J v - FD|| / max(||J v||, ||FD||) along seeded direction k; fails above
+  that direction's tolerance (rtol + the finite difference's own error, stated in the check). A direction that
+  crosses a kink, is piecewise constant, has J v = FD = 0, or agrees only within a widened tolerance gives no
+  evidence: its check is *skipped* with the reason, never a pass;
+* ``adjoint_rel_error[model]`` -- u^T (J v) vs (u^T J) v; fails above the adjoint tolerance.
+
+When no direction is conclusive the report's status is ``inconclusive`` (exit 0, nothing failed, nothing shown).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..gate import Metric
+from .base import AnalysisOutput
+
+__all__ = ["VerifyOptions", "verify_analysis", "verify_metrics"]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    output_name: str | None = None
+    wrt: str | None = None
+    logits: bool = False
+    directions: int = 3
+    seed: int = 0
+    dtype: str = "float64"
+    rtol: float | None = None
+    forward_tol: float = 1e-4
+
+
+def verify_metrics(r: Any) -> list[Metric]:
+    """Metrics of a :class:`jacaudit.results.verify.VerifyResult`."""
+    metrics = []
+    f = r.forward
+    if f.reference != "none":
+        metrics.append(Metric("forward_rel_error", "model", f.max_rel, ">", fail=f.tol,
+                              status=None if f.max_rel is not None else "fail", note=f.note,
+                              description=f"max|engine - {f.reference}| / max|{f.reference}| on the input",
+                              properties={"max_abs": f.max_abs} if f.max_abs is not None else {}))
+    for d in r.directions:
+        conclusive = d.status in ("pass", "fail")
+        metrics.append(Metric(
+            "derivative_rel_error", f"dir {d.index}", d.rel_error, ">", fail=d.tol,
+            status=None if conclusive else "skipped",
+            note=(d.note if conclusive else f"{d.status}: {d.note}"),
+            description=f"||J v - FD|| / max(||J v||, ||FD||): jvp against Richardson-extrapolated central "
+                        f"differences through {d.reference}; fail threshold = rtol + the differences' own error",
+            properties={"jvp_norm": d.jvp_norm, "fd_norm": d.fd_norm, "fd_spread": d.fd_spread, "tol": d.tol}))
+    a = r.adjoint
+    metrics.append(Metric("adjoint_rel_error", "model", a.max_rel_error, ">", fail=a.tol,
+                          description="|u^T (J v) - (u^T J) v| relative, over the directions (jvp vs vjp)"))
+    return metrics
+
+
+def verify_analysis(model: Any, feeds: Any, options: VerifyOptions = VerifyOptions()) -> AnalysisOutput:
+    """``feeds`` is a :class:`jacaudit.data.feeds.Feeds`; the model stays in its stored dtype (verify builds the
+    float64 copies it needs)."""
+    from ..engine.verify import verify
+
+    o = options
+    r = verify(model, feeds.feeds, input=feeds.input_name, output=o.output_name, wrt=o.wrt, logits=o.logits,
+               directions=o.directions, seed=o.seed, dtype=o.dtype, rtol=o.rtol, forward_tol=o.forward_tol)
+    r = replace(r, input_source=str(feeds.source), synthetic_input=bool(feeds.synthetic))
+    warnings = list(r.warnings) + [w for w in feeds.warnings if w not in r.warnings]
+    return AnalysisOutput(result=r, metrics=verify_metrics(r), warnings=warnings)
