@@ -140,6 +140,89 @@ def _generic(report: Any) -> list[str]:
     return ["| field | value |", "|---|---|", *rows] if rows else []
 
 
+_STATUS_ORDER = ("fail", "error", "warn", "skipped", "pass")
+#: rows of the checks table before the rest is summarised (the full list is in the JSON / JUnit / SARIF)
+MAX_CHECK_ROWS = 500
+
+
+def _threshold(c: Any) -> str:
+    parts = []
+    if c.fail is not None:
+        parts.append(f"fail {esc(c.op)} {num(c.fail, 6)}")
+    if c.warn is not None:
+        parts.append(f"warn {esc(c.op)} {num(c.warn, 6)}")
+    return ", ".join(parts) or "–"
+
+
+def _status(s: str) -> str:
+    return f"**{esc(s)}**" if s in ("fail", "error") else esc(s)
+
+
+def checks_section(report: Any) -> list[str]:
+    """Status counts and one row per check (worst first), escaped."""
+    checks = list(getattr(report, "checks", None) or [])
+    if not checks:
+        return []
+    counts = [(s, sum(1 for c in checks if c.status == s)) for s in _STATUS_ORDER]
+    lines = ["### Checks", "", ", ".join(f"{_status(s)}: {n}" for s, n in counts if n), "",
+             "| status | check | subject | value | threshold | message |", "|---|---|---|---:|---|---|"]
+    rank = {s: i for i, s in enumerate(_STATUS_ORDER)}
+    ordered = sorted(checks, key=lambda c: rank.get(c.status, len(rank)))  # stable: analysis order within
+    for c in ordered[:MAX_CHECK_ROWS]:
+        lines.append(f"| {_status(c.status)} | {esc(c.check)} | {esc(c.subject)} | {num(c.value, 6)} | "
+                     f"{_threshold(c)} | {esc(c.message)} |")
+    if len(ordered) > MAX_CHECK_ROWS:
+        lines += ["", f"_{len(ordered) - MAX_CHECK_ROWS} more check(s) not shown; see the JSON report._"]
+    return lines + [""]
+
+
+def _changes(title: str, items: list[Any]) -> list[str]:
+    if not items:
+        return []
+    lines = [f"**{title}** ({len(items)}):", "", "| check | baseline | now | change | status |",
+             "|---|---:|---:|---:|---|"]
+    for ch in items[:MAX_CHECK_ROWS]:
+        st = esc(ch.status) if ch.baseline_status in (None, ch.status) else \
+            f"{esc(ch.baseline_status)} → {esc(ch.status)}"
+        lines.append(f"| {esc(ch.id)} | {num(ch.baseline, 6)} | {num(ch.value, 6)} | {pct(ch.change)} | {st} |")
+    if len(items) > MAX_CHECK_ROWS:
+        lines.append(f"| … {len(items) - MAX_CHECK_ROWS} more | | | | |")
+    return lines + [""]
+
+
+def baseline_section(report: Any) -> list[str]:
+    b = getattr(report, "baseline", None)
+    if b is None:
+        return []
+    allowed = "listed only" if b.max_regression is None else f"allowed worsening {pct(b.max_regression)}"
+    lines = ["### Baseline", "",
+             f"Compared with `{esc(b.path)}`" + (f" ({esc(b.created)})" if b.created else "") +
+             f": {len(b.regressions)} regression(s), {len(b.improvements)} improvement(s), {len(b.new)} new, "
+             f"{len(b.missing)} missing; {allowed}.", ""]
+    lines += _changes("Regressions", list(b.regressions)) + _changes("Improvements", list(b.improvements))
+    for title, ids in (("New", b.new), ("Missing", b.missing)):
+        if ids:
+            shown = ", ".join(esc(i) for i in ids[:50]) + (f" and {len(ids) - 50} more" if len(ids) > 50 else "")
+            lines += [f"{title}: {shown}", ""]
+    return lines
+
+
+TRUNCATED = "\n\n_(truncated to fit 1 MiB; see the JSON report)_\n"
+
+
+def truncate(data: bytes, limit: int = LIMIT) -> bytes:
+    """``data`` cut at a line boundary, with a note, so that it stays within ``limit`` bytes."""
+    if len(data) <= limit:
+        return data
+    note = TRUNCATED.encode()
+    if limit <= len(note):
+        return b""
+    body = data[: limit - len(note)].decode("utf-8", "ignore")
+    if "\n" in body:
+        body = body.rsplit("\n", 1)[0]
+    return body.encode() + note
+
+
 def render(report: Any) -> bytes:
     model = report.model.name if report.model else "?"
     head = [f"## jacaudit {esc(report.kind)}: {esc(model)} — **{esc(report.status)}** (exit {report.exit_code})",
@@ -150,13 +233,12 @@ def render(report: Any) -> bytes:
         head.append(f"> ⚠ {esc(w)}")
     if report.warnings:
         head.append("")
+    head += checks_section(report) + baseline_section(report)
     body = SECTIONS.get(report.kind, _generic)(report)
+    if getattr(report, "checks", None) or getattr(report, "baseline", None):
+        body = ["### Result", "", *body]
     settings = ", ".join(f"{esc(k)}={esc(v)}" for k, v in report.settings.items())
     tail = ["", f"<sub>settings: {settings}; jacaudit {esc(report.version)}, schema {esc(report.schema_version)}"
                 "</sub>", ""]
     text = "\n".join(head + body + tail)
-    data = text.encode("utf-8")
-    if len(data) > LIMIT:
-        note = "\n\n_(truncated to fit 1 MiB; see the JSON report)_\n".encode()
-        data = data[: LIMIT - len(note)].decode("utf-8", "ignore").rsplit("\n", 1)[0].encode() + note
-    return data
+    return truncate(text.encode("utf-8"), LIMIT - 1)
