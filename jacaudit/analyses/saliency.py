@@ -62,8 +62,6 @@ class Scorer:
     def _run(self, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         outs = [self.score_tensor] + ([self.prob_tensor] if self.prob_tensor else [])
         feeds = {self.input_name: x, **extra}
-        if len(outs) == 1 or self.model.format == "onnx":
-            return list(self.model.run(feeds, outputs=outs))
         return list(self.model.run(feeds, outputs=outs))
 
     def __call__(self, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
@@ -106,11 +104,8 @@ def make_scorer(model: Any, input_name: str | None = None, output: str | None = 
     spec_in = model.input_spec(input_name)
     out = model.output_spec(output).name
     logits = None
-    if use_logits and hasattr(model, "softmax_input"):
-        try:
-            logits = model.softmax_input(out)
-        except Exception:
-            logits = None
+    if use_logits:
+        logits = model.softmax_input(out)
     if logits:
         return Scorer(model, spec_in.name, logits, "logit", out)
     return Scorer(model, spec_in.name, out, "output", None)

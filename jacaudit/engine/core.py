@@ -124,34 +124,6 @@ class JacobianInfo:
                 "bytes": self.bytes, "notes": list(self.notes)}
 
 
-def _retarget_model(model, device: torch.device | None, dtype: torch.dtype | None):
-    """A jacaudit Model on ``device``/``dtype`` (a new one when either changes; the original is untouched)."""
-    cur_dtype = model.dtype or torch.float32
-    same_dtype = dtype is None or dtype == cur_dtype
-    same_device = device is None or torch.device(device) == torch.device(model.device)
-    if same_dtype and same_device:
-        return model
-    device = torch.device(device) if device is not None else model.device
-    new_dtype = dtype if dtype is not None else model.dtype
-    if model.format == "onnx":
-        from ..models.onnx.model import OnnxModel
-        new = OnnxModel(model.proto, path=model.path, device=device, dtype=new_dtype,
-                        sha256=model.metadata.get("sha256"))
-        return new
-    if model.format == "torchscript":
-        new = copy.copy(model)
-        module = model.module
-        if not same_device:
-            module = module.to(device)
-        if new_dtype is not None and not same_dtype:
-            module = copy.deepcopy(module).to(new_dtype) if same_device else module.to(new_dtype)
-        new.module = module
-        new.device = device
-        new.dtype = new_dtype
-        return new
-    raise InputError(f"cannot move a {model.format} model to {device}/{dtype}")
-
-
 class Target:
     """A function of one tensor and the point where it is differentiated, with batched vjp/jvp.
 
@@ -362,7 +334,7 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
     dev = resolve_device(device) if device is not None else None
     notes: list[str] = []
     if isinstance(model, Model):
-        model = _retarget_model(model, dev, dt)
+        model = model.to(dev, dt)
         dev = model.device
         dt = dt or model.dtype
         if isinstance(x, dict):
@@ -378,8 +350,7 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
         if output is None and len(model.outputs) > 1:
             notes.append(f"the model has {len(model.outputs)} outputs; using the first, {out_name!r}")
         if logits:
-            sm = getattr(model, "softmax_input", None)
-            li = sm(out_name) if sm is not None else None
+            li = model.softmax_input(out_name)
             if li is None:
                 raise InputError(f"--logits: output {out_name!r} is not produced by a Softmax")
             out_name = li
@@ -387,9 +358,10 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
         if wrt_name in feeds:
             x0 = feeds[wrt_name]
         else:
-            if model.format != "onnx":
-                raise InputError(f"wrt={wrt_name!r} is not an input; internal tensors need an ONNX model")
-            names = set(model.tensor_names())
+            names = set(model.internal_tensors())
+            if not names:
+                raise InputError(f"wrt={wrt_name!r} is not an input, and this {model.format} model exposes no "
+                                 "internal tensors (an ONNX graph does)")
             if wrt_name not in names:
                 raise InputError(f"no tensor named {wrt_name!r} in the graph")
             with torch.no_grad():
@@ -652,16 +624,15 @@ _CONV_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d
 
 
 def _has_conv(model: Any) -> bool | None:
-    """Whether the model has convolutions (torch module, TorchScript module, ONNX graph); None when it
-    cannot be told (a plain callable)."""
-    module = getattr(model, "module", None) if not isinstance(model, torch.nn.Module) else model
-    if isinstance(module, torch.nn.Module):
+    """Whether the model has convolutions (a jacaudit Model says so itself, a torch module is searched); None
+    when it cannot be told (a plain callable)."""
+    from ..models.base import Model
+
+    if isinstance(model, Model):
+        return model.has_convolutions()
+    if isinstance(model, torch.nn.Module):
         return any(isinstance(m, torch.nn.modules.conv._ConvNd)
-                   or getattr(m, "original_name", None) in _CONV_NAMES for m in module.modules())
-    graph = getattr(model, "graph", None)
-    nodes = getattr(graph, "nodes", None)
-    if isinstance(nodes, list):
-        return any(getattr(getattr(n, "ctx", None), "op_type", None) in ("Conv", "ConvTranspose") for n in nodes)
+                   or getattr(m, "original_name", None) in _CONV_NAMES for m in model.modules())
     return None
 
 

@@ -23,10 +23,9 @@ import torch
 
 from ..errors import InputError
 from ..results.verify import VerifyAdjoint, VerifyDirection, VerifyForward, VerifyResult, VerifyTolerances
-from .core import Target, _retarget_model, prepare
+from .core import Target, prepare
 
-__all__ = ["verify", "VerifyResult", "DirectionCheck", "ForwardCheck", "AdjointCheck", "ort_session",
-           "reference_proto"]
+__all__ = ["verify", "VerifyResult", "DirectionCheck", "ForwardCheck", "AdjointCheck"]
 
 # steps and tolerances by the dtype of the function differenced
 _FD = {
@@ -53,82 +52,6 @@ def DirectionCheck(index: int, reference: str, status: str, rel_error: float, to
                            tol=float(tol), jvp_norm=float(jvp_norm), fd_norm=float(fd_norm),
                            fd_spread=float(fd_spread), steps=[float(h) for h in steps],
                            slope_norms=[float(v) for v in slope_norms], note=str(note or ""))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# onnxruntime reference
-# ---------------------------------------------------------------------------------------------------------
-def _elem_type_of(proto, name: str) -> int:
-    from onnx import TensorProto
-
-    g = proto.graph
-    for vi in list(g.value_info) + list(g.output) + list(g.input):
-        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            return vi.type.tensor_type.elem_type
-    try:
-        import onnx
-        inferred = onnx.shape_inference.infer_shapes(proto)
-        for vi in inferred.graph.value_info:
-            if vi.name == name and vi.type.tensor_type.elem_type:
-                return vi.type.tensor_type.elem_type
-    except Exception:
-        pass
-    return TensorProto.FLOAT
-
-
-def reference_proto(proto, outputs: Sequence[str] = (), cut_inputs: Sequence[str] = ()):
-    """A copy of ``proto`` with ``outputs`` added as graph outputs and each internal tensor in ``cut_inputs``
-    turned into a graph input (its producer's output renamed), so onnxruntime can vary it."""
-    import onnx
-    from onnx import helper
-
-    p = onnx.ModelProto()
-    p.CopyFrom(proto)
-    g = p.graph
-    have_out = {o.name for o in g.output}
-    for name in outputs:
-        if name not in have_out:
-            g.output.append(helper.make_tensor_value_info(name, _elem_type_of(proto, name), None))
-    have_in = {i.name for i in g.input}
-    for name in cut_inputs:
-        if name in have_in:
-            continue
-        et = _elem_type_of(proto, name)
-        for node in g.node:
-            for i, o in enumerate(node.output):
-                if o == name:
-                    node.output[i] = name + "__jacaudit_cut"
-        g.input.append(helper.make_tensor_value_info(name, et, None))
-    return p
-
-
-def ort_session(proto):
-    """An onnxruntime CPU session (one thread: a reference, not a race)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover
-        raise InputError("onnxruntime is not installed; it is the reference for ONNX verification") from None
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), sess_options=so,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"onnxruntime cannot load the model (the reference for verification): {first}") \
-            from None
-
-
-def _np_dtype_for(sess, name: str):
-    table = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-             "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
-    for i in sess.get_inputs():
-        if i.name == name:
-            return table.get(i.type, np.float32)
-    return np.float32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,7 +138,6 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
     if directions < 1:
         raise InputError("directions must be at least 1")
     warnings: list[str] = []
-    is_onnx = isinstance(model, Model) and model.format == "onnx"
     if x is None:
         if not isinstance(model, Model):
             raise InputError("verify needs an input x for a plain callable")
@@ -236,23 +158,16 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
 
     # -- reference -------------------------------------------------------------------------------
     ort_fn = None
-    if is_onnx:
-        m = t.model
-        feeds = _feeds_of(m, x, input, t)
+    # the model's reference forward (onnxruntime for ONNX; None: differences through the model in float64)
+    ref = t.model.reference([t.output_name], wrt=t.name) if isinstance(t.model, Model) else None
+    is_onnx = ref is not None
+    if ref is not None:
+        feeds = _feeds_of(t.model, x, input, t)
         wrt_name = t.name
-        cut = [wrt_name] if wrt_name not in {s.name for s in m.inputs} else []
-        proto = reference_proto(m.proto, outputs=[t.output_name], cut_inputs=cut)
-        sess = ort_session(proto)
         np_feeds = {k: v for k, v in feeds.items() if k != wrt_name}
-        wrt_np_dtype = _np_dtype_for(sess, wrt_name)
-        if cut:
-            np_feeds = {k: v for k, v in np_feeds.items()}
-        sess_inputs = {i.name for i in sess.get_inputs()}
-        np_feeds = {k: v for k, v in np_feeds.items() if k in sess_inputs}
 
         def ort_fn(xw: np.ndarray) -> np.ndarray:
-            res = sess.run([t.output_name], {**np_feeds, wrt_name: xw.astype(wrt_np_dtype)})[0]
-            return np.asarray(res, dtype=np.float64)
+            return np.asarray(ref({**np_feeds, wrt_name: xw})[0], dtype=np.float64)
 
         x_np = t.x.detach().to("cpu", torch.float64).numpy()
         try:
@@ -270,7 +185,7 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
             max_rel = max_abs / denom if denom > 0 else (0.0 if max_abs == 0 else math.inf)
             ok = bool(np.isfinite(y_engine).all()) and max_rel <= forward_tol
             fwd = ForwardCheck("onnxruntime", max_abs, max_rel, forward_tol, ok)
-        ref_dtype = "float32" if wrt_np_dtype != np.float64 else "float64"
+        ref_dtype = "float64" if ref.dtype == "float64" else "float32"
     else:
         fwd = ForwardCheck("none", None, None, None, True,
                            "no onnxruntime for this model: derivatives checked against differences through "

@@ -7,9 +7,11 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import InputError, ModelLoadError
-from .base import Model, TensorSpec
+from .base import Model, ParameterLayer, ReferenceForward, TensorSpec
+from .describe import describe_file
 
-__all__ = ["load", "Model", "TensorSpec", "resolve_device", "resolve_dtype"]
+__all__ = ["load", "Model", "TensorSpec", "ParameterLayer", "ReferenceForward", "describe_file", "detect_format",
+           "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -1,13 +1,32 @@
-"""The model object every analysis works with, whatever file format it came from."""
+"""The model object every analysis works with, whatever file format it came from.
+
+Besides being callable, a :class:`Model` has *capabilities* that analyses use instead of asking which format
+it came from (the base class gives the defaults of a format that has none of them):
+
+``to(device, dtype)``
+    a retargeted copy (self when nothing changes);
+``reference(outputs, wrt)``
+    an independent forward to check the interpreter against (:class:`ReferenceForward`; ONNX: onnxruntime),
+    or None;
+``internal_tensors()`` / ``softmax_input(output)``
+    the tensors one may read or differentiate with respect to besides the inputs, and the logits feeding a
+    final Softmax;
+``parameter_layers()`` / ``randomised(layers, seed)``
+    the parameter randomisation of the saliency sanity test, restored afterwards;
+``check_stateless(feeds)`` / ``has_convolutions()``
+    whether two calls agree, and whether the model convolves (a performance hint).
+"""
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -21,6 +40,8 @@ class TensorSpec:
     name: str
     shape: tuple[int | str | None, ...] | None
     dtype: torch.dtype | None
+    #: the dtype's name where torch has no such dtype (e.g. an ONNX "string" tensor)
+    dtype_name: str | None = None
 
     @property
     def is_float(self) -> bool:
@@ -46,9 +67,42 @@ class TensorSpec:
         return {
             "name": self.name,
             "shape": None if self.shape is None else [d if isinstance(d, int) else (d or "?") for d in self.shape],
-            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "dtype": self.dtype_name if self.dtype is None else str(self.dtype).replace("torch.", ""),
             "differentiable": self.is_float,
         }
+
+
+class ParameterLayer(NamedTuple):
+    """A layer whose parameters the sanity test randomises: its name and its parameter tensors' names."""
+
+    name: str
+    parameters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReferenceForward:
+    """An independent forward of the model (no code shared with the interpreter), on numpy arrays.
+
+    ``ref(feeds)`` takes arrays by input name (the ``wrt`` tensor among them when one was cut into an input;
+    each is cast to ``input_dtypes``, names the reference does not take are ignored) and returns the
+    ``outputs`` in order. ``dtype`` is the float dtype it computes in (of ``wrt`` when given).
+    """
+
+    name: str
+    dtype: str
+    outputs: tuple[str, ...]
+    input_dtypes: dict[str, str]
+    fn: Callable[[dict[str, np.ndarray]], list[np.ndarray]] = field(repr=False)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.fn(feeds)
+
+
+def gaussian_like(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Seeded Gaussian values with ``t``'s standard deviation (0.05 when it has none), ``t``'s dtype/device."""
+    std = float(t.double().std()) if t.numel() > 1 else 1.0
+    std = std if np.isfinite(std) and std > 0 else 0.05
+    return (torch.randn(t.shape, generator=g, dtype=torch.float64) * std).to(t.dtype).to(t.device)
 
 
 class Model(ABC):
@@ -129,6 +183,54 @@ class Model(ABC):
             def f(x: torch.Tensor) -> torch.Tensor:
                 return self.run(feeds, outputs=[out_name], overrides={wrt: x})[0]
         return f
+
+    # -- capabilities (defaults: a format that has none of them) --------------------------------
+    def _same_target(self, device: str | torch.device | None, dtype: torch.dtype | None) -> bool:
+        same_dtype = dtype is None or dtype == (self.dtype or torch.float32)
+        same_device = device is None or torch.device(device) == torch.device(self.device)
+        return same_dtype and same_device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Model":
+        """A copy on ``device`` / computing in ``dtype`` (the original is untouched); self when nothing changes."""
+        if self._same_target(device, dtype):
+            return self
+        raise UnsupportedError(f"a {self.format} model cannot be moved to {device or self.device} / "
+                               f"{dtype or self.dtype}")
+
+    def reference(self, outputs: Sequence[str] | None = None, wrt: str | None = None) -> ReferenceForward | None:
+        """An independent forward computing ``outputs`` (default: the model's outputs) with ``wrt`` (an input
+        or an internal tensor) fed in; None when the format has no reference."""
+        return None
+
+    def internal_tensors(self) -> list[str]:
+        """Tensors besides the inputs/outputs that ``run(outputs=...)`` reads and ``wrt=`` differentiates."""
+        return []
+
+    def softmax_input(self, output: str | None = None) -> str | None:
+        """The tensor feeding a final Softmax that produces ``output`` (the logits), when one is reachable."""
+        return None
+
+    def parameter_layers(self) -> list[ParameterLayer]:
+        """The layers with parameters, from the output backwards (the cascade of the sanity test)."""
+        return []
+
+    @contextlib.contextmanager
+    def randomised(self, layers: Sequence[ParameterLayer], seed: int) -> Iterator["Model"]:
+        """Within the block, the parameters of ``layers`` hold seeded Gaussian values (each with the original
+        tensor's standard deviation) and every call of the model computes with them; restored afterwards
+        (also on error). Yields the model."""
+        if layers:
+            raise UnsupportedError(f"a {self.format} model has no parameters to randomise")
+        yield self
+
+    def check_stateless(self, feeds: dict[str, torch.Tensor]) -> str | None:
+        """A warning when two calls on the same input disagree (state or randomness); None when they agree or
+        the format cannot keep state."""
+        return None
+
+    def has_convolutions(self) -> bool | None:
+        """Whether the model has convolutions (None: cannot be told)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {

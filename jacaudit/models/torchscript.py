@@ -5,14 +5,18 @@ archive gets a message saying what it is, and nothing is ever unpickled by us.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import zipfile
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..errors import InputError, ModelLoadError
-from .base import Model, TensorSpec
+from .base import Model, ParameterLayer, TensorSpec, gaussian_like
+
+_CONV_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
 
 
 def sniff_torch_file(path: str) -> str:
@@ -110,6 +114,61 @@ class TorchScriptModel(Model):
                 raise InputError(f"no output named one of {list(outputs)}; outputs are: {', '.join(names)}") \
                     from None
         return outs
+
+    # -- capabilities ----------------------------------------------------------------------------
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TorchScriptModel":
+        if self._same_target(device, dtype):
+            return self
+        same_device = device is None or torch.device(device) == torch.device(self.device)
+        same_dtype = dtype is None or dtype == (self.dtype or torch.float32)
+        new = copy.copy(self)
+        new_device = torch.device(device) if device is not None else self.device
+        new_dtype = dtype if dtype is not None else self.dtype
+        module = self.module
+        if not same_device:
+            module = module.to(new_device)  # a ScriptModule's .to() copies when the device changes
+        if new_dtype is not None and not same_dtype:
+            module = copy.deepcopy(module).to(new_dtype) if same_device else module.to(new_dtype)
+        new.module = module
+        new.device = new_device
+        new.dtype = new_dtype
+        new.outputs = list(self.outputs)
+        return new
+
+    def has_convolutions(self) -> bool:
+        return any(isinstance(m, torch.nn.modules.conv._ConvNd) or getattr(m, "original_name", None) in _CONV_NAMES
+                   for m in self.module.modules())
+
+    def parameter_layers(self) -> list[ParameterLayer]:
+        """Float parameters with more than one element, grouped by their module (the name before the last
+        dot), from the output backwards (the reverse of registration order)."""
+        groups: dict[str, list[str]] = {}
+        for name, p in self.module.named_parameters():
+            if p.is_floating_point() and p.numel() > 1:
+                groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
+        return [ParameterLayer(k, tuple(v)) for k, v in groups.items()][::-1]
+
+    @contextlib.contextmanager
+    def randomised(self, layers: Sequence[ParameterLayer], seed: int) -> Iterator["TorchScriptModel"]:
+        """Overwrite the parameters in place (the module computes with them), restoring them afterwards."""
+        params = dict(self.module.named_parameters())
+        gen = torch.Generator().manual_seed(int(seed))
+        saved: list[tuple[str, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    for name in layer.parameters:
+                        if name not in params:
+                            raise InputError(f"layer {layer.name!r}: no parameter {name!r} in the module")
+                        t = params[name]
+                        new = gaussian_like(t, gen)
+                        saved.append((name, t.detach().clone()))
+                        t.copy_(new)
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, old in reversed(saved):
+                    params[name].copy_(old)
 
     def check_stateless(self, feeds: dict[str, torch.Tensor]) -> str | None:
         """Calls the model twice on the same input; returns a warning when the outputs disagree

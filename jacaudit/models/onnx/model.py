@@ -1,15 +1,33 @@
 """Loading an ONNX file into an :class:`OnnxModel` (differentiable, callable on torch tensors)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from ...errors import ModelLoadError, UnsupportedError
-from ..base import Model, TensorSpec
+from ...errors import InputError, ModelLoadError, UnsupportedError
+from ..base import Model, ParameterLayer, ReferenceForward, TensorSpec, gaussian_like
 from .registry import onnx_to_torch_dtype
+
+#: ops whose weight initializers the sanity test randomises (a layer = one such node)
+_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LSTM", "GRU", "RNN",
+               "InstanceNormalization", "LayerNormalization", "Einsum"}
+_NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization")
+
+
+def elem_type_name(elem_type: int) -> str:
+    """An ONNX element type code -> its name in numpy/torch style ("float32", "int64", "string", ...)."""
+    dt = onnx_to_torch_dtype(elem_type)
+    if dt is not None:
+        return str(dt).replace("torch.", "")
+    try:
+        from onnx import TensorProto
+        return TensorProto.DataType.Name(elem_type).lower()
+    except Exception:
+        return f"onnx-type-{elem_type}"
 
 
 def _value_info_spec(vi) -> TensorSpec:
@@ -29,7 +47,8 @@ def _value_info_spec(vi) -> TensorSpec:
             else:
                 dims.append(None)
         shape = tuple(dims)
-    return TensorSpec(vi.name, shape, onnx_to_torch_dtype(tt.elem_type))
+    dt = onnx_to_torch_dtype(tt.elem_type)
+    return TensorSpec(vi.name, shape, dt, None if dt is not None or not tt.elem_type else elem_type_name(tt.elem_type))
 
 
 def _check_external_data(proto, base_dir: str) -> None:
@@ -112,6 +131,7 @@ class OnnxModel(Model):
             "sha256": sha256,
         }
         self._kept_graphs: dict[frozenset[str], object] = {}  # optimized graphs keeping internal outputs
+        self._randomised = 0  # inside randomised(): every call runs the graph as written
         if optimize:
             # Load-time graph work (constant folding, BatchNormalization folded into Conv): the function and
             # its input derivatives are unchanged. Internal tensors stay reachable (see run()).
@@ -130,13 +150,13 @@ class OnnxModel(Model):
             overrides: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
         missing = [s.name for s in self.inputs if s.name not in feeds]
         if missing:
-            from ...errors import InputError
             raise InputError(f"missing input(s): {', '.join(missing)}")
         out_names = [s.name for s in self.outputs]
         graph = self.graph
         internal = [o for o in outputs or () if o not in out_names]
-        if overrides:
-            graph = self.plain_graph  # a replaced tensor must reach every consumer exactly as written
+        if overrides or self._randomised:
+            # a replaced tensor (or a randomised weight) must reach every consumer exactly as written
+            graph = self.plain_graph
         elif internal and self._optimize:
             # e.g. the logits before a final Softmax: an optimized graph that keeps those tensors
             key = frozenset(internal)
@@ -170,6 +190,74 @@ class OnnxModel(Model):
     def tensor_names(self) -> list[str]:
         """Every tensor name the graph produces (candidates for ``wrt=`` / ``output=``)."""
         return [o for n in self.plain_graph.nodes for o in n.outputs if o]
+
+    # -- capabilities ----------------------------------------------------------------------------
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "OnnxModel":
+        if self._same_target(device, dtype):
+            return self
+        return OnnxModel(self.proto, path=self.path, device=torch.device(device) if device is not None else self.device,
+                         dtype=dtype if dtype is not None else self.dtype, sha256=self.metadata.get("sha256"),
+                         optimize=self._optimize)
+
+    def reference(self, outputs: Sequence[str] | None = None, wrt: str | None = None) -> ReferenceForward:
+        """onnxruntime on a copy of the graph with ``outputs`` added as graph outputs and an internal ``wrt``
+        tensor cut into a graph input."""
+        from .reference import onnxruntime_reference
+
+        outs = list(outputs) if outputs else [s.name for s in self.outputs]
+        return onnxruntime_reference(self.proto, outs, wrt, [s.name for s in self.inputs])
+
+    def internal_tensors(self) -> list[str]:
+        return self.tensor_names()
+
+    def has_convolutions(self) -> bool:
+        return any(n.ctx.op_type in ("Conv", "ConvTranspose") for n in self.graph.nodes)
+
+    def parameter_layers(self) -> list[ParameterLayer]:
+        """Nodes of the graph as written with float weight initializers (a weight matrix/kernel of rank >= 2,
+        or a normalisation's scale and bias), from the output backwards. Folding (BatchNormalization into
+        Conv) does not merge layers here: the sanity test randomises the graph as written."""
+        g = self.plain_graph
+        inits = g.initializers
+        layers: list[ParameterLayer] = []
+        seen: set[str] = set()
+        for i, node in enumerate(g.nodes):
+            op = node.ctx.op_type
+            if op not in _WEIGHT_OPS:
+                continue
+            names = [n for n in node.inputs if n and n in inits and n not in seen and inits[n].is_floating_point()
+                     and inits[n].numel() > 1]
+            if not names:
+                continue
+            if not any(inits[n].dim() >= 2 for n in names) and op not in _NORM_OPS:
+                continue
+            seen.update(names)
+            layers.append(ParameterLayer(node.ctx.name or f"{op}_{i}", tuple(names)))
+        return layers[::-1]
+
+    @contextlib.contextmanager
+    def randomised(self, layers: Sequence[ParameterLayer], seed: int) -> Iterator["OnnxModel"]:
+        """Randomise the initializers of the graph as written, and run that graph for every call inside the
+        block: an optimized model computes with folded copies of its weights (and, for internal outputs such
+        as the logits, other compiled graphs) that its initializers do not reach."""
+        g = self.plain_graph
+        gen = torch.Generator().manual_seed(int(seed))
+        saved: list[tuple[str, torch.Tensor]] = []
+        self._randomised += 1
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    for name in layer.parameters:
+                        if name not in g.initializers:
+                            raise InputError(f"layer {layer.name!r}: no parameter {name!r} in the graph")
+                        t = g.initializers[name]
+                        saved.append((name, t))
+                        g.initializers[name] = gaussian_like(t, gen)
+            yield self
+        finally:
+            for name, old in reversed(saved):
+                g.initializers[name] = old
+            self._randomised -= 1
 
     def softmax_input(self, output: str | None = None) -> str | None:
         """If ``output`` is produced by a Softmax, the name of that Softmax's input (the logits)."""
