@@ -336,17 +336,22 @@ def test_cli_jacobian_json_and_save(tmp_path):
     torch.jit.script(lin).save(str(mp))
     xp = tmp_path / "x.npy"
     np.save(xp, np.random.default_rng(0).standard_normal((1, 6)))
-    jp = tmp_path / "J.npy"
+    out = tmp_path / "rep"
     r = CliRunner().invoke(app, ["jacobian", str(mp), "--input", str(xp), "--dtype", "float64", "--json",
-                                 "--save", str(jp), "--linearity"])
+                                 "--save", "--linearity", "-o", str(out)])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["jacobian_shape"] == [1, 4, 1, 6]
-    assert d["frobenius_norm"] == pytest.approx(float(W.norm()), rel=1e-12)
-    assert d["spectral_norm"] == pytest.approx(float(torch.linalg.svdvals(W)[0]), rel=1e-12)
-    assert d["rank"] == 4 and d["computation"]["path"] == "vmap"
-    assert max(row["error"] for row in d["linearity"]["rows"]) < 1e-10
-    np.testing.assert_allclose(np.load(jp)[0, :, 0, :], W.numpy())
+    assert d == json.loads((out / "report.json").read_text())  # --json prints exactly the report
+    res = d["result"]
+    assert res["jacobian_shape"] == [1, 4, 1, 6]
+    assert res["frobenius"]["value"] == pytest.approx(float(W.norm()), rel=1e-12)
+    assert res["spectral"]["value"] == pytest.approx(float(torch.linalg.svdvals(W)[0]), rel=1e-12)
+    assert res["rank"] == 4 and res["computation"]["path"] == "vmap"
+    assert max(row["error"] for row in res["linearity"]["rows"]) < 1e-10
+    np.testing.assert_allclose(np.load(out / "jacobian.npy")[0, :, 0, :], W.numpy())
+    # the small J is in the report, with all its singular values (closed form: the SVD of W)
+    np.testing.assert_allclose(np.array(res["matrix"]), W.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(res["singular_values"], torch.linalg.svdvals(W).numpy(), rtol=1e-10)
 
 
 def test_cli_jacobian_synthetic_input_onnx(tmp_path):
@@ -361,4 +366,4 @@ def test_cli_jacobian_synthetic_input_onnx(tmp_path):
     d = json.loads(r.stdout)
     assert d["settings"]["synthetic_input"] is True
     assert any("synthetic" in w for w in d["warnings"])
-    assert d["jacobian_shape"] == [1, 3, 5, 5, 1, 2, 5, 5]
+    assert d["result"]["jacobian_shape"] == [1, 3, 5, 5, 1, 2, 5, 5]

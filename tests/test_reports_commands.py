@@ -84,9 +84,9 @@ def test_jacobian_report(evil, tmp_path):
     np.save(xp, x[0])
     out = tmp_path / "rep"
     r = _run("jacobian", evil, "--input", xp, "--dtype", "float64", "--linearity", "--seed", "3", "--top", "4",
-             "--save", tmp_path / "J.npy", "--max-memory", "64MB", "--out", out, "--json")
-    assert json.loads(r.stdout)["jacobian_shape"] == [1, 3, 1, 4]  # stdout unchanged: the summary's JSON
+             "--save", "--max-memory", "64MB", "--out", out, "--json")
     d = _check_reports(out, "jacobian", "pass", tmp_path)
+    assert json.loads(r.stdout) == d  # --json prints exactly report.json
     res = d["result"]
     # closed form: J = diag(1 - tanh^2(xW)) W^T
     h = x.astype(np.float64) @ W
@@ -100,7 +100,9 @@ def test_jacobian_report(evil, tmp_path):
     assert abs(res["largest"][0]["value"]) == pytest.approx(np.abs(J).max(), rel=1e-6)
     assert res["input_name"] == X and res["output"] == Y and res["synthetic_input"] is False
     assert res["linearity"] and len(res["linearity"]["worst_by_step"]) == len(res["linearity"]["steps"])
-    assert res["saved"].endswith("J.npy")
+    assert res["saved"] == "jacobian.npy" and (out / "jacobian.npy").is_file()
+    assert [c["check"] for c in d["checks"]] == ["nonfinite_entries"] and d["checks"][0]["status"] == "pass"
+    assert {m["name"] for m in d["metrics"]} >= {"frobenius_norm", "spectral_norm", "condition_number"}
     s = d["settings"]
     assert (s["seed"], s["dtype"], s["device"], s["mode"], s["max_memory"]) == (3, "float64", "cpu", "auto", "64MB")
     assert d["model"]["producer"] and "<script>" in d["model"]["producer"]  # kept verbatim in the JSON
@@ -183,16 +185,24 @@ def test_verify_failing_run_writes_a_fail_report(evil, tmp_path, monkeypatch, ki
     else:
         def broken(ctx, x):
             return torch.tanh(x) * 1.01
+    registry.lookup("Tanh", "", 13)  # op families loaded first (their import would re-register Tanh)
     monkeypatch.setitem(registry._REGISTRY, ("", "Tanh"), [(1, broken)])
     out = tmp_path / "v"
     _run("verify", evil, "-k", "1", "--out", out, code=1)
     d = _check_reports(out, "verify", "fail", tmp_path)
     assert d["exit_code"] == 1 and d["result"]["verdict"] == "fail"
+    checks = {c["id"]: c["status"] for c in d["checks"]}
     if kind == "gradient":
         assert d["result"]["forward"]["passed"] and d["result"]["directions"][0]["status"] == "fail"
+        assert checks["verify.derivative_rel_error[dir 0]"] == "fail"
+        assert checks["verify.forward_rel_error[model]"] == "pass"
         assert "fail" in (out / "report.md").read_text()
     else:
         assert not d["result"]["forward"]["passed"]
+        assert checks["verify.forward_rel_error[model]"] == "fail"
+    # --exit-zero reports without failing the build
+    _run("verify", evil, "-k", "1", "--out", tmp_path / "v0", "--exit-zero", code=0)
+    assert json.loads((tmp_path / "v0" / "report.json").read_text())["status"] == "fail"
 
 
 def test_inspect_reports(tmp_path):
@@ -203,16 +213,18 @@ def test_inspect_reports(tmp_path):
     assert res["supported"] and res["opset"] == {"ai.onnx": 17} and res["parameters"] > 0
     assert res["inputs"][0]["dtype"] == "int64" and not res["inputs"][0]["differentiable"]
     assert res["nodes"] == sum(o["count"] for o in res["op_histogram"])
-    assert any("--wrt" in n for n in res["notes"])
+    assert any("wrt" in n for n in res["notes"])
+    assert [(c["id"], c["status"]) for c in d["checks"]] == [("inspect.unsupported_ops[model]", "pass")]
 
 
 def test_inspect_unsupported_op_writes_a_fail_report(tmp_path):
     p = tmp_path / "unsup.onnx"
     _unsupported_onnx(p)
     out = tmp_path / "i"
-    _run("inspect", p, "--out", out, code=2)
+    _run("inspect", p, "--out", out, code=1)  # a failing check
     d = _check_reports(out, "inspect", "fail", tmp_path)
-    assert d["exit_code"] == 2 and not d["result"]["supported"]
+    assert d["exit_code"] == 1 and not d["result"]["supported"]
+    assert d["checks"][0]["status"] == "fail" and "Evil<script>Op" in d["checks"][0]["message"]
     u = d["result"]["unsupported_ops"][0]
     assert u["op_type"] == "Evil<script>Op" and u["nodes"] == ["n<script>alert(3)</script>"]
     html = (out / "report.html").read_text(encoding="utf-8")

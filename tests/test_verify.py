@@ -62,7 +62,7 @@ def test_verify_fails_on_a_broken_op(tmp_path, monkeypatch, kind):
         assert not r.forward.passed
     res = CliRunner().invoke(app, ["verify", str(p), "--json", "-k", "1"])
     assert res.exit_code == 1, res.output
-    assert json.loads(res.stdout)["verdict"] == "fail"
+    assert json.loads(res.stdout)["result"]["verdict"] == "fail"
 
 
 def test_cli_verify_passes(tmp_path):

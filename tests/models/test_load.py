@@ -255,7 +255,7 @@ def test_cli_model_args_and_state_warning(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert abs(summary["frobenius_norm"] - 3 * np.sqrt(2)) < 1e-5  # J = 3·I (2x2)
+    assert abs(summary["result"]["frobenius"]["value"] - 3 * np.sqrt(2)) < 1e-5  # J = 3·I (2x2)
     r = subprocess.run(base + ["jacobian", str(p2), "--shape", "1,2", "--format", ""], capture_output=True,
                        text=True, timeout=120)
     assert "disagree" in r.stderr
