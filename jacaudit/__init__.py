@@ -25,7 +25,10 @@ _LAZY = {
     # analyses, data, reports
     "saliency": ("jacaudit.analyses.saliency", "saliency"),
     "SaliencyOptions": ("jacaudit.analyses.saliency", "SaliencyOptions"),
-    "attribute": ("jacaudit.analyses.saliency", "attribute"),
+    "attribute": ("jacaudit.analyses.attribution", "attribute"),
+    "grouped_gradients": ("jacaudit.engine.gradients", "grouped_gradients"),
+    "make_scorer": ("jacaudit.engine.gradients", "make_scorer"),
+    "describe_file": ("jacaudit.models", "describe_file"),
     "Preprocess": ("jacaudit.data", "Preprocess"),
     "load_inputs": ("jacaudit.data", "load_inputs"),
     "make_report": ("jacaudit.results", "make_report"),

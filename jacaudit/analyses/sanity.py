@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..results.saliency import SanityCheck, SanityStep
 from . import maps as M
+from .attribution import attribute
+
 
 def sanity_check(model: Any, scorer: Any, kept: list, options: Any, preprocess: Any, layout: str) -> list:
     """Recompute every method's maps under cascading randomisation; one :class:`SanityCheck` per method."""
-    from ..results.saliency import SanityCheck, SanityStep
-    from .saliency import attribute
-
     layers = model.parameter_layers()
     if options.sanity_layers:
         layers = layers[: options.sanity_layers]
