@@ -1,6 +1,7 @@
 """jacaudit: audit neural networks (ONNX, TorchScript) through their Jacobians.
 
 The public API is imported lazily so that ``import jacaudit`` (and ``jacaudit --help``) stays free of torch.
+The package's layout, and how to add a command or a report format: ``jacaudit/README.md``.
 """
 from __future__ import annotations
 
