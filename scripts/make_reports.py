@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (report folder, command, model path relative to the samples folder, arguments)
 RUNS = [
     ("saliency-shapes", "saliency", "shapes/shapes_cnn.onnx",
-     ["shapes/examples", "--method", "all", "--sanity", "--steps", "32", "--samples", "16"]),
+     ["shapes/examples", "--method", "all", "--sanity", "--ig-steps", "32", "--sg-samples", "16"]),
     ("saliency-shortcut", "saliency", "shortcut/shortcut_cnn.onnx",
-     ["shortcut/examples", "--method", "grad,ig", "--steps", "32"]),
+     ["shortcut/examples", "--method", "grad,ig", "--ig-steps", "32"]),
     ("verify-tabular", "verify", "tabular/tabular_mlp.onnx", []),
     ("verify-flow", "verify", "flow/flow.onnx", []),
     ("verify-sequence", "verify", "sequence/sequence.onnx", ["--wrt", "embeddings"]),

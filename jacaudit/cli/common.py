@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Iterator
+from typing import Iterator
 
 import typer
 from rich.console import Console
 
-from ..errors import EXIT_INPUT, EXIT_RUNTIME, JacauditError
+from ..errors import EXIT_RUNTIME, JacauditError
 
 # stdout carries data; stderr carries messages and progress.
 # Not a terminal (CI logs, pipes): a wide fixed width so tables do not wrap into unreadable columns.

@@ -13,9 +13,21 @@ from .options import (ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, InputOpt, 
 from .runner import Outcome, audit_command
 
 
-def preprocess_kw(**kw) -> dict:
-    """The image-preprocessing options as given (None = inferred from the model)."""
-    return {k: v for k, v in kw.items() if v is not None}
+def load_point(ctx, model: str, input: str | None, *, device: str, dtype: str | None, input_name: str | None,
+               seed: int, shape: str | None, **preprocess):
+    """The model and one evaluation point (jacobian, verify): (model, Feeds); what was synthesised is said."""
+    import torch
+
+    from ..data.feeds import load_feeds
+
+    torch.manual_seed(seed)
+    with ctx.timed("load"):
+        m = load_model(model, device=device, dtype=dtype)
+        feeds = load_feeds(m, input, input_name=input_name, seed=seed, shape=shape,
+                           preprocess={k: v for k, v in preprocess.items() if v is not None})
+    for n in feeds.notes:
+        info(n)
+    return m, feeds
 
 
 def _summary(report) -> None:
@@ -67,19 +79,11 @@ def register(app: typer.Typer) -> None:
 
         Checks: non-finite entries fail; norms (frobenius_norm, spectral_norm, max_abs_entry, condition_number)
         and linearity errors become checks with --fail-on / --warn-on."""
-        import torch
-
         from ..analyses.jacobian import JacobianOptions, jacobian_analysis
-        from ..data.feeds import load_feeds
 
-        torch.manual_seed(seed)
-        with ctx.timed("load"):
-            m = load_model(model, device=device, dtype=dtype)
-            feeds = load_feeds(m, input, input_name=input_name, seed=seed, shape=shape,
-                               preprocess=preprocess_kw(size=size, mean=mean, std=std, scale=scale, layout=layout,
-                                                        channels=channels, preset=preset))
-        for n in feeds.notes:
-            info(n)
+        m, feeds = load_point(ctx, model, input, device=device, dtype=dtype, input_name=input_name, seed=seed,
+                              shape=shape, size=size, mean=mean, std=std, scale=scale, layout=layout,
+                              channels=channels, preset=preset)
         opts = JacobianOptions(output_name=output_name, wrt=wrt, logits=logits, mode=mode, max_memory=max_memory,
                                top=top, linearity=linearity, save=save, seed=seed)
         with ctx.progress("Jacobian") as p:

@@ -16,14 +16,13 @@ skipped (``partial``), 3 runtime failure.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import typer
 

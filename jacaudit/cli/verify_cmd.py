@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import info, load_model, out
-from .jacobian_cmd import preprocess_kw
+from .common import out
+from .jacobian_cmd import load_point
 from .options import (ChannelsOpt, DeviceOpt, InputNameOpt, InputOpt, LayoutOpt, LogitsOpt, MeanOpt, ModelArg,
                       OutputNameOpt, PresetOpt, ScaleOpt, SeedOpt, ShapeOpt, SizeOpt, StdOpt, WrtOpt)
 from .runner import Outcome, audit_command
@@ -64,19 +64,12 @@ def register(app: typer.Typer) -> None:
         One check per derivative direction, plus the forward and adjoint checks; a direction without evidence
         (kinks, zero derivative, loose tolerance) is skipped with the reason. Reports go into --out, also when a
         check fails."""
-        import torch
-
         from ..analyses.verify import VerifyOptions, verify_analysis
-        from ..data.feeds import load_feeds
 
-        torch.manual_seed(seed)
-        with ctx.timed("load"):
-            m = load_model(model, device=device, dtype=None)
-            feeds = load_feeds(m, input, input_name=input_name, seed=seed, shape=shape,
-                               preprocess=preprocess_kw(size=size, mean=mean, std=std, scale=scale, layout=layout,
-                                                        channels=channels, preset=preset))
-        for n in feeds.notes:
-            info(n)
+        # the model stays in its stored dtype: verify builds the float64 copies it needs
+        m, feeds = load_point(ctx, model, input, device=device, dtype=None, input_name=input_name, seed=seed,
+                              shape=shape, size=size, mean=mean, std=std, scale=scale, layout=layout,
+                              channels=channels, preset=preset)
         opts = VerifyOptions(output_name=output_name, wrt=wrt, logits=logits, directions=directions, seed=seed,
                              dtype=dtype, rtol=rtol, forward_tol=forward_tol)
         with ctx.timed("verify"):
