@@ -86,3 +86,18 @@ def test_quantised_graph_is_reported_not_failed():
     r = verify(lambda z: torch.round(z * 2000) / 2000, x, directions=2)
     assert r.verdict == "inconclusive"
     assert all(d.status == "non-differentiable" for d in r.directions)
+
+
+def test_zero_derivative_is_no_evidence():
+    """J v = 0 and the differences = 0 along every direction (e.g. a float token id feeding a lookup):
+    agreement, but no evidence that a nonzero derivative would be right -> inconclusive, never pass."""
+    x = torch.randn(1, 5, dtype=torch.float64)
+    r = verify(lambda z: torch.ones(1, 3, dtype=z.dtype) * 2 + 0 * z.sum(), x, directions=2)  # constant in z
+    assert r.verdict == "inconclusive"
+    assert all(d.status == "inconclusive" and "exactly 0" in d.note for d in r.directions)
+    from jacaudit.analyses.verify import verify_metrics
+    from jacaudit.gate import evaluate, report_status
+
+    checks = evaluate("verify", verify_metrics(r))
+    assert {c.status for c in checks if c.check == "derivative_rel_error"} == {"skipped"}
+    assert report_status(checks) == "pass"  # nothing failed; the runner reports it as inconclusive
