@@ -96,6 +96,10 @@ def _assess(jv: np.ndarray, steps: list[float], D: list[np.ndarray], asym: list[
         return ("non-differentiable", err, tol, fn_, spread,
                 f"finite-difference slope changes by {smax / max(smin, 1e-300):.3g}x across steps "
                 f"{steps[0]:.3g}..{steps[-1]:.3g} (piecewise constant / quantised)")
+    if err <= tol and tol > _MAX_TOL:
+        return ("inconclusive", err, tol, fn_, spread,
+                f"the differences' rounding floor is as large as the derivative (tolerance would be {tol:.3g}): "
+                "agreement within it is no evidence")
     if err <= tol:
         return "pass", err, tol, fn_, spread, ""
     kink = asym[-1] / scale > max(10 * rt, 1e-2) and asym[-1] > 0.5 * asym[0]
