@@ -147,7 +147,11 @@ def _samples(n=3):
     return pp, out
 
 
-def test_full_analysis_writes_maps_and_valid_report(cnn, tmp_path):
+def test_full_analysis_returns_maps_as_artifacts_and_a_valid_report(cnn, tmp_path, monkeypatch):
+    from jacaudit.analyses.base import AnalysisOutput, Artifact
+    from jacaudit.gate import evaluate, metric_values
+
+    monkeypatch.chdir(tmp_path)
     model = load(cnn)
     pp, smp = _samples()
     mask = np.zeros((H, W), bool)
@@ -155,20 +159,41 @@ def test_full_analysis_writes_maps_and_valid_report(cnn, tmp_path):
     opts = SaliencyOptions(methods=parse_methods("all"), steps=8, samples=4, batch_size=2, sanity=True,
                            labels=["a", "b", "c", "<script>"], thumb=32)
     w_before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    res, warns = saliency(model, smp, opts, preprocess=pp, out_dir=str(tmp_path), masks={smp[0].name: mask})
+    out = saliency(model, smp, opts, preprocess=pp, masks={smp[0].name: mask})
+    assert isinstance(out, AnalysisOutput) and not out.partial
+    assert os.listdir(tmp_path) == []  # the analysis writes no files and creates no folders
+    res, warns = out.result, out.warnings
     for k, v in model.module.state_dict().items():  # the sanity check restored the weights
         assert torch.equal(v, w_before[k])
     assert len(res.inputs) == 3 and [m.method for m in res.inputs[0].maps] == ["grad", "gradxinput",
                                                                                "smoothgrad", "ig"]
+    arts = {a.path: a.data for a in out.artifacts}
+    assert all(isinstance(a, Artifact) and a.path.startswith("maps/") for a in out.artifacts)
+    assert len(arts) == len(out.artifacts) == 3 * 4 * 3  # npy + heatmap + overlay per input and method
     m0 = res.inputs[0].maps[0]
-    arr = np.load(tmp_path / m0.npy)
-    assert arr.shape == (1, 3, H, W)
-    assert (tmp_path / m0.heatmap.path).is_file() and (tmp_path / m0.overlay.path).is_file()
-    assert 0 <= m0.mask_fraction <= 1
+    assert arts[m0.npy].shape == (1, 3, H, W) and arts[m0.npy].dtype == np.float32
+    assert arts[m0.heatmap.path][:8] == b"\x89PNG\r\n\x1a\n" and arts[m0.overlay.path][:8] == b"\x89PNG\r\n\x1a\n"
+    assert m0.heatmap.path == m0.npy[:-len(".npy")] + ".heatmap.png"
+    assert 0 <= m0.mask_fraction <= 1 and m0.mask_outlined and not res.inputs[1].maps[0].mask_outlined
+    red = np.abs(arts[m0.npy][0]).max(0)
+    assert m0.heat_max == pytest.approx(np.percentile(red, 99.5))
     assert res.inputs[0].maps[3].completeness_gap is not None
     assert {s.method for s in res.sanity} == set(opts.methods)
     assert all(len(s.steps) == 3 for s in res.sanity)  # three parameter layers, cascading
-    rep = R.make_report("saliency", res, model=model, settings={"seed": 0}, warnings=warns)
+    by_id = {c.id: c for c in evaluate("saliency", out.metrics)}
+    for i in res.inputs:
+        c = by_id[f"saliency.ig_completeness_gap[{i.name}]"]
+        assert c.warn == 0.1 and c.fail is None and c.value == pytest.approx(i.maps[3].completeness_gap)
+    for m in opts.methods:
+        c = by_id[f"saliency.sanity_spearman@method={m}[model]"]
+        assert c.op == ">=" and c.warn == 0.5 and c.status in ("pass", "warn")
+        c = by_id[f"saliency.mask_outside@method={m}[{smp[0].name}]"]
+        mf = next(mm.mask_fraction for mm in res.inputs[0].maps if mm.method == m)
+        assert c.value == pytest.approx(1 - mf) and c.op == ">" and c.fail == pytest.approx(1 - mask.mean())
+        assert c.description and "density" in c.description
+    assert not [k for k in by_id if "mask_outside" in k and smp[0].name not in k]  # only the masked input
+    rep = R.make_report("saliency", res, model=model, settings={"seed": 0}, warnings=warns,
+                        checks=list(by_id.values()), metrics=metric_values("saliency", out.metrics))
     R.validate(json.loads(R.to_json(rep)))
     from jacaudit.report import render
     html = render(rep, "html").decode()
@@ -203,14 +228,18 @@ def test_cli_folder_with_broken_image(cnn, tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     out = tmp_path / "out"
-    p = _run_cli("saliency", cnn, str(d), "--method", "grad,ig", "--steps", "8", "--size", f"{H}x{W}",
+    p = _run_cli("saliency", cnn, str(d), "--method", "grad,ig", "--ig-steps", "8", "--size", f"{H}x{W}",
                  "--out", str(out), "--json")
     assert p.returncode == 2, p.stderr
-    summary = json.loads(p.stdout)
-    assert len(summary) == 2 and summary[0]["maps"][1]["completeness_gap"] is not None
+    rep = json.loads(p.stdout)  # --json prints the report
+    inputs = rep["result"]["inputs"]
+    assert len(inputs) == 2 and inputs[0]["maps"][1]["completeness_gap"] is not None
     assert "broken.png" in p.stderr
-    rep = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "report.json").read_text())["result"] == rep["result"]
     R.validate(rep)
+    m0 = inputs[0]["maps"][0]  # the CLI writes the analysis' artifacts beside the report
+    assert (out / m0["npy"]).is_file() and (out / m0["heatmap"]["path"]).is_file()
+    assert {c["id"] for c in rep["checks"]} == {f"saliency.ig_completeness_gap[{i['name']}]" for i in inputs}
     assert rep["status"] == "partial" and rep["exit_code"] == 2 and len(rep["result"]["failures"]) == 1
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -222,7 +251,7 @@ def test_cli_synthetic_and_bad_option(cnn, tmp_path):
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["result"]["inputs"][0]["synthetic"] is True
     p = _run_cli("saliency", cnn, "--method", "lrp", "--out", str(tmp_path / "o2"))
-    assert p.returncode == 2 and "unknown --method" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "unknown saliency method" in p.stderr and "Traceback" not in p.stderr
 
 
 def _onnx_linear_softmax(path, w, b):
@@ -257,8 +286,42 @@ def test_onnx_softmax_model_uses_logits(linear, tmp_path):
     assert torch.allclose(a.ref_probs.sum(1), torch.ones(2), atol=1e-5)
     a = attribute(sc, x, "ig", steps=5, baseline="zero")
     assert torch.allclose(a.attr[0].flatten(), x[0].flatten() * w[a.targets[0]], atol=1e-5)
-    res, warns = saliency(model, [Sample("s", "mem", x[0].numpy())], SaliencyOptions(methods=["grad"], sanity=True))
+    out = saliency(model, [Sample("s", "mem", x[0].numpy())], SaliencyOptions(methods=["grad"], sanity=True),
+                   failures=[("bad.png", "cannot read")])
+    res = out.result
+    assert out.partial and res.failures[0].path == "bad.png"
+    assert not out.artifacts[-1].path.endswith(".overlay.png")  # no pixels: no overlay
     assert res.score == "logit" and res.inputs[0].target.probability is not None
     assert len(res.sanity[0].steps) == 1  # one Gemm layer randomised
     # sanity restored the weights
     assert torch.allclose(model.graph.initializers["W"], w)
+
+
+def test_errors_name_no_flags(linear):
+    model, *_ = linear
+    pp, smp = _samples(1)
+    with pytest.raises(InputError, match=r"^IG steps must be at least 1 \(got 0\)$"):
+        saliency(model, smp, SaliencyOptions(methods=["ig"], steps=0), preprocess=pp)
+    with pytest.raises(InputError, match=r"SmoothGrad samples must be at least 1 \(got 0\)"):
+        attribute(make_scorer(model), _x(), "smoothgrad", samples=0)
+    for bad in (SaliencyOptions(reduction="mean"), SaliencyOptions(baseline="grey"), SaliencyOptions(methods=["lrp"]),
+                SaliencyOptions(target="cat")):
+        with pytest.raises(InputError) as e:
+            saliency(model, smp, bad, preprocess=pp)
+        assert "--" not in str(e.value), str(e.value)
+
+
+def test_sanity_without_parameters_is_skipped_not_passed(tmp_path):
+    from jacaudit.gate import evaluate
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * 2.0
+
+    p = tmp_path / "noparams.pt"
+    torch.jit.script(Fixed()).save(str(p))
+    pp, smp = _samples(1)
+    out = saliency(load(str(p)), smp, SaliencyOptions(methods=["grad"], sanity=True), preprocess=pp)
+    (check,) = [c for c in evaluate("saliency", out.metrics) if c.check.startswith("sanity_spearman")]
+    assert check.status == "skipped" and "randomised" in check.message
+    assert any("no layer" in w for w in out.warnings)

@@ -2,7 +2,7 @@
 
 shapes: most saliency mass falls inside the object masks (the measured fraction is printed and checked
 against the mask's area: a map that ignored the object would put ~area of its mass there).
-shortcut: with the marker in the image, the marker region lights up.
+shortcut: with the marker in the image, the marker region lights up, and the object-mask check warns or fails.
 """
 from __future__ import annotations
 
@@ -34,9 +34,50 @@ def _model(folder):
         pytest.skip(f"interpreter lacks an op yet: {e}")
 
 
+def _with_masks(folder, pattern, pp, spec):
+    """Samples and their object masks, read as `jacaudit saliency` reads them (masks at the preprocessing size)."""
+    import glob
+
+    from jacaudit.data import load_sample, read_pixels
+
+    samples, masks = [], {}
+    for f in sorted(glob.glob(os.path.join(_need(folder, "examples"), pattern))):
+        if f.endswith("_mask.png"):
+            continue
+        s = load_sample(f, pp, spec)[0]
+        samples.append(s)
+        masks[s.name] = read_pixels(f[:-4] + "_mask.png", "L", pp.size, pp.resize)[0][:, :, 0] > 127
+    return samples, masks
+
+
+def test_mask_checks_flag_the_shortcut_model_and_pass_the_object_model(tmp_path, monkeypatch):
+    """mask_outside@method=grad: the shortcut model's marked images warn or fail, the shapes model's pass."""
+    from jacaudit.analyses.saliency import SaliencyOptions, saliency
+    from jacaudit.data import Preprocess
+    from jacaudit.gate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    for folder, pattern, bad in (("shortcut", "*_marker.png", True), ("shapes", "*.png", False)):
+        model = _model(folder)
+        pp = Preprocess.infer(model.input_spec().shape)  # as the CLI infers it
+        samples, masks = _with_masks(folder, pattern, pp, model.input_spec())
+        out = saliency(model, samples, SaliencyOptions(methods=["grad"]), preprocess=pp, masks=masks)
+        checks = [c for c in evaluate("saliency", out.metrics) if c.check == "mask_outside@method=grad"]
+        assert len(checks) == len(samples) == len(masks) > 0
+        print(folder, [(c.subject, c.status, round(c.value, 3), round(c.properties["inside_density"], 2))
+                       for c in checks])
+        if bad:
+            assert all(c.status in ("warn", "fail") for c in checks)
+        else:
+            assert all(c.status == "pass" for c in checks)
+        assert all(m.mask_outlined for i in out.result.inputs for m in i.maps)
+    assert os.listdir(tmp_path) == []  # the analysis writes nothing
+
+
 def test_shapes_mass_in_mask():
     from jacaudit.analyses.saliency import SaliencyOptions, saliency
     from jacaudit.data import Preprocess, load_sample, read_pixels
+    from jacaudit.gate import evaluate
 
     model = _model("shapes")
     ex = _need("shapes", "examples")
@@ -47,8 +88,10 @@ def test_shapes_mass_in_mask():
             s = load_sample(os.path.join(ex, f), pp, model.input_spec())[0]
             samples.append(s)
             masks[s.name] = read_pixels(os.path.join(ex, f[:-4] + "_mask.png"), "L")[0][:, :, 0] > 127
-    res, _ = saliency(model, samples[:8], SaliencyOptions(methods=["grad", "gradxinput", "ig"], steps=32),
-                      preprocess=pp, masks=masks)
+    out = saliency(model, samples[:8], SaliencyOptions(methods=["grad", "gradxinput", "ig"], steps=32),
+                   preprocess=pp, masks=masks)
+    res = out.result
+    assert not [c.id for c in evaluate("saliency", out.metrics) if c.status in ("fail", "error")]
     frac = {m: float(np.median([i.maps[k].mask_fraction for i in res.inputs])) for k, m in enumerate(res.methods)}
     area = float(np.median([masks[i.name].mean() for i in res.inputs]))
     gaps = [i.maps[2].completeness_gap for i in res.inputs]
