@@ -105,7 +105,7 @@ def test_checks_table_every_status_and_baseline():
     for st in ("pass", "warn", "fail", "error", "skipped"):
         assert f'<span class="badge st-{st}">{st}</span>' in sec
         assert f'<span class="badge st-{st}">1 {st}</span>' in sec  # counts per status
-    assert "0.0721 &gt; 0.05 (fail)" in sec and "0.31 &gt; 0.3 (warn)" in sec and "3.2e-7 ≤ 1e-4 (fail)" in sec
+    assert "0.0721 &gt; fail at 0.05" in sec and "0.31 &gt; warn at 0.3" in sec and "3.2e-7 ≤ fail at 1e-4" in sec
     assert "n/a · fail if ≥ 0.5" in sec  # skipped: the threshold it would be judged against
     assert sec.index("st-fail\">fail") < sec.index("st-pass\">pass")  # worst first
     assert "&lt;script&gt;" in sec and EVIL not in html
@@ -249,11 +249,11 @@ def test_check_value_text():
     from jacaudit.report.formats.html import _check_value
 
     c = _check("fail", "m", "s", 0.0721234, 0.02, 0.05, "")
-    assert _check_value(c) == "0.0721 > 0.05 (fail)"
-    assert _check_value(dataclasses.replace(c, status="warn", value=0.03)) == "0.03 > 0.02 (warn)"
-    assert _check_value(dataclasses.replace(c, status="pass", value=0.01)) == "0.01 ≤ 0.02 (warn)"
+    assert _check_value(c) == "0.0721 > fail at 0.05"
+    assert _check_value(dataclasses.replace(c, status="warn", value=0.03)) == "0.03 > warn at 0.02"
+    assert _check_value(dataclasses.replace(c, status="pass", value=0.01)) == "0.01 ≤ warn at 0.02"
     low = _check("pass", "mask_fraction", "s", 0.7, None, 0.5, "", op="<")
-    assert _check_value(low) == "0.7 ≥ 0.5 (fail)"
+    assert _check_value(low) == "0.7 ≥ fail at 0.5"
     # failed by a baseline regression while under every threshold: never claims a crossing
     reg = dataclasses.replace(c, value=0.01, baseline=0.005)
     assert _check_value(reg) == "0.01 vs baseline 0.005 (regressed)"

@@ -121,11 +121,11 @@ def _check_value(c: Any) -> str:
         return f"{val} · {level} if {_OP.get(op, op)} {_compact(thr)}" if thr is not None else val
     for thr, level in ((fail, "fail"), (warn, "warn")):
         if thr is not None and _crosses(c.value, op, thr):
-            return f"{val} {_OP.get(op, op)} {_compact(thr)} ({level})"
+            return f"{val} {_OP.get(op, op)} {level} at {_compact(thr)}"
     if status in ("fail", "warn") and base is not None:  # judged on the regression, not a threshold
         return f"{val} vs baseline {_compact(base)} (regressed)"
     thr, level = (warn, "warn") if warn is not None else (fail, "fail")
-    return f"{val} {_NEG_OP.get(op, op)} {_compact(thr)} ({level})" if thr is not None else val
+    return f"{val} {_NEG_OP.get(op, op)} {level} at {_compact(thr)}" if thr is not None else val
 
 
 def _sorted_checks(checks: Any) -> list:
