@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ....errors import UnsupportedError
 from ..registry import onnx_to_torch_dtype, op
+from ._util import clamp_closed
 
 _WIDE_U = (torch.uint16, torch.uint32)
 _U64 = torch.uint64
@@ -497,12 +498,19 @@ def _clip(x, lo, hi):
         return out
     if lo is None and hi is None:
         return x
-    # clamp: min > max gives max, as numpy.clip; the gradient w.r.t. x is 1 inside [min, max]
-    return torch.clamp(x, min=lo, max=hi)
+    if not _is_float(x):  # min > max gives max, as numpy.clip; no derivative
+        return torch.clamp(x, min=lo, max=hi)
+    return clamp_closed(x, lo, hi)
 
 
 @op("Clip", since=1)
 def clip_6(ctx, x):
+    """Clip: ``Min(max, Max(input, min))`` (onnx.reference: ``numpy.clip``; ``min > max`` gives ``max``).
+
+    Derivative (ONNX defines none; the convention here, the same in every torch release and on the
+    constant-bound fast path ``optimize._ClipConst``): 1 on the closed interval ``min <= x <= max`` -- a value
+    exactly at a bound passes the gradient -- and 0 outside; see ``_util.clamp_closed``.
+    """
     lo = ctx.attr("min", None)
     hi = ctx.attr("max", None)
     lo_t = torch.tensor(lo, dtype=x.dtype, device=x.device) if lo is not None else None
@@ -512,6 +520,8 @@ def clip_6(ctx, x):
 
 @op("Clip", since=11)
 def clip_11(ctx, x, lo=None, hi=None):
+    """Clip with ``min``/``max`` as (scalar) inputs; values and derivative as ``clip_6``: d/dx = 1 on the closed
+    interval ``[min, max]``, 0 outside; d/dmin = 1 where ``x < min``, d/dmax = 1 where the result exceeds max."""
     if lo is not None:
         lo = lo.reshape(()) if lo.numel() == 1 else lo
         lo = lo.to(x.dtype) if lo.dtype != x.dtype else lo
