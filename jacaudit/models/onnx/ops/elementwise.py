@@ -196,23 +196,34 @@ def prelu_6(ctx, x, slope):
     return prelu(ctx, x, slope)
 
 
+def _nonpos(x):
+    """min(x, 0) for the exp branch of Elu/Selu/Celu (keeps expm1 from overflowing where x > 0) with derivative 1
+    at x == 0, so that at the kink those ops take the x <= 0 branch's derivative in every torch release
+    (torch.clamp(x, max=0)'s derivative at 0 is 1 up to torch 2.14 and 0 from it)."""
+    return torch.where(x > 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
 @op("Elu")
 def elu(ctx, x):
+    """Derivative at the kink x == 0: the x <= 0 branch's, alpha (torch's own elu does the same)."""
     alpha = float(ctx.attr("alpha", 1.0))
-    return torch.where(x > 0, x, alpha * torch.expm1(torch.clamp(x, max=0)))
+    return torch.where(x > 0, x, alpha * torch.expm1(_nonpos(x)))
 
 
 @op("Selu")
 def selu(ctx, x):
+    """Derivative at the kink x == 0: the x <= 0 branch's, gamma * alpha."""
     alpha = float(ctx.attr("alpha", 1.67326319217681884765625))
     gamma = float(ctx.attr("gamma", 1.05070102214813232421875))
-    return gamma * torch.where(x > 0, x, alpha * torch.expm1(torch.clamp(x, max=0)))
+    return gamma * torch.where(x > 0, x, alpha * torch.expm1(_nonpos(x)))
 
 
 @op("Celu")
 def celu(ctx, x):
+    """max(0, x) + min(0, alpha * (exp(x / alpha) - 1)): continuously differentiable, derivative 1 at x == 0
+    (a sum of clamps would count it twice or not at all there, depending on the torch release)."""
     alpha = float(ctx.attr("alpha", 1.0))
-    return torch.clamp(x, min=0) + torch.clamp(alpha * torch.expm1(torch.clamp(x, max=0) / alpha), max=0)
+    return torch.where(x > 0, x, alpha * torch.expm1(_nonpos(x) / alpha))
 
 
 @op("Gelu")
@@ -225,14 +236,18 @@ def gelu(ctx, x):
 
 @op("HardSigmoid")
 def hard_sigmoid(ctx, x):
+    """max(0, min(1, alpha * x + beta)); derivative alpha on the closed interval where 0 <= alpha x + beta <= 1
+    (at the kinks too: Clip's convention, ``_util.clamp_closed``), 0 outside."""
     alpha = float(ctx.attr("alpha", 0.2))
     beta = float(ctx.attr("beta", 0.5))
-    return torch.clamp(x * alpha + beta, 0, 1)
+    return clamp_closed(x * alpha + beta, 0.0, 1.0)
 
 
 @op("HardSwish")
 def hard_swish(ctx, x):
-    return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0, 1)
+    """x * HardSigmoid(x) with alpha 1/6, beta 0.5; at the kinks x = -3 and 3 the derivative is the one from
+    inside the interval, -0.5 and 1.5 (as torch's own hardswish)."""
+    return x * clamp_closed(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
 
 
 @op("Softplus")

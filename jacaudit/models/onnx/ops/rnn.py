@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ....errors import UnsupportedError
 from ..registry import op
-from ._util import ints
+from ._util import clamp_closed, ints
 
 # ---------------------------------------------------------------------------------------------
 # activations: name -> (fn(x, alpha, beta), default alpha, default beta, uses alpha, uses beta)
@@ -151,7 +151,7 @@ def _clip(ctx):
     if c is None:
         return lambda v: v
     c = float(c)
-    return lambda v: torch.clamp(v, -c, c)
+    return lambda v: clamp_closed(v, -c, c)  # derivative 1 on [-c, c], the bounds included (Clip's convention)
 
 
 def _outputs(ctx, y, yh, yc=None):
