@@ -199,7 +199,7 @@ def prelu_6(ctx, x, slope):
 def _nonpos(x):
     """min(x, 0) for the exp branch of Elu/Selu/Celu (keeps expm1 from overflowing where x > 0) with derivative 1
     at x == 0, so that at the kink those ops take the x <= 0 branch's derivative in every torch release
-    (torch.clamp(x, max=0)'s derivative at 0 is 1 up to torch 2.14 and 0 from it)."""
+    (torch.clamp(x, max=0)'s derivative at 0 is 1 up to torch 2.13 and 0 from torch 2.14)."""
     return torch.where(x > 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 

@@ -26,7 +26,7 @@ _ACTS: dict[str, tuple[Callable, float, float, bool, bool]] = {
     "leakyrelu": (lambda x, a, b: F.leaky_relu(x, a), 0.01, 0.0, True, False),
     "thresholdedrelu": (lambda x, a, b: torch.where(x > a, x, torch.zeros_like(x)), 1.0, 0.0, True, False),
     "scaledtanh": (lambda x, a, b: a * torch.tanh(b * x), 1.0, 1.0, True, True),
-    "hardsigmoid": (lambda x, a, b: torch.clamp(a * x + b, 0.0, 1.0), 0.2, 0.5, True, True),
+    "hardsigmoid": (lambda x, a, b: clamp_closed(a * x + b, 0.0, 1.0), 0.2, 0.5, True, True),
     "elu": (lambda x, a, b: torch.where(x >= 0, x, a * (torch.exp(torch.clamp(x, max=0.0)) - 1)), 1.0, 0.0,
             True, False),
     "softsign": (lambda x, a, b: x / (1 + x.abs()), 0.0, 0.0, False, False),
