@@ -378,22 +378,57 @@ def test_sequence_position_map_highlights_a_and_b():
 
 
 # ------------------------------------------------------------------------------------------------ rebuild
+def _card_diffs(a, b, rtol: float, atol: float, where: str = "") -> list[str]:
+    """Where two cards differ: floats beyond rtol*|b| + atol, anything else (keys, strings, ints, None,
+    list lengths) when not equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a.keys() ^ b.keys())}"]
+        return [d for k in a for d in _card_diffs(a[k], b[k], rtol, atol, f"{where}/{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _card_diffs(x, y, rtol, atol, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and not isinstance(a, bool):
+        return [] if abs(a - b) <= rtol * abs(b) + atol else [f"{where}: {a!r} != {b!r}"]
+    return [] if type(a) is type(b) and a == b else [f"{where}: {a!r} != {b!r}"]
+
+
 def test_rebuild_arm_reproduces_card(tmp_path):
     """The script rebuilds from scratch with the same seed: the cheapest model, compared with the committed
-    card and file (the full rebuild is the slow test below)."""
+    card and file (the full rebuild is the slow test below). Not bit for bit: the card's figures are float64
+    closed forms and a LAPACK SVD, whose last bits depend on the numpy/BLAS build (the singular values that
+    are 0 in exact arithmetic come out as ~1e-16 noise), so floats agree to 1e-12 relative and 1e-12 absolute
+    (the Jacobian's entries are O(1)); everything else (shapes, ranks, q, strings) exactly."""
     from jacaudit.samples import build
+    from jacaudit.samples.arm import LENGTHS, forward_kinematics, jacobian_closed_form
 
-    cards = build(["arm"], out_dir=str(tmp_path), seed=card("arm")["seed"], log=lambda *_: None)
-    assert cards["arm"] == card("arm")
+    shipped_card = card("arm")
+    cards = build(["arm"], out_dir=str(tmp_path), seed=shipped_card["seed"], log=lambda *_: None)
+    assert _card_diffs(cards["arm"], shipped_card, rtol=1e-12, atol=1e-12) == []
+    # the shipped configurations are the closed form (a card with a wrong arm fails here and above)
+    for name, cfg in shipped_card["configurations"].items():
+        q = np.array(cfg["q"])
+        np.testing.assert_allclose(cfg["output"], forward_kinematics(q, LENGTHS), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cfg["jacobian"], jacobian_closed_form(q, LENGTHS), rtol=1e-12, atol=1e-12)
     # TorchScript archives are not byte-stable across processes (torch writes some constants in hash
-    # order): compare what the file computes instead, to the last bit.
+    # order), and the shipped file was scripted by another torch release: compare what the files compute,
+    # with each other and with the float64 closed form, to float64 rounding.
     import jacaudit
 
     rebuilt = jacaudit.load(str(tmp_path / "arm" / "arm.pt"))
     shipped = jacaudit.load(path("arm", "torchscript"))
     q = torch.tensor([[0.3, -1.2, 2.0], [0.0, 0.0, 0.0], [1.0, 3.14159, -0.5]], dtype=torch.float64)
-    assert torch.equal(rebuilt(q), shipped(q))
-    assert torch.equal(torch.func.jacrev(lambda t: rebuilt(t))(q), torch.func.jacrev(lambda t: shipped(t))(q))
+    y_cf = torch.from_numpy(forward_kinematics(q.numpy(), LENGTHS))
+    J_cf = torch.from_numpy(jacobian_closed_form(q.numpy(), LENGTHS))
+    for m in (rebuilt, shipped):
+        y = m(q)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, y_cf, rtol=1e-12, atol=1e-12)
+        J = torch.func.jacrev(lambda t: m(t))(q)  # (3, 3, 3, 3): block diagonal over the batch
+        torch.testing.assert_close(torch.stack([J[i, :, i] for i in range(len(q))]), J_cf, rtol=1e-12, atol=1e-12)
+        assert J.abs().sum() - sum(J[i, :, i].abs().sum() for i in range(len(q))) == 0
+    torch.testing.assert_close(rebuilt(q), shipped(q), rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.slow
@@ -403,8 +438,13 @@ def test_full_rebuild_reproduces_cards(tmp_path):
     cards = build(None, out_dir=str(tmp_path), seed=0, log=lambda *_: None)
     for n in NAMES:
         a, b = cards[n], card(n)
-        for k in ("train_accuracy", "heldout_accuracy", "inputs", "outputs", "classes"):
+        for k in ("inputs", "outputs", "classes"):
             assert a[k] == b[k], (n, k)
+        # retrained with the same seed: the same accuracies with the torch release that built the files; another
+        # release rounds differently in training, so allow the card's figures to move by 0.01 (a few examples)
+        for k in ("train_accuracy", "heldout_accuracy"):
+            assert (a[k] is None) == (b[k] is None), (n, k)
+            assert a[k] is None or abs(a[k] - b[k]) <= 0.01, (n, k, a[k], b[k])
         for f in b["files"].values():
             new, old = str(tmp_path / n / f), os.path.join(SM, n, f)
             if f.endswith(".pt"):  # scripted code lists constants in hash order: compare the weights instead

@@ -5,7 +5,9 @@
 * ``optimize.specialize_ops``: a Clip with constant bounds runs clamp with number bounds and a fused backward.
 
 Truth: ``torch.nn.functional.conv2d`` and ``torch.clamp`` with tensor bounds, differentiated by torch
-(reverse and forward mode); they share no code with the fast paths. The interpreter runs an ONNX graph
+(reverse and forward mode); they share no code with the fast paths. The inputs never sit exactly on a Clip
+bound, where torch.clamp's derivative depends on the torch release; at the bounds (the boundary tests) the
+truth is the onnx reference evaluator for values and the documented convention for the derivative. The interpreter runs an ONNX graph
 Conv(3x3, stride 2, 3 -> 8) -> Clip(0, 6) -> Conv(1x1) -> depthwise Conv(3x3) -> Clip(0, 6) -> Conv(1x1)
 -> Clip(lo, hi) -> Conv(1x1, no bias) with the fast paths on, and with them off.
 """
@@ -139,30 +141,85 @@ def test_float32_matches_to_rounding():
     torch.testing.assert_close(g, g_ref.float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_clip_boundaries_match_clamp(dtype):
-    """The derivative at and one ulp beyond the bounds is clamp's (1 on the closed interval)."""
+def _onnx_clip_reference(x: np.ndarray, lo, hi) -> np.ndarray:
+    """Clip's values from the onnx package's reference evaluator (numpy.clip), opset 13."""
+    from onnx.reference import ReferenceEvaluator
+
+    et = helper.np_dtype_to_tensor_dtype(x.dtype)
+    g = helper.make_graph([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], "clip",
+                          [helper.make_tensor_value_info(n, et, s) for n, s in (("x", list(x.shape)), ("lo", []),
+                                                                                 ("hi", []))],
+                          [helper.make_tensor_value_info("y", et, list(x.shape))])
+    ref = ReferenceEvaluator(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    return ref.run(None, {"x": x, "lo": np.array(lo, x.dtype), "hi": np.array(hi, x.dtype)})[0]
+
+
+def _boundary_values(dtype):
     lo, hi = torch.tensor(-0.25, dtype=dtype), torch.tensor(0.5, dtype=dtype)
-    c = _ClipConst(None, lo, hi)
     inf = torch.tensor(float("inf"), dtype=dtype)
     vals = torch.stack([lo, hi, torch.nextafter(lo, -inf), torch.nextafter(hi, inf), torch.nextafter(lo, inf),
                         torch.nextafter(hi, -inf), torch.tensor(0.1, dtype=dtype), torch.tensor(-3.0, dtype=dtype),
                         torch.tensor(7.0, dtype=dtype)])
-    x = vals.clone().requires_grad_(True)
-    y = c(None, x)
-    xr = vals.clone().requires_grad_(True)
-    y_ref = torch.clamp(xr, lo, hi)
-    assert torch.equal(y, y_ref)
-    (g,) = torch.autograd.grad(y.sum(), x)
-    (g_ref,) = torch.autograd.grad(y_ref.sum(), xr)
-    assert torch.equal(g, g_ref)
-    assert g.tolist()[:6] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
-    # forward mode and vmap agree too
+    return lo, hi, vals
+
+
+def _clip_fns(lo, hi):
+    from jacaudit.models.onnx.ops.elementwise import clip_11
+
+    c = _ClipConst(None, lo, hi)
+    return {"fast": lambda v: c(None, v), "plain": lambda v: clip_11(None, v, lo, hi)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_boundaries_follow_the_convention(dtype):
+    """Values: ONNX's (the onnx reference evaluator). Derivative at and one ulp beyond the bounds: the documented
+    convention (ops/elementwise.clip_6, _util.clamp_closed) -- 1 on the closed interval [lo, hi], 0 outside -- in
+    every mode, for the fast path and the plain op alike. Not torch.clamp: its derivative at a bound changed
+    in torch 2.14 (0.5 with tensor bounds, 0 with number bounds)."""
+    lo, hi, vals = _boundary_values(dtype)
+    y_onnx = torch.from_numpy(_onnx_clip_reference(vals.numpy(), float(lo), float(hi)))
+    v = vals.numpy()
+    mask = torch.from_numpy(((v >= float(lo)) & (v <= float(hi))).astype(v.dtype))  # the convention
+    assert mask.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     ones = torch.ones_like(vals)
-    _, t = torch.func.jvp(lambda v: c(None, v), (vals,), (ones,))
-    assert torch.equal(t, g_ref)
-    J = torch.func.vmap(torch.func.jacrev(lambda v: c(None, v)))(vals.reshape(-1, 1))
-    assert torch.equal(J.reshape(-1), g_ref)
+    for name, f in _clip_fns(lo, hi).items():
+        x = vals.clone().requires_grad_(True)
+        y = f(x)
+        assert torch.equal(y.detach(), y_onnx), name
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert torch.equal(g, mask), name
+        _, t = torch.func.jvp(f, (vals,), (ones,))
+        assert torch.equal(t, mask), name
+        with torch.no_grad():  # forward mode needs no autograd graph (the fast path's no_grad branch)
+            _, t = torch.func.jvp(f, (vals,), (ones,))
+            assert torch.equal(t, mask), name
+            with torch.autograd.forward_ad.dual_level():
+                t = torch.autograd.forward_ad.unpack_dual(f(torch.autograd.forward_ad.make_dual(vals, ones))).tangent
+            assert torch.equal(t, mask), name
+        for jac in (torch.func.jacrev, torch.func.jacfwd):
+            J = torch.func.vmap(jac(f))(vals.reshape(-1, 1))
+            assert torch.equal(J.reshape(-1), mask), (name, jac)
+
+
+def test_clip_plain_op_bounds_gradient_and_inverted_bounds():
+    """The plain op with bounds as tensors: d/dmin = 1 where x < min, d/dmax = 1 where x > max (the value is the
+    bound there); min > max gives max everywhere (ONNX), values from the onnx reference evaluator."""
+    from jacaudit.models.onnx.ops.elementwise import clip_11
+
+    _, _, vals = _boundary_values(torch.float64)
+    lo = torch.tensor(-0.25, dtype=torch.float64, requires_grad=True)
+    hi = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    x = vals.clone().requires_grad_(True)
+    gx, glo, ghi = torch.autograd.grad(clip_11(None, x, lo, hi).sum(), (x, lo, hi))
+    v = vals.numpy()
+    assert gx.tolist() == ((v >= -0.25) & (v <= 0.5)).astype(float).tolist()
+    assert float(glo) == float((v < -0.25).sum()) == 2.0 and float(ghi) == float((v > 0.5).sum()) == 2.0
+    lo2, hi2 = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    y = clip_11(None, vals, lo2, hi2)
+    assert torch.equal(y, torch.from_numpy(_onnx_clip_reference(v, 1.0, -1.0)))
+    assert torch.equal(y, torch.full_like(vals, -1.0))
+    nan = torch.tensor([float("nan"), 0.0], dtype=torch.float64)
+    assert torch.isnan(clip_11(None, nan, lo2.neg(), lo2)[0])  # NaN stays NaN (numpy.clip)
 
 
 def test_clip_double_backward_runs():

@@ -12,7 +12,8 @@
 With constant folding, ops whose parameters have become constants are also specialised
 (``specialize_ops``): a Clip with constant scalar bounds (ReLU6) runs ``torch.clamp`` with Python-number
 bounds (27x faster than tensor bounds on CPU) and, under autograd, a fused backward (one kernel instead of
-clamp's ge/le/and/where, ~20x faster); same values and the same derivative (1 on the closed interval).
+clamp's ge/le/and/where, ~20x faster); same values and the same derivative as the Clip op (1 on the closed
+interval, whatever the torch release).
 
 None of these change the function (BN folding changes rounding only); derivatives with respect to the
 input are unchanged. Tensors named in ``keep`` (outputs/``wrt`` a caller needs) are never folded away.
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 __all__ = ["optimize", "fold_constants", "fold_batchnorm", "channels_last", "specialize_ops"]
 
@@ -112,7 +114,9 @@ def fold_batchnorm(g, keep: Iterable[str] = ()) -> int:
 
 
 class _ClampConst(torch.autograd.Function):
-    """clamp(x, lo, hi) with constant float bounds, lo <= hi; derivative 1 on [lo, hi] (as torch.clamp's).
+    """clamp(x, lo, hi) with constant float bounds, lo <= hi; derivative 1 on the closed interval [lo, hi] and
+    0 outside: the Clip op's documented convention (``ops/_util.clamp_closed``), in every torch release (torch's
+    own clamp gives 1 at a bound up to 2.13, 0.5 or 0 from 2.14, so its backward is not used).
 
     The backward is ``hardtanh_backward`` (one fused kernel; it passes the gradient where lo' < x < hi')
     with the bounds moved one ulp outwards in x's dtype, which for values of that dtype is exactly
@@ -174,9 +178,11 @@ class _ClipConst:
     def __call__(self, ctx, x, *rest):
         if x.dtype != self.dtype or any(a is not b for a, b in zip(rest, self.bound_args)):
             return self.fn(ctx, x, *rest)
-        if not torch.is_grad_enabled():  # also exact under forward-mode AD (clamp's own jvp)
-            return torch.clamp(x, self.lo, self.hi)
-        fn = _ClampConstEager if torch._C._functorch.peek_interpreter_stack() is None else _ClampConst
+        transformed = torch._C._functorch.peek_interpreter_stack() is not None
+        if not torch.is_grad_enabled() and not transformed and _forward_ad._current_level < 0:
+            return torch.clamp(x, self.lo, self.hi)  # values only: no derivative of any mode can see it
+        # under forward-mode AD too: clamp's own jvp at a bound is torch-version dependent (0 from torch 2.14)
+        fn = _ClampConst if transformed else _ClampConstEager
         return fn.apply(x, self.lo, self.hi, self.lo_out, self.hi_out)
 
 

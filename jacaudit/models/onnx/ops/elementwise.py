@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ....errors import UnsupportedError
 from ..registry import onnx_to_torch_dtype, op
+from ._util import clamp_closed
 
 _WIDE_U = (torch.uint16, torch.uint32)
 _U64 = torch.uint64
@@ -195,23 +196,34 @@ def prelu_6(ctx, x, slope):
     return prelu(ctx, x, slope)
 
 
+def _nonpos(x):
+    """min(x, 0) for the exp branch of Elu/Selu/Celu (keeps expm1 from overflowing where x > 0) with derivative 1
+    at x == 0, so that at the kink those ops take the x <= 0 branch's derivative in every torch release
+    (torch.clamp(x, max=0)'s derivative at 0 is 1 up to torch 2.13 and 0 from torch 2.14)."""
+    return torch.where(x > 0, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
 @op("Elu")
 def elu(ctx, x):
+    """Derivative at the kink x == 0: the x <= 0 branch's, alpha (torch's own elu does the same)."""
     alpha = float(ctx.attr("alpha", 1.0))
-    return torch.where(x > 0, x, alpha * torch.expm1(torch.clamp(x, max=0)))
+    return torch.where(x > 0, x, alpha * torch.expm1(_nonpos(x)))
 
 
 @op("Selu")
 def selu(ctx, x):
+    """Derivative at the kink x == 0: the x <= 0 branch's, gamma * alpha."""
     alpha = float(ctx.attr("alpha", 1.67326319217681884765625))
     gamma = float(ctx.attr("gamma", 1.05070102214813232421875))
-    return gamma * torch.where(x > 0, x, alpha * torch.expm1(torch.clamp(x, max=0)))
+    return gamma * torch.where(x > 0, x, alpha * torch.expm1(_nonpos(x)))
 
 
 @op("Celu")
 def celu(ctx, x):
+    """max(0, x) + min(0, alpha * (exp(x / alpha) - 1)): continuously differentiable, derivative 1 at x == 0
+    (a sum of clamps would count it twice or not at all there, depending on the torch release)."""
     alpha = float(ctx.attr("alpha", 1.0))
-    return torch.clamp(x, min=0) + torch.clamp(alpha * torch.expm1(torch.clamp(x, max=0) / alpha), max=0)
+    return torch.where(x > 0, x, alpha * torch.expm1(_nonpos(x) / alpha))
 
 
 @op("Gelu")
@@ -224,14 +236,18 @@ def gelu(ctx, x):
 
 @op("HardSigmoid")
 def hard_sigmoid(ctx, x):
+    """max(0, min(1, alpha * x + beta)); derivative alpha on the closed interval where 0 <= alpha x + beta <= 1
+    (at the kinks too: Clip's convention, ``_util.clamp_closed``), 0 outside."""
     alpha = float(ctx.attr("alpha", 0.2))
     beta = float(ctx.attr("beta", 0.5))
-    return torch.clamp(x * alpha + beta, 0, 1)
+    return clamp_closed(x * alpha + beta, 0.0, 1.0)
 
 
 @op("HardSwish")
 def hard_swish(ctx, x):
-    return x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0, 1)
+    """x * HardSigmoid(x) with alpha 1/6, beta 0.5; at the kinks x = -3 and 3 the derivative is the one from
+    inside the interval, -0.5 and 1.5 (as torch's own hardswish)."""
+    return x * clamp_closed(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
 
 
 @op("Softplus")
@@ -497,12 +513,19 @@ def _clip(x, lo, hi):
         return out
     if lo is None and hi is None:
         return x
-    # clamp: min > max gives max, as numpy.clip; the gradient w.r.t. x is 1 inside [min, max]
-    return torch.clamp(x, min=lo, max=hi)
+    if not _is_float(x):  # min > max gives max, as numpy.clip; no derivative
+        return torch.clamp(x, min=lo, max=hi)
+    return clamp_closed(x, lo, hi)
 
 
 @op("Clip", since=1)
 def clip_6(ctx, x):
+    """Clip: ``Min(max, Max(input, min))`` (onnx.reference: ``numpy.clip``; ``min > max`` gives ``max``).
+
+    Derivative (ONNX defines none; the convention here, the same in every torch release and on the
+    constant-bound fast path ``optimize._ClipConst``): 1 on the closed interval ``min <= x <= max`` -- a value
+    exactly at a bound passes the gradient -- and 0 outside; see ``_util.clamp_closed``.
+    """
     lo = ctx.attr("min", None)
     hi = ctx.attr("max", None)
     lo_t = torch.tensor(lo, dtype=x.dtype, device=x.device) if lo is not None else None
@@ -512,6 +535,8 @@ def clip_6(ctx, x):
 
 @op("Clip", since=11)
 def clip_11(ctx, x, lo=None, hi=None):
+    """Clip with ``min``/``max`` as (scalar) inputs; values and derivative as ``clip_6``: d/dx = 1 on the closed
+    interval ``[min, max]``, 0 outside; d/dmin = 1 where ``x < min``, d/dmax = 1 where the result exceeds max."""
     if lo is not None:
         lo = lo.reshape(()) if lo.numel() == 1 else lo
         lo = lo.to(x.dtype) if lo.dtype != x.dtype else lo

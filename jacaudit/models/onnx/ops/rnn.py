@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ....errors import UnsupportedError
 from ..registry import op
-from ._util import ints
+from ._util import clamp_closed, ints
 
 # ---------------------------------------------------------------------------------------------
 # activations: name -> (fn(x, alpha, beta), default alpha, default beta, uses alpha, uses beta)
@@ -26,7 +26,7 @@ _ACTS: dict[str, tuple[Callable, float, float, bool, bool]] = {
     "leakyrelu": (lambda x, a, b: F.leaky_relu(x, a), 0.01, 0.0, True, False),
     "thresholdedrelu": (lambda x, a, b: torch.where(x > a, x, torch.zeros_like(x)), 1.0, 0.0, True, False),
     "scaledtanh": (lambda x, a, b: a * torch.tanh(b * x), 1.0, 1.0, True, True),
-    "hardsigmoid": (lambda x, a, b: torch.clamp(a * x + b, 0.0, 1.0), 0.2, 0.5, True, True),
+    "hardsigmoid": (lambda x, a, b: clamp_closed(a * x + b, 0.0, 1.0), 0.2, 0.5, True, True),
     "elu": (lambda x, a, b: torch.where(x >= 0, x, a * (torch.exp(torch.clamp(x, max=0.0)) - 1)), 1.0, 0.0,
             True, False),
     "softsign": (lambda x, a, b: x / (1 + x.abs()), 0.0, 0.0, False, False),
@@ -151,7 +151,7 @@ def _clip(ctx):
     if c is None:
         return lambda v: v
     c = float(c)
-    return lambda v: torch.clamp(v, -c, c)
+    return lambda v: clamp_closed(v, -c, c)  # derivative 1 on [-c, c], the bounds included (Clip's convention)
 
 
 def _outputs(ctx, y, yh, yc=None):
