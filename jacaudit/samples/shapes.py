@@ -329,7 +329,7 @@ def method_mask_fractions(onnx_path: str, x: np.ndarray, masks: np.ndarray, name
     names = names or [f"image{i:04d}" for i in range(len(x))]
     samples = [Sample(name=n, source=n, array=x[i]) for i, n in enumerate(names)]
     opts = SaliencyOptions(methods=list(METHODS), thumb=16)
-    res, _ = saliency(model, samples, opts, preprocess=pp, masks=dict(zip(names, masks)))
+    res = saliency(model, samples, opts, preprocess=pp, masks=dict(zip(names, masks))).result
     out: dict[str, Any] = {m: r4(np.median([i.maps[k].mask_fraction for i in res.inputs]))
                            for k, m in enumerate(res.methods)}
     gaps = [i.maps[res.methods.index("ig")].completeness_gap for i in res.inputs]
