@@ -1,10 +1,11 @@
 """Typed exceptions, one family per layer, each carrying its exit code.
 
-The CLI maps these to exit codes in one place (``jacaudit.cli.main``); library code never exits.
+The CLI maps these to exit codes in one place (``jacaudit.cli.common.handle_errors``, used by the runner);
+library code never exits.
 
 Exit codes (documented in README):
     0  pass
-    1  a CI gate / verification failed (:class:`GateFailed`)
+    1  a check failed (decided by :mod:`jacaudit.gate` from the report's checks, not by an exception)
     2  usage or input error: bad file, wrong shape, unsupported op (:class:`InputError` and subclasses)
     3  runtime failure: NaN/inf derivatives, out of memory after retries (:class:`RuntimeFailure`)
 """
@@ -58,9 +59,3 @@ class RuntimeFailure(JacauditError):
     """The computation itself failed: NaN/inf derivatives, out of memory after retries."""
 
     exit_code = EXIT_RUNTIME
-
-
-class GateFailed(JacauditError):
-    """A check ran and its verdict is 'fail' (verify, robustness gate)."""
-
-    exit_code = EXIT_GATE
