@@ -154,7 +154,7 @@ def test_junit_zero_checks(tmp_path):
 
 
 def test_junit_loads_a_1_0_report(tmp_path):
-    rep = R.from_json((ROOT / "reports/inspect-sequence/report.json").read_text())
+    rep = R.from_json((ROOT / "tests/data/inspect-report-1.0.json").read_text())
     assert rep.schema_version == "1.0" and rep.checks == []
     for fmt in ("junit", "sarif", "md"):
         assert render(rep, fmt)
@@ -304,7 +304,7 @@ def test_markdown_checks_table_and_baseline():
 
 
 def test_markdown_without_checks_unchanged():
-    rep = R.from_json((ROOT / "reports/inspect-sequence/report.json").read_text())
+    rep = R.from_json((ROOT / "tests/data/inspect-report-1.0.json").read_text())
     md = render(rep, "md").decode()
     assert "### Checks" not in md and "Format onnx" in md
 
