@@ -36,7 +36,9 @@ def _linear(path: Path, scale: float) -> Path:
 
 @pytest.mark.parametrize("cmd", [["inspect", ROOT / "sample_models/tabular/tabular_mlp.onnx"],
                                  ["jacobian", ARM, "--shape", "1,3"],
-                                 ["verify", ROOT / "sample_models/tabular/tabular_mlp.onnx", "-k", "1"]])
+                                 ["verify", ROOT / "sample_models/tabular/tabular_mlp.onnx", "-k", "1"],
+                                 ["saliency", ROOT / "sample_models/shapes/shapes_cnn.onnx",
+                                  ROOT / "sample_models/shapes/examples/02_circle.png"]])
 def test_every_command_writes_checks_and_json_is_the_report(cmd, tmp_path):
     out = tmp_path / "r"
     r = _run([*cmd, "--out", out, "--json", "--format", "json,junit,sarif"])

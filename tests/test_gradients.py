@@ -13,14 +13,7 @@ from jacaudit.models import load
 D, K = 12, 5
 
 
-class Linear(torch.nn.Module):
-    def __init__(self, w, b):
-        super().__init__()
-        self.w = torch.nn.Parameter(w)
-        self.b = torch.nn.Parameter(b)
-
-    def forward(self, x):
-        return x.flatten(1) @ self.w.t() + self.b
+from tests.test_saliency import Linear  # noqa: E402  (the same closed-form model: scores = W x + b)
 
 
 @pytest.fixture(scope="module")
