@@ -101,3 +101,16 @@ def test_zero_derivative_is_no_evidence():
     checks = evaluate("verify", verify_metrics(r))
     assert {c.status for c in checks if c.check == "derivative_rel_error"} == {"skipped"}
     assert report_status(checks) == "pass"  # nothing failed; the runner reports it as inconclusive
+
+
+def test_rounding_floor_tolerance_never_grants_a_pass():
+    """A tiny derivative on a huge output: the differences' rounding floor would allow any error (tolerance ~3).
+    Such a direction is judged at the 0.05 cap or called inconclusive -- a wrong derivative cannot pass there."""
+    x = torch.randn(1, 4, dtype=torch.float64)
+    r = verify(lambda z: 1e9 + 1e-7 * z * 2, x, directions=2)
+    assert r.verdict in ("inconclusive", "pass")
+    assert all(d.tol <= 0.05 or d.status == "inconclusive" for d in r.directions)
+    assert all(d.status != "pass" or d.rel_error <= 0.05 for d in r.directions)
+    # the same derivative, wrong by a factor 2 (detached half): never a pass
+    r = verify(lambda z: 1e9 + 1e-7 * (z + z.detach()), x, directions=2)
+    assert r.verdict != "pass" and all(d.status != "pass" for d in r.directions)

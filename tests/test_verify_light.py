@@ -67,4 +67,10 @@ def test_verify_light_graph(name):
     model = OnnxModel(proto)
     r = verify(model, None, directions=1, dtype="float32", logits=model.softmax_input() is not None)
     assert r.forward.passed, r.forward
-    assert r.verdict == "pass", r
+    # correct derivatives never fail; a pass needs evidence (no tolerance over the cap). With random weights some
+    # graphs' outputs barely move (|J v| at the rounding floor of the differences, e.g. inception_v2: 6.6e-10):
+    # that is inconclusive, said with the reason, never a pass with a tolerance of 3.
+    assert r.verdict in ("pass", "inconclusive"), r
+    assert all(d.tol <= 0.05 for d in r.directions if d.status == "pass"), r.directions
+    if r.verdict == "inconclusive":
+        assert all("rounding floor" in d.note or d.non_differentiable for d in r.directions), r.directions
