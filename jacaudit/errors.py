@@ -8,6 +8,8 @@ Exit codes (documented in README):
     1  a check failed (decided by :mod:`jacaudit.gate` from the report's checks, not by an exception)
     2  usage or input error: bad file, wrong shape, unsupported op (:class:`InputError` and subclasses)
     3  runtime failure: NaN/inf derivatives, out of memory after retries (:class:`RuntimeFailure`)
+    4  inconclusive: nothing failed, but the evidence was too thin for a verdict (e.g. ``verify`` where no
+       direction was conclusive); ``--exit-zero`` gives 0
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ EXIT_OK = 0
 EXIT_GATE = 1
 EXIT_INPUT = 2
 EXIT_RUNTIME = 3
+EXIT_INCONCLUSIVE = 4
 
 
 class JacauditError(Exception):

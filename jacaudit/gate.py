@@ -304,6 +304,9 @@ def report_status(checks: Sequence[Check]) -> str:
 
 
 def exit_code_for(status: str, exit_zero: bool = False) -> int:
-    from .errors import EXIT_GATE, EXIT_OK
+    """1 for a failing status, 4 for an inconclusive one (no evidence either way), else 0; 0 with ``exit_zero``."""
+    from .errors import EXIT_GATE, EXIT_INCONCLUSIVE, EXIT_OK
 
-    return EXIT_OK if exit_zero or status != "fail" else EXIT_GATE
+    if exit_zero:
+        return EXIT_OK
+    return {"fail": EXIT_GATE, "inconclusive": EXIT_INCONCLUSIVE}.get(status, EXIT_OK)

@@ -144,3 +144,19 @@ def test_config_keys_cannot_mean_two_things(tmp_path, monkeypatch):
     _run(["jacobian", p, "--shape", "1,3", "--out", tmp_path / "env", "--format", "json"], env=env)
     d = json.loads((tmp_path / "env/report.json").read_text())
     assert {c["check"]: c["threshold_source"] for c in d["checks"]}["frobenius_norm"] == "env"
+
+
+def test_inconclusive_verify_exits_4(tmp_path):
+    """A model whose output does not depend on the input: J v = 0 = FD everywhere -> no evidence: exit 4."""
+    class Const(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 0.0 + 1.0
+
+    p = tmp_path / "const.pt"
+    torch.jit.script(Const()).save(str(p))
+    r = _run(["verify", p, "--shape", "1,4", "-k", "2", "--out", tmp_path / "v", "--format", "json"], code=4)
+    d = json.loads((tmp_path / "v/report.json").read_text())
+    assert d["status"] == "inconclusive" and d["exit_code"] == 4 and d["result"]["verdict"] == "inconclusive"
+    assert {c["status"] for c in d["checks"] if c["check"] == "derivative_rel_error"} == {"skipped"}
+    assert "INCONCLUSIVE" in r.stdout
+    _run(["verify", p, "--shape", "1,4", "-k", "1", "--format", "", "--exit-zero"], code=0)

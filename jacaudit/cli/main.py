@@ -15,7 +15,8 @@ from .common import state
 app = typer.Typer(
     name="jacaudit",
     help="Audit neural networks (ONNX, TorchScript) for robustness and interpretability through their Jacobians.\n\n"
-         "Exit codes: 0 pass, 1 a gate/verification failed, 2 usage or input error, 3 runtime failure.",
+         "Exit codes: 0 pass, 1 a check failed, 2 usage or input error, 3 runtime failure, 4 inconclusive (no "
+         "evidence for a verdict).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

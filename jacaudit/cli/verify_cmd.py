@@ -1,6 +1,6 @@
 """``jacaudit verify MODEL``: the interpreter's forward against onnxruntime, and the engine's J v against
 central differences (through onnxruntime for ONNX, through the model itself in float64 for TorchScript).
-Exit 0 when every check passes (or the verdict is inconclusive), 1 when one fails."""
+Exit 0 when every check passes, 1 when one fails, 4 when no direction gave evidence (inconclusive)."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
