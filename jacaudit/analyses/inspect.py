@@ -10,7 +10,21 @@ from typing import Any
 from ..gate import Metric
 from .base import AnalysisOutput
 
-__all__ = ["inspect_analysis", "inspect_result", "model_identity_of"]
+__all__ = ["inspect_analysis", "inspect_result", "model_identity_of", "tidy_dim"]
+
+
+_DIM_MAX = 40  # characters of a symbolic dim shown (an exporter's shape expression can run to lines)
+
+
+def tidy_dim(d: Any) -> int | str:
+    """A dim for display: ints as they are; a symbolic dim as its name, a multi-line expression collapsed to
+    one line and trimmed; an unnamed dynamic dim as "?"."""
+    if isinstance(d, int):
+        return d
+    s = " ".join(str(d).split()) if d is not None else ""
+    if not s:
+        return "?"
+    return s if len(s) <= _DIM_MAX else s[:_DIM_MAX - 1] + "…"
 
 
 def _tensor(d: dict):
@@ -18,7 +32,7 @@ def _tensor(d: dict):
 
     shape = d.get("shape")
     return InspectTensor(name=str(d.get("name")),
-                         shape=None if shape is None else [x if isinstance(x, int) else str(x) for x in shape],
+                         shape=None if shape is None else [tidy_dim(x) for x in shape],
                          dtype=None if d.get("dtype") is None else str(d.get("dtype")),
                          differentiable=bool(d.get("differentiable")))
 
@@ -50,7 +64,9 @@ def inspect_result(d: dict):
                                               None if u.get("opset") is None else int(u["opset"]),
                                               [str(n) for n in u.get("nodes", [])])
                          for u in d.get("unsupported_ops", [])],
-        supported=not d.get("unsupported_ops"), notes=_notes(d))
+        supported=not d.get("unsupported_ops"), notes=_notes(d),
+        tensors=None if d.get("tensors") is None else [_tensor(x) for x in d["tensors"]],
+        tensors_note=d.get("tensors_note"))
 
 
 def model_identity_of(d: dict):
@@ -64,16 +80,21 @@ def model_identity_of(d: dict):
                          format=str(d.get("format")), sha256=d.get("sha256"),
                          opset={str(k): int(v) for k, v in opset.items()} if isinstance(opset, dict) else None,
                          producer=d.get("producer") or None, parameters=d.get("parameters"),
-                         inputs=[TensorInfo(str(x["name"]), x.get("shape"), x.get("dtype")) for x in d["inputs"]],
-                         outputs=[TensorInfo(str(x["name"]), x.get("shape"), x.get("dtype"))
+                         inputs=[TensorInfo(str(x["name"]), _shape(x.get("shape")), x.get("dtype"))
+                                 for x in d["inputs"]],
+                         outputs=[TensorInfo(str(x["name"]), _shape(x.get("shape")), x.get("dtype"))
                                   for x in d["outputs"]])
 
 
-def inspect_analysis(path: str) -> tuple[AnalysisOutput, Any]:
-    """-> (output, model identity)."""
+def _shape(shape):
+    return None if shape is None else [tidy_dim(x) for x in shape]
+
+
+def inspect_analysis(path: str, tensors: bool = False) -> tuple[AnalysisOutput, Any]:
+    """-> (output, model identity). ``tensors``: also list the internal float tensors (ONNX)."""
     from ..models import describe_file
 
-    d = describe_file(path)
+    d = describe_file(path, tensors=tensors)
     result = inspect_result(d)
     unsupported = result.unsupported_ops
     listed = "; ".join(f"{u.domain}::{u.op_type} (opset {u.opset}) in {len(u.nodes)} node(s): "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import typer
 
+from typing import Annotated
+
 from .options import ModelArg
 from .runner import Outcome, audit_command
 from .common import out
@@ -27,11 +29,25 @@ def _summary(report) -> None:
         out.print("ops: " + ", ".join(f"{o.op_type}×{o.count}" for o in r.op_histogram), markup=False)
     for n in r.notes:
         out.print(f"note: {n}", markup=False)
+    tensors = getattr(r, "tensors", None)
+    if tensors is not None:
+        tt = Table("tensor", "shape", "dtype", title=f"{len(tensors)} internal float tensor(s) (for --wrt / "
+                   "--output-name)", box=None, title_justify="left")
+        for s in tensors:
+            tt.add_row(*map(Text, (s.name, "?" if s.shape is None else "x".join(map(str, s.shape)),
+                                   str(s.dtype))))
+        out.print(tt)
+    if getattr(r, "tensors_note", None):
+        out.print(f"note: {r.tensors_note}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
     @audit_command(app, "inspect", computes=False)
-    def inspect_cmd(model: ModelArg, *, ctx) -> Outcome:
+    def inspect_cmd(model: ModelArg,
+                    tensors: Annotated[bool, typer.Option(
+                        "--tensors", help="Also list the graph's internal float tensors with their shapes (ONNX "
+                        "shape inference): the names --wrt and --output-name take.")] = False,
+                    *, ctx) -> Outcome:
         """Describe a model: format, opset, inputs/outputs, op histogram, parameters, unsupported ops.
 
         One check: unsupported_ops fails (exit 1) when the interpreter lacks an operator the graph uses; the
@@ -39,5 +55,5 @@ def register(app: typer.Typer) -> None:
         from ..analyses.inspect import inspect_analysis
 
         with ctx.timed("inspect"):
-            res, ident = inspect_analysis(model)
-        return Outcome(res, model=ident, settings={}, summary=_summary)
+            res, ident = inspect_analysis(model, tensors=tensors)
+        return Outcome(res, model=ident, settings={"tensors": tensors}, summary=_summary)

@@ -328,7 +328,7 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
     ``dtype`` float64 casts the model and the inputs.
     """
     from ..models import resolve_device, resolve_dtype
-    from ..models.base import Model
+    from ..models.base import Model, did_you_mean
 
     dt = resolve_dtype(dtype)
     dev = resolve_device(device) if device is not None else None
@@ -347,6 +347,15 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
         if missing:
             raise InputError(f"missing input(s) {', '.join(missing)}: pass a dict of tensors by input name")
         out_name = output or model.outputs[0].name
+        out_names = [s.name for s in model.outputs]
+        if out_name not in out_names:
+            internal = list(model.internal_tensors())
+            if not internal:
+                model.output_spec(out_name)  # one line naming the outputs, with the closest matches
+            elif out_name not in set(internal):
+                raise InputError(f"no tensor named {out_name!r} in the graph"
+                                 f"{did_you_mean(out_name, out_names + internal)}; outputs are: "
+                                 f"{', '.join(out_names[:8])} (inspect --tensors lists the internal tensors)")
         if output is None and len(model.outputs) > 1:
             notes.append(f"the model has {len(model.outputs)} outputs; using the first, {out_name!r}")
         if logits:
@@ -358,12 +367,15 @@ def prepare(model: Any, x: Any, *, input: str | None = None, output: str | None 
         if wrt_name in feeds:
             x0 = feeds[wrt_name]
         else:
-            names = set(model.internal_tensors())
+            internal = list(model.internal_tensors())
+            names = set(internal)
+            in_names = [s.name for s in model.inputs]
             if not names:
-                raise InputError(f"wrt={wrt_name!r} is not an input, and this {model.format} model exposes no "
-                                 "internal tensors (an ONNX graph does)")
+                raise InputError(f"wrt={wrt_name!r} is not an input{did_you_mean(wrt_name, in_names)}, and this "
+                                 f"{model.format} model exposes no internal tensors (an ONNX graph does)")
             if wrt_name not in names:
-                raise InputError(f"no tensor named {wrt_name!r} in the graph")
+                raise InputError(f"no tensor named {wrt_name!r} in the graph{did_you_mean(wrt_name, in_names + internal)}"
+                                 "; inspect --tensors lists the internal tensors")
             with torch.no_grad():
                 x0 = model.run(feeds, outputs=[wrt_name])[0]
         if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():

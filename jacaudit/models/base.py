@@ -105,6 +105,22 @@ def gaussian_like(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (torch.randn(t.shape, generator=g, dtype=torch.float64) * std).to(t.dtype).to(t.device)
 
 
+def did_you_mean(name: str, candidates: Sequence[str], n: int = 3) -> str:
+    """``" (did you mean 'a', 'b'?)"`` with the closest names (difflib), or "" when none is close."""
+    import difflib
+
+    cands = list(dict.fromkeys(c for c in candidates if c))
+    close = difflib.get_close_matches(name, cands, n=n, cutoff=0.6)
+    if not close:  # a case-insensitive substring match (e.g. 'conv1' for '/conv1/Conv_output_0')
+        low = name.lower()
+        close = [c for c in cands if low and low in c.lower()][:n]
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _listed(names: Sequence[str], n: int = 12) -> str:
+    return ", ".join(names[:n]) + (f" ... (+{len(names) - n} more)" if len(names) > n else "")
+
+
 class Model(ABC):
     """A loaded model: callable on torch tensors, with declared inputs/outputs.
 
@@ -155,7 +171,8 @@ class Model(ABC):
         for s in self.inputs:
             if s.name == name:
                 return s
-        raise InputError(f"no input named {name!r}; inputs are: {', '.join(s.name for s in self.inputs)}")
+        raise InputError(f"no input named {name!r}{did_you_mean(name, [s.name for s in self.inputs])}; "
+                         f"inputs are: {_listed([s.name for s in self.inputs])}")
 
     def output_spec(self, name: str | None = None) -> TensorSpec:
         if name is None:
@@ -163,7 +180,8 @@ class Model(ABC):
         for s in self.outputs:
             if s.name == name:
                 return s
-        raise InputError(f"no output named {name!r}; outputs are: {', '.join(s.name for s in self.outputs)}")
+        raise InputError(f"no output named {name!r}{did_you_mean(name, [s.name for s in self.outputs])}; "
+                         f"outputs are: {_listed([s.name for s in self.outputs])}")
 
     def function(self, feeds: dict[str, torch.Tensor], *, wrt: str | None = None, output: str | None = None
                  ) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -50,3 +50,7 @@ class InspectResult:
     unsupported_ops: list[InspectUnsupportedOp]
     supported: bool = field(metadata={"doc": "every op is supported by the interpreter"})
     notes: list[str] = field(default_factory=list)
+    tensors: list[InspectTensor] | None = field(default=None, metadata={
+        "doc": "internal float tensors with inferred shapes (inspect --tensors; candidates for wrt/output); "
+               "None when not asked for or not available"})
+    tensors_note: str | None = field(default=None, metadata={"doc": "what --tensors could not list, and why"})

@@ -16,6 +16,8 @@ from .registry import onnx_to_torch_dtype
 _WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LSTM", "GRU", "RNN",
                "InstanceNormalization", "LayerNormalization", "Einsum"}
 _NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization")
+#: ops a weight passes through unchanged in value (but for layout/type) between its Constant and its layer
+_PASS_THROUGH = {"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
 
 
 def elem_type_name(elem_type: int) -> str:
@@ -49,6 +51,49 @@ def _value_info_spec(vi) -> TensorSpec:
         shape = tuple(dims)
     dt = onnx_to_torch_dtype(tt.elem_type)
     return TensorSpec(vi.name, shape, dt, None if dt is not None or not tt.elem_type else elem_type_name(tt.elem_type))
+
+
+_FLOAT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def constant_float_tensors(graph) -> dict[str, int]:
+    """Outputs of the graph's Constant nodes that hold float tensors (``value`` or ``value_floats``; the
+    weights of many tf2onnx/paddle2onnx exports) -> their number of elements."""
+    found: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type != "Constant" or n.domain not in ("", "ai.onnx") or not n.output:
+            continue
+        for a in n.attribute:
+            if a.name == "value" and a.HasField("t") and a.t.data_type in _FLOAT_TYPES:
+                k = 1
+                for d in a.t.dims:
+                    k *= int(d)
+                found[n.output[0]] = k
+            elif a.name == "value_floats":
+                found[n.output[0]] = len(a.floats)
+            elif a.name == "value_float":
+                found[n.output[0]] = 1
+    return found
+
+
+def float_parameter_count(proto) -> int:
+    """Float parameter elements of the top-level graph: float initializers (dense and sparse) and the float
+    tensors of Constant nodes."""
+    g = proto.graph
+    n_params = 0
+    for t in g.initializer:
+        if t.data_type in _FLOAT_TYPES:
+            k = 1
+            for d in t.dims:
+                k *= int(d)
+            n_params += k
+    for st in g.sparse_initializer:
+        if st.values.data_type in _FLOAT_TYPES:
+            k = 1
+            for d in st.dims:
+                k *= int(d)
+            n_params += k
+    return n_params + sum(constant_float_tensors(g).values())
 
 
 def _check_external_data(proto, base_dir: str) -> None:
@@ -127,7 +172,7 @@ class OnnxModel(Model):
             "ir_version": proto.ir_version,
             "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
             "op_histogram": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "parameters": int(sum(t.numel() for t in self.graph.initializers.values() if t.is_floating_point())),
+            "parameters": float_parameter_count(proto),
             "sha256": sha256,
         }
         self._kept_graphs: dict[frozenset[str], object] = {}  # optimized graphs keeping internal outputs
@@ -213,23 +258,74 @@ class OnnxModel(Model):
     def has_convolutions(self) -> bool:
         return any(n.ctx.op_type in ("Conv", "ConvTranspose") for n in self.graph.nodes)
 
-    def parameter_layers(self) -> list[ParameterLayer]:
-        """Nodes of the graph as written with float weight initializers (a weight matrix/kernel of rank >= 2,
-        or a normalisation's scale and bias), from the output backwards. Folding (BatchNormalization into
-        Conv) does not merge layers here: the sanity test randomises the graph as written."""
+    def _weight_sources(self):
+        """(tensor of a weight name, name -> its source) for the graph as written: a weight is a float
+        initializer or the output of a Constant node, possibly through Identity/Cast/Transpose/Reshape-like
+        nodes (how tf2onnx and paddle2onnx write weights)."""
         g = self.plain_graph
         inits = g.initializers
+        producer = {o: n for n in g.nodes for o in n.outputs if o}
+
+        def source(name: str | None) -> str | None:
+            for _ in range(16):
+                if name is None:
+                    return None
+                if name in inits:
+                    return name
+                node = producer.get(name)
+                if node is None:
+                    return None
+                op = node.ctx.op_type
+                if op == "Constant":
+                    return name
+                if op not in _PASS_THROUGH or not node.inputs or node.inputs[0] is None:
+                    return None
+                name = node.inputs[0]
+            return None
+
+        def tensor(name: str) -> torch.Tensor | None:
+            if name in inits:
+                return inits[name]
+            node = producer.get(name)
+            if node is None or node.ctx.op_type != "Constant":
+                return None
+            try:
+                with torch.no_grad():
+                    v = node.fn(node.ctx)
+            except Exception:
+                return None
+            return v if isinstance(v, torch.Tensor) else None
+
+        return source, tensor, producer
+
+    def parameter_layers(self) -> list[ParameterLayer]:
+        """Nodes of the graph as written with float weights (a weight matrix/kernel of rank >= 2, or a
+        normalisation's scale and bias), from the output backwards. A weight is an initializer or the output
+        of a Constant node (seen through Identity/Cast/Transpose/Reshape-like nodes). Folding (BatchNormalization
+        into Conv, constants into initializers) does not merge layers here: the sanity test randomises the graph
+        as written."""
+        g = self.plain_graph
+        source, tensor, _ = self._weight_sources()
         layers: list[ParameterLayer] = []
         seen: set[str] = set()
         for i, node in enumerate(g.nodes):
             op = node.ctx.op_type
             if op not in _WEIGHT_OPS:
                 continue
-            names = [n for n in node.inputs if n and n in inits and n not in seen and inits[n].is_floating_point()
-                     and inits[n].numel() > 1]
+            names: list[str] = []
+            tensors: dict[str, torch.Tensor] = {}
+            for inp in node.inputs:
+                src = source(inp)
+                if src is None or src in seen or src in names:
+                    continue
+                t = tensor(src)
+                if t is None or not t.is_floating_point() or t.numel() <= 1:
+                    continue
+                names.append(src)
+                tensors[src] = t
             if not names:
                 continue
-            if not any(inits[n].dim() >= 2 for n in names) and op not in _NORM_OPS:
+            if not any(tensors[n].dim() >= 2 for n in names) and op not in _NORM_OPS:
                 continue
             seen.update(names)
             layers.append(ParameterLayer(node.ctx.name or f"{op}_{i}", tuple(names)))
@@ -237,26 +333,40 @@ class OnnxModel(Model):
 
     @contextlib.contextmanager
     def randomised(self, layers: Sequence[ParameterLayer], seed: int) -> Iterator["OnnxModel"]:
-        """Randomise the initializers of the graph as written, and run that graph for every call inside the
-        block: an optimized model computes with folded copies of its weights (and, for internal outputs such
-        as the logits, other compiled graphs) that its initializers do not reach."""
+        """Randomise the weights of the graph as written (initializers, and the values of Constant nodes),
+        and run that graph for every call inside the block: an optimized model computes with folded copies of
+        its weights (and, for internal outputs such as the logits, other compiled graphs) that its weights do
+        not reach."""
         g = self.plain_graph
+        _, tensor, producer = self._weight_sources()
         gen = torch.Generator().manual_seed(int(seed))
         saved: list[tuple[str, torch.Tensor]] = []
+        saved_attrs: list[tuple[Any, bool, Any]] = []  # (Constant node ctx, had "value", old value)
         self._randomised += 1
         try:
             with torch.no_grad():
                 for layer in layers:
                     for name in layer.parameters:
-                        if name not in g.initializers:
+                        if name in g.initializers:
+                            t = g.initializers[name]
+                            saved.append((name, t))
+                            g.initializers[name] = gaussian_like(t, gen)
+                            continue
+                        t = tensor(name)
+                        if t is None:
                             raise InputError(f"layer {layer.name!r}: no parameter {name!r} in the graph")
-                        t = g.initializers[name]
-                        saved.append((name, t))
-                        g.initializers[name] = gaussian_like(t, gen)
+                        ctx = producer[name].ctx
+                        saved_attrs.append((ctx, "value" in ctx.attrs, ctx.attrs.get("value")))
+                        ctx.attrs["value"] = gaussian_like(t, gen)
             yield self
         finally:
             for name, old in reversed(saved):
                 g.initializers[name] = old
+            for ctx, had, old in reversed(saved_attrs):
+                if had:
+                    ctx.attrs["value"] = old
+                else:
+                    ctx.attrs.pop("value", None)
             self._randomised -= 1
 
     def softmax_input(self, output: str | None = None) -> str | None:
