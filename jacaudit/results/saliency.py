@@ -68,6 +68,9 @@ class FailedInput:
 class SanityStep:
     randomized: list[str] = field(metadata={"doc": "parameter tensors randomised so far (cascading from the top)"})
     spearman: float = field(metadata={"doc": "rank correlation of |map| with the original, mean over inputs"})
+    status: str = field(default="ok", metadata={"doc": "ok, or failed (the maps could not be computed at this "
+                                                       "step: see message; spearman is NaN)"})
+    message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,10 @@ class SanityCheck:
     final_spearman: float
     threshold: float
     flagged: bool = field(metadata={"doc": "true when the map barely changes (final |rho| >= threshold)"})
+    status: str = field(default="checked", metadata={
+        "doc": "checked (the whole cascade ran), partial (some steps failed), error (the last step failed: no "
+               "final value), skipped (nothing could be randomised: no evidence)"})
+    reason: str | None = field(default=None, metadata={"doc": "why it is skipped / partial / error"})
 
 
 @result_type("saliency")

@@ -55,7 +55,7 @@ def _saliency(report: Any) -> list[str]:
                   "| method | final Spearman | verdict |", "|---|---:|---|"]
         for s in r.sanity:
             lines.append(f"| {esc(s.method)} | {num(s.final_spearman, 3)} | "
-                         f"{'**flagged**: map barely changes' if s.flagged else 'changes'} |")
+                         f"{_sanity_verdict(s)} |")
     return lines
 
 
@@ -242,3 +242,11 @@ def render(report: Any) -> bytes:
                 "</sub>", ""]
     text = "\n".join(head + body + tail)
     return truncate(text.encode("utf-8"), LIMIT - 1)
+
+
+def _sanity_verdict(s) -> str:
+    st = getattr(s, "status", "checked")
+    if st in ("skipped", "error"):
+        return f"**{st}**: {esc(s.reason or '')}"
+    v = "**flagged**: map barely changes" if s.flagged else "changes"
+    return v + (f" (partial: {esc(s.reason or '')})" if st == "partial" else "")
