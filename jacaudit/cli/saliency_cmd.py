@@ -154,39 +154,24 @@ def _summary(report) -> None:
     from rich.text import Text
 
     res = report.result
-    kind = getattr(res, "input_kind", "image")
     rows = sorted(res.inputs, key=lambda i: -(i.target.score if i.target.score == i.target.score else -1e30))
-    what = f" at {res.target_spec}" if getattr(res, "target_spec", "class") != "class" else ""
-    wrt = f", d/d {res.wrt}" if getattr(res, "wrt", None) else ""
-    red = f", channels reduced by {res.reduction}" if kind in ("image", "sequence") else ""
-    t = Table(title=Text(f"saliency of the {res.score} ({res.score_tensor}{what}){wrt}{red}"),
+    t = Table(title=Text(f"saliency of the {res.score} ({res.score_tensor}), channels reduced by {res.reduction}"),
               title_justify="left", show_lines=False)
-    image = kind not in ("features", "sequence")
-    unit = "feature" if kind == "features" else "position"
-    cols = ["#", "input", "class" if what == "" else "explained", res.score, "prob", "method"]
-    cols += ["concentrates at", "top-10% mass"] if image else [f"top {unit}s (share of |attribution|)"]
-    for col in cols + ["IG gap", "in mask"] * image + ["IG gap"] * (not image):
+    for col in ("#", "input", "class", res.score, "prob", "method", "concentrates at", "top-10% mass",
+                "IG gap", "in mask"):
         t.add_column(col, overflow="fold")
     for rank, i in enumerate(rows, 1):
-        cls = _target_text(res, i)
+        cls = i.target.label or str(i.target.index)
         for j, m in enumerate(i.maps):
             first = j == 0
-            head = [str(rank) if first else "", (i.name + (" (synthetic)" if i.synthetic else "")) if first else "",
-                    cls if first else "", f"{i.target.score:.4g}" if first else "",
-                    (f"{i.target.probability:.3f}" if i.target.probability is not None else "") if first else "",
-                    m.method]
-            gap = f"{100 * m.completeness_gap:.2f}%" if m.completeness_gap is not None else ""
-            if image:
-                c = m.concentration
-                tail = [c.region if c else "", f"{100 * c.top10_mass:.0f}%" if c else "", gap,
-                        f"{100 * m.mask_fraction:.0f}%" if m.mask_fraction is not None else ""]
-            else:
-                top = ", ".join(f"{a.name} {100 * a.share:.0f}%" for a in (m.ranking or [])[:5])
-                tail = [top, gap]
-            t.add_row(*map(Text, head + tail))
+            t.add_row(*map(Text, (
+                str(rank) if first else "", (i.name + (" (synthetic)" if i.synthetic else "")) if first else "",
+                cls if first else "", f"{i.target.score:.4g}" if first else "",
+                (f"{i.target.probability:.3f}" if i.target.probability is not None else "") if first else "",
+                m.method, m.concentration.region, f"{100 * m.concentration.top10_mass:.0f}%",
+                f"{100 * m.completeness_gap:.2f}%" if m.completeness_gap is not None else "",
+                f"{100 * m.mask_fraction:.0f}%" if m.mask_fraction is not None else "")))
     out.print(t, markup=False)
-    if not image and res.inputs:
-        _ranking_table(res, unit)
     for s in res.sanity:
         st = getattr(s, "status", "checked")
         if st in ("skipped", "error"):  # no final value: no verdict either way
@@ -195,30 +180,3 @@ def _summary(report) -> None:
         out.print(f"sanity {s.method}: final Spearman {s.final_spearman:.3f} -> "
                   f"{'FLAGGED (map barely changes)' if s.flagged else 'changes'}"
                   + (f" [partial: {s.reason}]" if st == "partial" else ""), markup=False)
-
-
-def _ranking_table(res, unit: str) -> None:
-    """Mean |attribution| share per feature / position over the inputs, per method, largest first."""
-    from rich.table import Table
-    from rich.text import Text
-
-    for k, method in enumerate(res.methods):
-        share: dict[int, float] = {}
-        name: dict[int, str] = {}
-        n = 0
-        for i in res.inputs:
-            if k >= len(i.maps) or not i.maps[k].ranking:
-                continue
-            n += 1
-            for a in i.maps[k].ranking:
-                share[a.index] = share.get(a.index, 0.0) + a.share
-                name.setdefault(a.index, a.name if unit == "feature" else f"position {a.index}")
-        if not n:
-            continue
-        t = Table(title=Text(f"{method}: {unit}s by mean share of |attribution| over {n} input(s)"),
-                  title_justify="left")
-        for col in ("rank", unit, "mean share"):
-            t.add_column(col)
-        for r, (idx, v) in enumerate(sorted(share.items(), key=lambda kv: -kv[1])[:20], 1):
-            t.add_row(Text(str(r)), Text(name[idx]), Text(f"{100 * v / n:.1f}%"))
-        out.print(t, markup=False)
