@@ -183,7 +183,7 @@ def test_full_analysis_returns_maps_as_artifacts_and_a_valid_report(cnn, tmp_pat
     by_id = {c.id: c for c in evaluate("saliency", out.metrics)}
     for i in res.inputs:
         c = by_id[f"saliency.ig_completeness_gap[{i.name}]"]
-        assert c.warn == 0.1 and c.fail is None and c.value == pytest.approx(i.maps[3].completeness_gap)
+        assert c.warn == 0.1 and c.fail == 0.5 and c.value == pytest.approx(i.maps[3].completeness_gap)
     for m in opts.methods:
         c = by_id[f"saliency.sanity_spearman@method={m}[model]"]
         assert c.op == ">=" and c.warn == 0.5 and c.status in ("pass", "warn")
@@ -228,7 +228,7 @@ def test_cli_folder_with_broken_image(cnn, tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     out = tmp_path / "out"
-    p = _run_cli("saliency", cnn, str(d), "--method", "grad,ig", "--ig-steps", "8", "--size", f"{H}x{W}",
+    p = _run_cli("saliency", cnn, str(d), "--method", "grad,ig", "--ig-steps", "64", "--size", f"{H}x{W}",
                  "--out", str(out), "--json")
     assert p.returncode == 2, p.stderr
     rep = json.loads(p.stdout)  # --json prints the report

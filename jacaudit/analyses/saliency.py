@@ -74,7 +74,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..engine.gradients import GroupGrads, Scorer, grouped_gradients, make_scorer
+from ..engine.gradients import (GroupGrads, Scorer, TargetNeeded, TargetSpec, grouped_gradients, make_scorer,
+                                parse_target_spec)
 from ..errors import DataError, InputError, RuntimeFailure
 from . import maps as M
 from .base import AnalysisOutput, Artifact
@@ -163,6 +164,10 @@ class SaliencyOptions:
     use_logits: bool = True
     input_name: str | None = None
     output: str | None = None
+    #: an internal tensor to differentiate with respect to (e.g. an embedding's output); None: the input
+    wrt: str | None = None
+    #: names of the features of a rank-2 (batch, features) input, in column order
+    feature_names: list[str] | None = None
     sanity: bool = False
     sanity_layers: int | None = None
     sanity_threshold: float = 0.5
@@ -261,8 +266,12 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
         raise InputError(f"IG steps must be at least 1 (got {o.steps})")
     if "smoothgrad" in methods and o.samples < 1:
         raise InputError(f"SmoothGrad samples must be at least 1 (got {o.samples})")
-    scorer = make_scorer(model, o.input_name, o.output, o.use_logits)
-    fixed = resolve_target(o.target, o.labels)
+    spec_t = parse_target_spec(o.target) if isinstance(o.target, str) else None
+    scorer = make_scorer(model, o.input_name, o.output, o.use_logits, target=spec_t, wrt=o.wrt)
+    if spec_t is None:
+        fixed = resolve_target(o.target, o.labels)
+    else:
+        fixed = None if spec_t.kind == "argmax" else 0  # index / sum: one candidate
     layout = preprocess.layout if preprocess is not None else "NCHW"
     warnings: list[str] = []
     metrics: list[Any] = []
@@ -275,6 +284,8 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
     inputs_out = []
     kept_for_sanity: list[tuple[Any, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]] = []
     prob_looks = None
+    kind: str | None = None
+    zero_maps = n_maps = 0
     subjects: dict[str, int] = {}
     t0 = time.perf_counter()
     counter = 0
@@ -286,6 +297,22 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
         if batch[0].extra:
             extra = {k: torch.as_tensor(np.stack([s.extra[k] for s in batch])).to(model.device)
                      for k in batch[0].extra}
+        tokens = None
+        if scorer.wrt:  # differentiate an internal tensor: the inputs are held, its value is the point
+            extra = {scorer.input_name: x, **extra}
+            tokens = x
+            x = scorer.point(extra)
+            if not x.is_floating_point():
+                raise InputError(f"tensor {scorer.wrt!r} is {x.dtype}, not a float tensor: it has no derivative")
+            x = x.to(dtype)
+            if x.dim() < 1 or x.shape[0] != len(batch):
+                raise InputError(f"tensor {scorer.wrt!r} has shape {tuple(x.shape)}: its first axis is not the "
+                                 f"batch of {len(batch)} input(s)")
+        if kind is None:
+            kind = _input_kind(x, preprocess)
+            if kind == "features" and o.feature_names is not None and len(o.feature_names) != x.shape[1]:
+                raise InputError(f"{len(o.feature_names)} feature names for {x.shape[1]} features of input "
+                                 f"{scorer.input_name!r}")
         targets = None if fixed is None else torch.full((x.shape[0],), fixed, dtype=torch.long)
         results: dict[str, Attribution] = {}
         base: Attribution | None = None
@@ -322,8 +349,9 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
             order = torch.argsort(sc, descending=True)[: o.top_k].tolist()
 
             def cs(j: int) -> ClassScore:
-                lab = o.labels[j] if o.labels and j < len(o.labels) else None
-                return ClassScore(int(j), lab, float(sc[j]), None if pr is None else float(pr[j]))
+                lab = o.labels[j] if o.labels and j < len(o.labels) and scorer.select is None else None
+                return ClassScore(int(j), lab, float(sc[j]), None if pr is None else float(pr[j]),
+                                  coords=scorer.coords(j))
 
             tgt = int(base.targets[i])
             pixels = smp.pixels
@@ -340,8 +368,23 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
             mask = masks.get(smp.name) if masks else None
             for m, a in results.items():
                 attr = a.attr[i].detach().cpu().numpy()
-                red = M.reduce_channels(attr, layout, o.reduction)
-                heat = M.heatmap_rgb(red)
+                n_maps += 1
+                zf = float((attr == 0).mean()) if attr.size else 1.0
+                metrics.append(_zero_metric(m, subject, zf))
+                if zf >= 1.0:
+                    zero_maps += 1
+                    warnings.append(f"the {m} map of {smp.name} is zero everywhere: the explained score "
+                                    f"({_explained(scorer, tgt)}) does not depend on the input here; the map "
+                                    "says nothing about what the model uses")
+                ranking = None
+                if kind in ("features", "sequence"):
+                    toks = None if tokens is None else tokens[i].detach().cpu().numpy()
+                    ranking, red = _ranking(attr, kind, o.reduction, o.feature_names, toks)
+                    heat = M.heatmap_rgb(np.repeat(np.repeat(red.reshape(1, -1), 12, 0),
+                                                   max(1, 384 // max(1, red.size)), 1))
+                else:
+                    red = M.reduce_channels(attr, layout, o.reduction)
+                    heat = M.heatmap_rgb(red)
                 stem = f"maps/{k:04d}-{_safe(smp.name)}.{m}"
                 over = None
                 outlined = False
@@ -365,7 +408,7 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
                 gap = a.completeness_gap
                 gap_i = None if gap is None else float(gap[i])
                 mf = None
-                if mask is not None and red.ndim == 2:
+                if mask is not None and red.ndim == 2 and kind == "image":
                     if np.asarray(mask).shape != red.shape:
                         warnings.append(f"mask of {smp.name}: shape {np.asarray(mask).shape} differs from the "
                                         f"map's {red.shape}; not used")
@@ -374,19 +417,24 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
                         metrics.append(metric)
                 if gap_i is not None:
                     metrics.append(Metric(
-                        "ig_completeness_gap", subject, gap_i, ">", warn=0.1,
+                        "ig_completeness_gap", subject, gap_i, ">", warn=IG_GAP_WARN, fail=IG_GAP_FAIL,
                         description="IG completeness gap |sum(attr) - (F(x) - F(baseline))| / |F(x) - F(baseline)|: "
-                                    "the trapezoid rule's error; raise the IG steps when it is large",
+                                    "the trapezoid rule's error; raise the IG steps when it is large (above "
+                                    f"{IG_GAP_FAIL:g} the attribution does not add up to the score change and "
+                                    "means nothing)",
                         note=f"{o.steps} IG steps, {o.baseline} baseline"))
                 mlist.append(MethodMap(
                     method=m, heatmap=himg, overlay=oimg, npy=npy_path,
-                    concentration=Concentration(**M.concentration(red)), total=float(attr.sum()),
+                    concentration=None if ranking is not None else Concentration(**M.concentration(
+                        red if red.ndim == 2 else red.reshape(1, -1))),
+                    total=float(attr.sum()),
                     completeness_gap=gap_i, f_x=None if a.f_x is None else float(a.f_x[i]),
                     f_baseline=None if a.f_baseline is None else float(a.f_baseline[i]), mask_fraction=mf,
-                    heat_max=_heat_max(red), mask_outlined=outlined))
+                    heat_max=_heat_max(red), mask_outlined=outlined, ranking=ranking, zero_fraction=zf))
             inputs_out.append(InputSaliency(name=smp.name, source=smp.source, synthetic=bool(smp.synthetic),
                                             top=[cs(j) for j in order], target=cs(tgt), thumbnail=thumb,
-                                            maps=mlist))
+                                            maps=mlist, target_coords=scorer.coords(tgt),
+                                            target_region=_region(scorer)))
             if o.sanity and len(kept_for_sanity) < o.sanity_inputs:
                 kept_for_sanity.append((smp, x[i:i + 1], base.targets[i:i + 1],
                                         {m: M.reduce_channels(results[m].attr[i].cpu().numpy(), layout, o.reduction)
@@ -395,6 +443,9 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
             progress(len(batch))
     timings["saliency"] = round(time.perf_counter() - t0, 4)
     sanity: list = []
+    if o.sanity and kept_for_sanity and scorer.wrt:
+        warnings.append(f"sanity check: not run when differentiating the internal tensor {scorer.wrt!r}")
+        kept_for_sanity = []
     if o.sanity and kept_for_sanity:
         t1 = time.perf_counter()
         opts_m = o if list(o.methods) == methods else _with_methods(o, methods)
@@ -412,20 +463,96 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
     warnings.extend(w for w in scorer.warnings if w not in warnings)
     for inp in inputs_out:
         for mm in inp.maps:
-            if mm.completeness_gap is not None and mm.completeness_gap > 0.1:
-                warnings.append(f"IG completeness gap on {inp.name} is {100 * mm.completeness_gap:.1f}%: "
+            if mm.completeness_gap is not None and mm.completeness_gap > IG_GAP_WARN:
+                worse = (": the attribution does not add up to F(x) - F(baseline) and means nothing"
+                         if mm.completeness_gap > IG_GAP_FAIL else "")
+                warnings.append(f"IG completeness gap on {inp.name} is {100 * mm.completeness_gap:.1f}%{worse}; "
                                 f"raise the IG steps (now {o.steps})")
                 break
     res = SaliencyResult(
-        methods=list(methods), target="top1" if fixed is None else str(o.target), score=scorer.score,
+        methods=list(methods), target="top1" if fixed is None and spec_t is None else str(o.target),
+        score=scorer.score,
         score_tensor=scorer.score_tensor, reduction=o.reduction, input_name=scorer.input_name,
         preprocess=None if preprocess is None else preprocess.describe(),
         ig_baseline=o.baseline if "ig" in methods else None, ig_steps=o.steps if "ig" in methods else None,
         smoothgrad_samples=o.samples if "smoothgrad" in methods else None,
         smoothgrad_sigma=o.sigma if "smoothgrad" in methods else None,
-        inputs=inputs_out, failures=[FailedInput(p, e) for p, e in failures], sanity=sanity)
+        inputs=inputs_out, failures=[FailedInput(p, e) for p, e in failures], sanity=sanity,
+        target_spec=scorer.explained, output_shape=None if scorer.out_shape is None else list(scorer.out_shape),
+        input_kind=kind or "image", wrt=scorer.wrt)
     return AnalysisOutput(result=res, metrics=metrics, warnings=warnings, artifacts=artifacts,
                           partial=bool(failures))
+
+
+#: IG completeness gap thresholds: warn above 10% (the trapezoid rule is coarse), fail above 50% (the
+#: attribution's total is off by half the score change: it explains nothing; 86-114% were seen on real models)
+IG_GAP_WARN = 0.1
+IG_GAP_FAIL = 0.5
+
+
+def _input_kind(x: torch.Tensor, preprocess: Any) -> str:
+    """image (C, H, W per sample), features (F), sequence (T, D) or tensor (anything else)."""
+    r = x.dim() - 1
+    return {3: "image", 1: "features", 2: "sequence"}.get(r, "tensor")
+
+
+def _ranking(attr: np.ndarray, kind: str, reduction: str, names: Sequence[str] | None,
+             tokens: np.ndarray | None) -> tuple[list, np.ndarray]:
+    """(the features / positions by magnitude, largest first; the magnitudes in input order)."""
+    from ..results.saliency import Attributed
+
+    a = np.asarray(attr, dtype=np.float64)
+    if kind == "features":
+        signed, mag = a.reshape(-1), np.abs(a.reshape(-1))
+        labels = [str(names[j]) if names is not None else f"feature {j}" for j in range(mag.size)]
+    else:
+        signed = a.sum(axis=-1)
+        mag = np.sqrt((a * a).sum(axis=-1)) if reduction == "l2" else np.abs(a).max(axis=-1)
+        tok = tokens.reshape(-1) if tokens is not None and tokens.ndim == 1 and tokens.size == mag.size else None
+        labels = [f"position {j}" + (f" (token {int(tok[j])})" if tok is not None else "") for j in range(mag.size)]
+    total = float(mag.sum())
+    order = np.argsort(-mag, kind="stable")
+    out = [Attributed(index=int(j), name=labels[j], value=float(signed[j]), magnitude=float(mag[j]),
+                      share=float(mag[j] / total) if total > 0 else 0.0) for j in order]
+    return out, mag
+
+
+def _explained(scorer: Scorer, target: int) -> str:
+    if scorer.select is not None and scorer.select.kind == "sum":
+        return f"sum of {scorer.score_tensor}{_region(scorer)}"
+    c = scorer.coords(target)
+    return f"{scorer.score_tensor}[{', '.join(map(str, c or []))}]"
+
+
+def _region(scorer: Scorer) -> str | None:
+    """A sum target's slice in the output's coordinates, e.g. [4, 0:2100]."""
+    sel = scorer.select
+    if sel is None or sel.kind != "sum":
+        return None
+    shape = scorer.out_shape or ()
+    parts = []
+    for d, size in enumerate(shape):
+        it = sel.items[d] if d < len(sel.items) else slice(None)
+        if isinstance(it, slice):
+            a, b, _ = it.indices(size)
+            parts.append(f"{a}:{b}")
+        else:
+            parts.append(str(it % size if size else it))
+    return "[" + ", ".join(parts) + "]"
+
+
+def _zero_metric(method: str, subject: str, zf: float) -> Any:
+    """``map_zero_fraction@method=M[input]``: the share of the input's elements with a zero attribution; a map
+    that is zero everywhere is skipped (no evidence), never passed."""
+    from ..gate import Metric
+
+    desc = ("share of the input's elements whose attribution is exactly 0; 1 means the explained score does not "
+            "depend on the input at this point (e.g. a detector score that is zero there), and the map says "
+            "nothing")
+    if zf >= 1.0:
+        return Metric(f"map_zero_fraction@method={method}", subject, zf, ">", status="skipped", description=desc,
+                      note="the map is zero everywhere: no evidence about what the model uses")
+    return Metric(f"map_zero_fraction@method={method}", subject, zf, ">", description=desc)
 
 
 def _with_methods(o: SaliencyOptions, methods: list[str]) -> SaliencyOptions:

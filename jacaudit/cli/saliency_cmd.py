@@ -9,18 +9,119 @@ import typer
 
 from .common import info, load_model, out
 from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
-                      OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt)
+                      OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt, WrtOpt)
 from .runner import Outcome, audit_command
 
 MET = "Methods"
 
 
-def read_inputs(paths: list[str], pp, spec, mask_suffix: str) -> tuple[list, list, dict, list[str]]:
-    """Samples from files/folders; (samples, failures, masks by sample name, warnings). Mask files are no inputs."""
+LABEL_COLUMNS = ("label", "target", "y", "class")
+
+
+def read_table(path: str, spec, label_column: str | None = None) -> tuple[list, list[str] | None, str | None]:
+    """Rows of a CSV file as samples of a rank-2 (batch, features) input: (samples, feature names from the
+    header or None, the label column dropped or None). A header is a first row that is not all numbers; a
+    label column (``label_column``, else one named label/target/y/class when there is one column too many) is
+    not fed."""
+    import csv
+
+    import numpy as np
+
+    from .. import data as D
+    from ..errors import DataError
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a CSV text file ({type(e).__name__})") from None
+    if not rows:
+        raise DataError(f"{path}: the CSV holds no rows")
+
+    def numeric(r):
+        try:
+            [float(c) for c in r]
+            return True
+        except ValueError:
+            return False
+
+    header = None if numeric(rows[0]) else [c.strip() for c in rows[0]]
+    body = rows[1:] if header is not None else rows
+    if not body:
+        raise DataError(f"{path}: the CSV holds a header but no data rows")
+    ncol = len(body[0])
+    want = spec.shape[1] if spec is not None and spec.shape and len(spec.shape) == 2 and isinstance(
+        spec.shape[1], int) and spec.shape[1] > 0 else None
+    drop = None
+    if label_column:
+        if header is None or label_column not in header:
+            raise DataError(f"{path}: no column named {label_column!r}"
+                            + (f" (columns: {', '.join(header)})" if header else " (the CSV has no header)"))
+        drop = header.index(label_column)
+    elif header is not None and want is not None and ncol == want + 1:
+        found = [i for i, h in enumerate(header) if h.lower() in LABEL_COLUMNS]
+        if len(found) == 1:
+            drop = found[0]
+    keep = [i for i in range(ncol) if i != drop]
+    if want is not None and len(keep) != want:
+        raise DataError(f"{path}: {len(keep)} feature column(s), the model input {spec.name!r} takes {want}"
+                        + ("; name the label column to leave out" if len(keep) == want + 1 else ""))
+    try:
+        arr = np.array([[float(r[i]) for i in keep] for r in body], dtype=np.float32)
+    except (ValueError, IndexError):
+        raise DataError(f"{path}: every data row needs {ncol} numeric values") from None
+    stem = os.path.basename(path)
+    samples = [D.Sample(name=f"{stem}[{k}]", source=path, array=arr[k], index=k) for k in range(arr.shape[0])]
+    names = None if header is None else [header[i] for i in keep]
+    return samples, names, None if drop is None or header is None else header[drop]
+
+
+def read_feature_names(text: str | None) -> list[str] | None:
+    """``a,b,c``, or a file with one name per line (or comma-separated)."""
+    from ..errors import DataError
+
+    if not text:
+        return None
+    if os.path.isfile(text):
+        try:
+            raw = open(text, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{text}: cannot read feature names ({type(e).__name__})") from None
+        parts = [p.strip() for line in raw.splitlines() for p in line.split(",")]
+    else:
+        parts = [p.strip() for p in text.split(",")]
+    names = [p for p in parts if p]
+    if not names:
+        raise DataError(f"no feature names in {text!r}")
+    return names
+
+
+def read_inputs(paths: list[str], pp, spec, mask_suffix: str, label_column: str | None = None
+                ) -> tuple[list, list, dict, list[str], list[str] | None]:
+    """Samples from files/folders; (samples, failures, masks by sample name, warnings, CSV feature names). Mask
+    files are no inputs."""
     from .. import data as D
     from ..errors import DataError
 
     samples, failures, masks, warnings = [], [], {}, []
+    names = None
+    tables = [p for p in paths if p.lower().endswith(".csv")]
+    for p in tables:
+        if not os.path.isfile(p):
+            raise DataError(f"{p}: no such file")
+        rows, header, dropped = read_table(p, spec, label_column)
+        samples.extend(rows)
+        if header is not None:
+            if names is not None and names != header:
+                raise DataError(f"{p}: its columns differ from the first CSV's")
+            names = header
+        if dropped:
+            warnings.append(f"{p}: column {dropped!r} is not fed to the model (a label)")
+    paths = [p for p in paths if p not in tables]
+    if not paths:
+        return samples, failures, masks, warnings, names
     expanded = D.expand_paths(paths)
     if mask_suffix:
         expanded = [p for p in expanded if not os.path.splitext(p)[0].endswith(mask_suffix)]
@@ -41,7 +142,7 @@ def read_inputs(paths: list[str], pp, spec, mask_suffix: str) -> tuple[list, lis
                     except DataError as e:
                         warnings.append(f"mask {mp}: {e}")
                     break
-    return samples, failures, masks, warnings
+    return samples, failures, masks, warnings, names
 
 
 def register(app: typer.Typer) -> None:
@@ -49,12 +150,24 @@ def register(app: typer.Typer) -> None:
     def saliency_cmd(
         model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX or TorchScript model.")],
         inputs: Annotated[Optional[list[Path]], typer.Argument(
-            metavar="[IMAGE_OR_FOLDER]...", help="Images (PNG/JPEG/...), folders of them, or preprocessed "
-            ".npy/.npz arrays. None: one seeded synthetic input (flagged).")] = None,
+            metavar="[IMAGE_OR_FOLDER]...", help="Images (PNG/JPEG/...), folders of them, preprocessed "
+            ".npy/.npz arrays, or CSV tables (rows of a (batch, features) input; a header names the features, a "
+            "label column is not fed). None: one seeded synthetic input (flagged).")] = None,
         method: Annotated[str, typer.Option("--method", "-m", help="grad, gradxinput, smoothgrad, ig, a "
                                             "comma-separated list, or all.", rich_help_panel=MET)] = "grad",
-        target: Annotated[str, typer.Option("--target", "-t", help="top1 (default), a class index, or a label "
-                                            "from --labels.")] = "top1",
+        target: Annotated[str, typer.Option("--target", "-t", help="What is explained. For a (batch, classes) "
+                                            "output: top1 (default), a class index, or a label from --labels. "
+                                            "For any output, in its coordinates after the batch axis: "
+                                            "'index=I,J' (one element), 'argmax=SLICE' (the largest of a slice, "
+                                            "per input) or 'sum=SLICE' (its sum); SLICE is numpy-like, e.g. "
+                                            "'3,:' or '4,0:100'. Other outputs are refused without one.")] = "top1",
+        wrt: WrtOpt = None,
+        feature_names: Annotated[Optional[str], typer.Option("--feature-names", help="Names of a (batch, "
+                                                             "features) input's features: a,b,c or a file (one "
+                                                             "per line); default: the CSV header.")] = None,
+        label_column: Annotated[Optional[str], typer.Option("--label-column", help="CSV column not fed to the "
+                                                            "model (default: one named label/target/y/class when "
+                                                            "there is one column too many).")] = None,
         labels: Annotated[Optional[Path], typer.Option("--labels", help="Class labels: one per line, or JSON "
                                                        "(default: labels.txt beside the model, if any).")] = None,
         batch_size: BatchSizeOpt = 16,
@@ -102,6 +215,7 @@ def register(app: typer.Typer) -> None:
         masks the share of saliency outside the object. Exit 2 when some inputs were skipped."""
         from .. import data as D
         from ..analyses.saliency import SaliencyOptions, parse_methods, read_labels, saliency
+        from ..engine.gradients import TargetNeeded
         from ..errors import DataError, InputError
 
         methods_list = parse_methods(method)
@@ -121,20 +235,26 @@ def register(app: typer.Typer) -> None:
         label_list = read_labels(label_path)
         paths = [str(p) for p in inputs or []]
         if paths:
-            samples, failures, masks, warnings = read_inputs(paths, pp, spec, mask_suffix)
+            samples, failures, masks, warnings, csv_names = read_inputs(paths, pp, spec, mask_suffix, label_column)
         else:
-            samples, failures, masks = [D.synthetic_sample(spec, seed, pp)], [], {}
+            samples, failures, masks, csv_names = [D.synthetic_sample(spec, seed, pp)], [], {}, None
             warnings = ["no inputs given: a seeded synthetic input was used (flagged synthetic)"]
         if not samples:
             raise DataError(f"none of the {len(failures)} input(s) could be read")
         opts = SaliencyOptions(methods=methods_list, target=target, labels=label_list, reduction=reduce,
                                steps=ig_steps, baseline=ig_baseline, samples=sg_samples, sigma=sg_sigma, seed=seed,
                                batch_size=batch_size, chunk_rows=chunk, use_logits=(score == "logit"),
-                               input_name=input_name, output=output_name, sanity=sanity,
+                               input_name=input_name, output=output_name, wrt=wrt,
+                               feature_names=read_feature_names(feature_names) or csv_names, sanity=sanity,
                                sanity_layers=sanity_layers, sanity_threshold=sanity_threshold)
-        with ctx.progress("saliency", len(samples)) as bar:
-            res = saliency(model, samples, opts, preprocess=pp, masks=masks or None, failures=failures,
-                           progress=bar.advance, timings=ctx.timings)
+        try:
+            with ctx.progress("saliency", len(samples)) as bar:
+                res = saliency(model, samples, opts, preprocess=pp, masks=masks or None, failures=failures,
+                               progress=bar.advance, timings=ctx.timings)
+        except TargetNeeded as e:
+            others = [s.name for s in model.outputs if s.name != e.output]
+            raise InputError(f"{e}: pass --output-name NAME{' (' + ', '.join(others[:6]) + ')' if others else ''} "
+                             f"or --target, e.g. --target 'index={','.join('0' for _ in e.shape)}'") from None
         res.warnings[:0] = [w for w in warnings if w not in res.warnings]
         settings = {"method": ",".join(methods_list), "target": target, "score": score, "reduction": reduce,
                     "ig_steps": ig_steps if "ig" in methods_list else None,
@@ -144,34 +264,62 @@ def register(app: typer.Typer) -> None:
                     "dtype": str(model.dtype or "float32").replace("torch.", ""), "device": str(model.device),
                     "batch_size": batch_size, "chunk": chunk, "sanity": sanity,
                     "sanity_threshold": sanity_threshold if sanity else None, "mask_suffix": mask_suffix or None,
-                    "labels": label_path, "preprocess": pp.describe()}
-        return Outcome(res, model=model, settings=settings, summary=_summary)
+                    "labels": label_path, "preprocess": pp.describe(), "wrt": wrt,
+                    "target_spec": res.result.target_spec, "feature_names": opts.feature_names}
+        maps = [m for i in res.result.inputs for m in i.maps]
+        empty = bool(maps) and all(m.zero_fraction is not None and m.zero_fraction >= 1.0 for m in maps)
+        return Outcome(res, model=model, settings=settings, summary=_summary, inconclusive=empty)
+
+
+def _target_text(res, i) -> str:
+    """The explained element: a class (label or index), output coordinates, or a summed slice."""
+    if getattr(i, "target_region", None):
+        return f"sum{i.target_region}"
+    if getattr(res, "target_spec", "class") == "class":
+        return i.target.label or str(i.target.index)
+    return "[" + ", ".join(map(str, i.target_coords or [])) + "]"
 
 
 def _summary(report) -> None:
-    """Ranked summary on stdout: inputs by target score, best first."""
+    """Ranked summary on stdout: inputs by target score, best first; for features / sequence positions, the
+    ranking of the first method per input."""
     from rich.table import Table
     from rich.text import Text
 
     res = report.result
+    kind = getattr(res, "input_kind", "image")
     rows = sorted(res.inputs, key=lambda i: -(i.target.score if i.target.score == i.target.score else -1e30))
-    t = Table(title=Text(f"saliency of the {res.score} ({res.score_tensor}), channels reduced by {res.reduction}"),
+    what = f" at {res.target_spec}" if getattr(res, "target_spec", "class") != "class" else ""
+    wrt = f", d/d {res.wrt}" if getattr(res, "wrt", None) else ""
+    red = f", channels reduced by {res.reduction}" if kind in ("image", "sequence") else ""
+    t = Table(title=Text(f"saliency of the {res.score} ({res.score_tensor}{what}){wrt}{red}"),
               title_justify="left", show_lines=False)
-    for col in ("#", "input", "class", res.score, "prob", "method", "concentrates at", "top-10% mass",
-                "IG gap", "in mask"):
+    image = kind not in ("features", "sequence")
+    unit = "feature" if kind == "features" else "position"
+    cols = ["#", "input", "class" if what == "" else "explained", res.score, "prob", "method"]
+    cols += ["concentrates at", "top-10% mass"] if image else [f"top {unit}s (share of |attribution|)"]
+    for col in cols + ["IG gap", "in mask"] * image + ["IG gap"] * (not image):
         t.add_column(col, overflow="fold")
     for rank, i in enumerate(rows, 1):
-        cls = i.target.label or str(i.target.index)
+        cls = _target_text(res, i)
         for j, m in enumerate(i.maps):
             first = j == 0
-            t.add_row(*map(Text, (
-                str(rank) if first else "", (i.name + (" (synthetic)" if i.synthetic else "")) if first else "",
-                cls if first else "", f"{i.target.score:.4g}" if first else "",
-                (f"{i.target.probability:.3f}" if i.target.probability is not None else "") if first else "",
-                m.method, m.concentration.region, f"{100 * m.concentration.top10_mass:.0f}%",
-                f"{100 * m.completeness_gap:.2f}%" if m.completeness_gap is not None else "",
-                f"{100 * m.mask_fraction:.0f}%" if m.mask_fraction is not None else "")))
+            head = [str(rank) if first else "", (i.name + (" (synthetic)" if i.synthetic else "")) if first else "",
+                    cls if first else "", f"{i.target.score:.4g}" if first else "",
+                    (f"{i.target.probability:.3f}" if i.target.probability is not None else "") if first else "",
+                    m.method]
+            gap = f"{100 * m.completeness_gap:.2f}%" if m.completeness_gap is not None else ""
+            if image:
+                c = m.concentration
+                tail = [c.region if c else "", f"{100 * c.top10_mass:.0f}%" if c else "", gap,
+                        f"{100 * m.mask_fraction:.0f}%" if m.mask_fraction is not None else ""]
+            else:
+                top = ", ".join(f"{a.name} {100 * a.share:.0f}%" for a in (m.ranking or [])[:5])
+                tail = [top, gap]
+            t.add_row(*map(Text, head + tail))
     out.print(t, markup=False)
+    if not image and res.inputs:
+        _ranking_table(res, unit)
     for s in res.sanity:
         st = getattr(s, "status", "checked")
         if st in ("skipped", "error"):  # no final value: no verdict either way
@@ -180,3 +328,30 @@ def _summary(report) -> None:
         out.print(f"sanity {s.method}: final Spearman {s.final_spearman:.3f} -> "
                   f"{'FLAGGED (map barely changes)' if s.flagged else 'changes'}"
                   + (f" [partial: {s.reason}]" if st == "partial" else ""), markup=False)
+
+
+def _ranking_table(res, unit: str) -> None:
+    """Mean |attribution| share per feature / position over the inputs, per method, largest first."""
+    from rich.table import Table
+    from rich.text import Text
+
+    for k, method in enumerate(res.methods):
+        share: dict[int, float] = {}
+        name: dict[int, str] = {}
+        n = 0
+        for i in res.inputs:
+            if k >= len(i.maps) or not i.maps[k].ranking:
+                continue
+            n += 1
+            for a in i.maps[k].ranking:
+                share[a.index] = share.get(a.index, 0.0) + a.share
+                name.setdefault(a.index, a.name if unit == "feature" else f"position {a.index}")
+        if not n:
+            continue
+        t = Table(title=Text(f"{method}: {unit}s by mean share of |attribution| over {n} input(s)"),
+                  title_justify="left")
+        for col in ("rank", unit, "mean share"):
+            t.add_column(col)
+        for r, (idx, v) in enumerate(sorted(share.items(), key=lambda kv: -kv[1])[:20], 1):
+            t.add_row(Text(str(r)), Text(name[idx]), Text(f"{100 * v / n:.1f}%"))
+        out.print(t, markup=False)

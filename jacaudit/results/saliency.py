@@ -13,6 +13,21 @@ class ClassScore:
     label: str | None
     score: float = field(metadata={"doc": "the value of the scored tensor (logit when available)"})
     probability: float | None = field(default=None, metadata={"doc": "softmax probability, when known"})
+    coords: list[int] | None = field(default=None, metadata={
+        "doc": "the element's coordinates in the scored output (after the batch axis); None for a sum"})
+
+
+@dataclass(frozen=True)
+class Attributed:
+    """One feature / sequence position of a non-image input and its attribution."""
+
+    index: int
+    name: str
+    value: float = field(metadata={"doc": "signed attribution (a sequence position: summed over the embedding "
+                                          "dim)"})
+    magnitude: float = field(metadata={"doc": "|attribution| (a sequence position: the channel reduction over "
+                                              "the embedding dim); the ranking is by this"})
+    share: float = field(metadata={"doc": "magnitude / sum of all magnitudes"})
 
 
 @dataclass(frozen=True)
@@ -34,7 +49,8 @@ class MethodMap:
     heatmap: Image
     overlay: Image | None
     npy: str | None = field(metadata={"doc": "raw signed attribution in the model input's shape (.npy)"})
-    concentration: Concentration
+    concentration: Concentration | None = field(metadata={
+        "doc": "where the mass lies in the image; None for a non-image input (see ranking)"})
     total: float = field(metadata={"doc": "sum of the signed attribution"})
     completeness_gap: float | None = field(
         default=None, metadata={"doc": "IG only: |sum(attr) - (F(x) - F(baseline))| / |F(x) - F(baseline)|"})
@@ -45,6 +61,10 @@ class MethodMap:
     heat_max: float | None = field(default=None, metadata={
         "doc": "the map value at the top of the heatmap's colour scale (the bottom is 0)"})
     mask_outlined: bool = field(default=False, metadata={"doc": "the overlay outlines the object mask"})
+    ranking: list[Attributed] | None = field(default=None, metadata={
+        "doc": "non-image inputs: the features / positions by attribution magnitude, largest first"})
+    zero_fraction: float | None = field(default=None, metadata={
+        "doc": "share of the input's elements whose attribution is exactly 0 (1: the map is empty)"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,10 @@ class InputSaliency:
     target: ClassScore
     thumbnail: Image | None
     maps: list[MethodMap]
+    target_coords: list[int] | None = field(default=None, metadata={
+        "doc": "the explained element in the scored output's coordinates (after the batch axis); None for a sum"})
+    target_region: str | None = field(default=None, metadata={
+        "doc": "a sum target: the summed slice, e.g. [4, 0:2100]"})
 
 
 @dataclass(frozen=True)
@@ -109,3 +133,13 @@ class SaliencyResult:
     inputs: list[InputSaliency]
     failures: list[FailedInput]
     sanity: list[SanityCheck]
+    target_spec: str = field(default="class", metadata={
+        "doc": "how the explained scalar is chosen: class (an index into a (batch, classes) output: top1 or "
+               "a given class), index=I,J (one element), argmax=SLICE, sum=SLICE (output coordinates)"})
+    output_shape: list[int] | None = field(default=None, metadata={
+        "doc": "the scored tensor's shape after the batch axis"})
+    input_kind: Literal["image", "features", "sequence", "tensor"] = field(default="image", metadata={
+        "doc": "how maps are summarised: image (2-D maps, regions), features (rank-2 input: a per-feature "
+               "ranking), sequence (rank-3: a per-position ranking, reduced over the last dim), tensor (other)"})
+    wrt: str | None = field(default=None, metadata={
+        "doc": "an internal tensor differentiated instead of the input (e.g. an embedding's output)"})

@@ -35,18 +35,55 @@ def pct(v: Any) -> str:
 
 def _saliency(report: Any) -> list[str]:
     r = report.result
-    lines = [f"Score differentiated: **{esc(r.score)}** (`{esc(r.score_tensor)}`), target {esc(r.target)}, "
-             f"channel reduction {esc(r.reduction)}.", ""]
-    lines += ["| input | class | score | method | concentrates at | top-10% mass | IG gap | mask mass |",
-              "|---|---|---:|---|---|---:|---:|---:|"]
+    kind = getattr(r, "input_kind", "image")
+    spec = getattr(r, "target_spec", "class")
+    image = kind not in ("features", "sequence")
+    shape = getattr(r, "output_shape", None)
+    lines = [f"Score differentiated: **{esc(r.score)}** (`{esc(r.score_tensor)}`"
+             + (f", shape (batch, {esc(', '.join(map(str, shape)))})" if shape else "") + "), "
+             + (f"target {esc(r.target)}" if spec == "class" else f"explained: `{esc(spec)}`")
+             + (f", differentiated with respect to `{esc(r.wrt)}`" if getattr(r, "wrt", None) else "")
+             + (f", channel reduction {esc(r.reduction)}." if kind != "features" else ", per-feature attribution."),
+             ""]
+    where = "concentrates at | top-10% mass" if image else ("top features" if kind == "features" else
+                                                            "deciding positions") + " | share"
+    lines += [f"| input | {'class' if spec == 'class' else 'explained'} | score | method | {where} | IG gap | "
+              f"mask mass |", "|---|---|---:|---|---|---:|---:|---:|"]
     for inp in r.inputs:
-        cls = inp.target.label or str(inp.target.index)
+        if getattr(inp, "target_region", None):
+            cls = f"sum{inp.target_region}"
+        elif spec != "class":
+            cls = "[" + ", ".join(map(str, inp.target_coords or [])) + "]"
+        else:
+            cls = inp.target.label or str(inp.target.index)
         for m in inp.maps:
             c = m.concentration
+            if c is not None:
+                mid = f"{esc(c.region)} | {pct(c.top10_mass)}"
+            else:
+                top = (m.ranking or [])[:3]
+                mid = f"{esc(', '.join(a.name for a in top))} | {esc(', '.join(pct(a.share) for a in top))}"
             lines.append(f"| {esc(inp.name)}{' (synthetic)' if inp.synthetic else ''} | {esc(cls)} | "
-                         f"{num(inp.target.score)} | {esc(m.method)} | {esc(c.region)} | {pct(c.top10_mass)} | "
+                         f"{num(inp.target.score)} | {esc(m.method)} | {mid} | "
                          f"{pct(m.completeness_gap) if m.completeness_gap is not None else '–'} | "
                          f"{pct(m.mask_fraction) if m.mask_fraction is not None else '–'} |")
+    if not image and r.inputs:
+        unit = "feature" if kind == "features" else "position"
+        for k, method in enumerate(r.methods):
+            share: dict[int, float] = {}
+            name: dict[int, str] = {}
+            n = 0
+            for inp in r.inputs:
+                if k < len(inp.maps) and inp.maps[k].ranking:
+                    n += 1
+                    for a in inp.maps[k].ranking:
+                        share[a.index] = share.get(a.index, 0.0) + a.share
+                        name.setdefault(a.index, a.name if unit == "feature" else f"position {a.index}")
+            if n:
+                lines += ["", f"{esc(method)}: {unit}s by mean share of |attribution| over {n} input(s):", "",
+                          f"| rank | {unit} | mean share |", "|---:|---|---:|"]
+                for rank, (idx, v) in enumerate(sorted(share.items(), key=lambda kv: -kv[1])[:20], 1):
+                    lines.append(f"| {rank} | {esc(name[idx])} | {pct(v / n)} |")
     if r.failures:
         lines += ["", f"**{len(r.failures)} input(s) skipped:**", ""]
         lines += [f"- {esc(f.path)}: {esc(f.error)}" for f in r.failures[:50]]
