@@ -75,10 +75,17 @@ def test_cli_verify_passes(tmp_path):
 
 def test_relu_kink_is_reported_not_failed():
     x = torch.tensor([[0.0, 1.0, -1.0, 0.0, 2.0]], dtype=torch.float64)  # two units sit on the kink
-    r = verify(lambda z: torch.relu(z) * 3, x, directions=3)
+    r = verify(lambda z: torch.relu(z) * 3, x, directions=3, retries=0)
     assert r.verdict == "inconclusive"  # no direction gave evidence: never a pass
     assert all(d.status == "non-differentiable" for d in r.directions)
     assert "kink" in r.directions[0].note
+    # with the retry budget, a nearby point (off the kink) gives the evidence, and the report says so
+    r = verify(lambda z: torch.relu(z) * 3, x, directions=3)
+    at_x = [d for d in r.directions if d.point == "x"]
+    assert all(d.status == "non-differentiable" and "kink" in d.note for d in at_x)
+    near = [d for d in r.directions if d.point == "nearby"]
+    assert near and near[0].status == "pass" and near[0].retry_of == 0
+    assert r.verdict == "pass" and any("nearby point" in w for w in r.warnings)
 
 
 def test_quantised_graph_is_reported_not_failed():

@@ -8,9 +8,10 @@ Metrics (ids ``verify.<name>[<subject>]``), each judged against the tolerance th
   that direction's tolerance (rtol + the finite difference's own error, stated in the check). A direction that
   crosses a kink, is piecewise constant, has J v = FD = 0, or agrees only within a widened tolerance gives no
   evidence: its check is *skipped* with the reason, never a pass;
-* ``adjoint_rel_error[model]`` -- u^T (J v) vs (u^T J) v; fails above the adjoint tolerance.
+* ``adjoint_rel_error[model]`` -- u^T (J v) vs (u^T J) v; fails above the adjoint tolerance (raised to the
+  jvp/vjp rounding measured); *skipped* when every direction's jvp/vjp is rounding noise.
 
-When no direction is conclusive the report's status is ``inconclusive`` (exit 0, nothing failed, nothing shown).
+When no direction is conclusive the report's status is ``inconclusive`` (exit 4 via the CLI runner).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class VerifyOptions:
     dtype: str = "float64"
     rtol: float | None = None
     forward_tol: float = 1e-4
+    retries: int = 3
 
 
 def verify_metrics(r: Any) -> list[Metric]:
@@ -40,10 +42,15 @@ def verify_metrics(r: Any) -> list[Metric]:
     metrics = []
     f = r.forward
     if f.reference != "none":
-        metrics.append(Metric("forward_rel_error", "model", f.max_rel, ">", fail=f.tol,
-                              status=None if f.max_rel is not None else "fail", note=f.note,
-                              description=f"max|engine - {f.reference}| / max|{f.reference}| on the input",
-                              properties={"max_abs": f.max_abs} if f.max_abs is not None else {}))
+        value = f.judged_error if f.judged_error is not None else f.max_rel
+        props = {"max_abs": f.max_abs, "max_rel": f.max_rel} if f.max_abs is not None else {}
+        if f.atol is not None:
+            props["atol"] = f.atol
+        metrics.append(Metric("forward_rel_error", "model", value, ">", fail=f.tol,
+                              status=None if value is not None else "fail", note=f.note,
+                              description=f"max|engine - {f.reference}| / max(max|{f.reference}|, atol / tol) on "
+                                          "the input (atol: the absolute floor of the reference's dtype)",
+                              properties=props))
     for d in r.directions:
         conclusive = d.status in ("pass", "fail")
         metrics.append(Metric(
@@ -55,18 +62,24 @@ def verify_metrics(r: Any) -> list[Metric]:
             properties={"jvp_norm": d.jvp_norm, "fd_norm": d.fd_norm, "fd_spread": d.fd_spread, "tol": d.tol}))
     a = r.adjoint
     metrics.append(Metric("adjoint_rel_error", "model", a.max_rel_error, ">", fail=a.tol,
-                          description="|u^T (J v) - (u^T J) v| relative, over the directions (jvp vs vjp)"))
+                          status="skipped" if a.status == "skipped" else None, note=a.note,
+                          description="|u^T (J v) - (u^T J) v| relative, over the directions (jvp vs vjp) whose "
+                                      "values are above their rounding level",
+                          properties={"rounding_residual": a.rounding_residual}
+                          if a.rounding_residual is not None else {}))
     return metrics
 
 
-def verify_analysis(model: Any, feeds: Any, options: VerifyOptions = VerifyOptions()) -> AnalysisOutput:
+def verify_analysis(model: Any, feeds: Any, options: VerifyOptions = VerifyOptions(),
+                    progress: Any = None) -> AnalysisOutput:
     """``feeds`` is a :class:`jacaudit.data.feeds.Feeds`; the model stays in its stored dtype (verify builds the
     float64 copies it needs)."""
     from ..engine.verify import verify
 
     o = options
     r = verify(model, feeds.feeds, input=feeds.input_name, output=o.output_name, wrt=o.wrt, logits=o.logits,
-               directions=o.directions, seed=o.seed, dtype=o.dtype, rtol=o.rtol, forward_tol=o.forward_tol)
+               directions=o.directions, seed=o.seed, dtype=o.dtype, rtol=o.rtol, forward_tol=o.forward_tol,
+               retries=o.retries, progress=progress)
     r = replace(r, input_source=str(feeds.source), synthetic_input=bool(feeds.synthetic))
     warnings = list(r.warnings) + [w for w in feeds.warnings if w not in r.warnings]
     return AnalysisOutput(result=r, metrics=verify_metrics(r), warnings=warnings)

@@ -20,19 +20,26 @@ def _summary(report) -> None:
     r = report.result
     f = r.forward
     if f.reference == "onnxruntime":
+        floor = f" above the floor {f.atol:.3g} abs" if f.atol is not None else ""
         out.print(f"forward vs onnxruntime: max abs {f.max_abs:.3g}, max rel {f.max_rel:.3g} "
-                  f"(tol {f.tol:.3g}) -> {'pass' if f.passed else 'FAIL'} {f.note}".rstrip(), markup=False)
+                  f"(tol {f.tol:.3g}{floor}) -> {'pass' if f.passed else 'FAIL'} {f.note}".rstrip(), markup=False)
     else:
         out.print(f"forward: {f.note}", markup=False)
-    t = Table("dir", "reference", "status", "rel error", "tol", "|Jv|", "FD spread", "note", box=None,
-              title="J v (jvp) vs central differences (Richardson)")
+    t = Table("dir", "reference", "status", "rel error", "tol", "|Jv|", "steps h", "note", box=None,
+              title="J v (jvp) vs central differences (Richardson); tol shown where it judged")
     for d in r.directions:
-        t.add_row(str(d.index), d.reference, d.status, f"{d.rel_error:.3g}", f"{d.tol:.3g}", f"{d.jvp_norm:.4g}",
-                  f"{d.fd_spread:.2g}", d.note)
+        used = d.status in ("pass", "fail")
+        label = str(d.index) + (f" (retry of {d.retry_of}{', nearby x' if d.point != 'x' else ''})"
+                                if d.retry_of is not None else "")
+        t.add_row(label, d.reference, d.status, f"{d.rel_error:.3g}", f"{d.tol:.3g}" if used else "-",
+                  f"{d.jvp_norm:.4g}", f"{d.steps[0]:.2g}..{d.steps[-1]:.2g}" if d.steps else "", d.note)
     out.print(t)
     a = r.adjoint
-    out.print(f"u^T (J v) vs (u^T J) v: max rel error {a.max_rel_error:.3g} (tol {a.tol:.3g}) -> "
-              f"{'pass' if a.passed else 'FAIL'}", markup=False)
+    if a.status == "skipped":
+        out.print(f"u^T (J v) vs (u^T J) v: skipped ({a.note})", markup=False)
+    else:
+        out.print(f"u^T (J v) vs (u^T J) v: max rel error {a.max_rel_error:.3g} (tol {a.tol:.3g}) -> "
+                  f"{'pass' if a.passed else 'FAIL'}" + (f" ({a.note})" if a.note else ""), markup=False)
     out.print(f"verdict: {r.verdict.upper()}", markup=False)
 
 
@@ -72,13 +79,14 @@ def register(app: typer.Typer) -> None:
                               channels=channels, preset=preset)
         opts = VerifyOptions(output_name=output_name, wrt=wrt, logits=logits, directions=directions, seed=seed,
                              dtype=dtype, rtol=rtol, forward_tol=forward_tol)
-        with ctx.timed("verify"):
-            res = verify_analysis(m, feeds, opts)
+        with ctx.timed("verify"), ctx.progress("verify", None) as bar:
+            res = verify_analysis(m, feeds, opts, progress=bar.update)
         r = res.result
         settings = {"directions": directions, "seed": seed, "dtype": r.dtype, "device": r.device,
                     "input_name": feeds.input_name, "output_name": output_name, "wrt": wrt, "logits": logits,
                     "reference": r.reference, "rtol": rtol, "default_rtol": r.tolerances.default_rtol,
-                    "forward_tol": forward_tol, "adjoint_tol": r.tolerances.adjoint,
+                    "forward_tol": forward_tol, "forward_atol": r.tolerances.forward_atol,
+                    "adjoint_tol": r.tolerances.adjoint, "retry_budget": r.retry_budget,
                     "input_source": feeds.source, "synthetic_input": feeds.synthetic, "shape": shape}
         return Outcome(res, model=m, settings=settings, device=r.device, summary=_summary,
                        inconclusive=r.verdict == "inconclusive")

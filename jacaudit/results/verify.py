@@ -18,6 +18,11 @@ class VerifyForward:
     tol: float | None
     passed: bool
     note: str = ""
+    atol: float | None = field(default=None, metadata={
+        "doc": "absolute floor: max|engine - reference| below it passes (64 ulps of the reference's dtype at "
+               "max(1, max|reference|))"})
+    judged_error: float | None = field(default=None, metadata={
+        "doc": "max|engine - reference| / max(max|reference|, atol / tol): the value judged against tol"})
 
 
 @dataclass(frozen=True)
@@ -37,15 +42,25 @@ class VerifyDirection:
     steps: list[float] = field(metadata={"doc": "the finite-difference step sizes h"})
     slope_norms: list[float] = field(metadata={"doc": "||(f(x+hv) - f(x-hv)) / 2h|| at each step"})
     note: str = ""
+    retry_of: int | None = field(default=None, metadata={
+        "doc": "the direction this one retries (a zero, non-smooth or rounding-level direction gave no evidence)"})
+    point: str = field(default="x", metadata={"doc": "x, or 'nearby' (x + a small seeded offset: x sits on a kink)"})
+    confirm_steps: list[float] = field(default_factory=list, metadata={
+        "doc": "the second step series that a disagreement was re-checked at (a fail must reproduce there)"})
 
 
 @dataclass(frozen=True)
 class VerifyAdjoint:
     """u^T (J v) from jvp against (u^T J) v from vjp, over the same directions."""
 
-    max_rel_error: float
-    tol: float
+    max_rel_error: float = field(metadata={"doc": "over the directions judged (not those at rounding level)"})
+    tol: float = field(metadata={"doc": "the tolerance used (the base, or raised to the rounding measured)"})
     passed: bool
+    status: str = field(default="", metadata={
+        "doc": "pass, fail, or skipped (every direction's jvp/vjp at its rounding level: no evidence)"})
+    note: str = ""
+    rounding_residual: float | None = field(default=None, metadata={
+        "doc": "largest linearity residual ||A(a+b) - Aa - Ab|| / (||Aa|| + ||Ab||) of jvp/vjp measured"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,10 @@ class VerifyTolerances:
         default=None, metadata={"doc": "slope spread above which a direction counts as non-differentiable"})
     nondiff_ratio: float | None = field(
         default=None, metadata={"doc": "slope ratio across steps that marks a piecewise-constant graph"})
+    cap: float | None = field(default=None, metadata={"doc": "no pass is granted at a wider relative tolerance"})
+    forward_atol: float | None = field(default=None, metadata={"doc": "absolute floor of the forward check"})
+    rounding_residual: float | None = field(default=None, metadata={
+        "doc": "jvp/vjp linearity residual above which a derivative counts as rounding noise"})
 
 
 @result_type("verify")
@@ -87,6 +106,8 @@ class VerifyResult:
     input_source: str = field(default="tensor", metadata={"doc": "the input file, 'synthetic', or 'tensor' (API)"})
     synthetic_input: bool = False
     softmax_warning: str | None = None
+    retries: int = field(default=0, metadata={"doc": "extra directions/points tried when one gave no evidence"})
+    retry_budget: int = 0
     warnings: list[str] = field(default_factory=list, metadata={"doc": "what the check itself noticed"})
 
     @property
