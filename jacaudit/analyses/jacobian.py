@@ -38,6 +38,9 @@ class JacobianOptions:
     linearity: bool = False
     save: bool = False
     seed: int = 0
+    frobenius: bool = False          # Hutchinson estimate of ||J||_F (J not materialised)
+    top_k: int | None = None         # top-k singular values by block power iteration (J not materialised)
+    probes: int = 32                 # Hutchinson probes
 
 
 def jacobian_analysis(model: Any, feeds: Any, options: JacobianOptions = JacobianOptions(), *,
@@ -58,6 +61,8 @@ def jacobian_analysis(model: Any, feeds: Any, options: JacobianOptions = Jacobia
         softmax_warning = (f"output {t.output_name!r} comes out of a Softmax: its gradients saturate; "
                            "differentiate the pre-softmax logits instead (logits option)")
         warnings.append(softmax_warning)
+    if o.frobenius or o.top_k:
+        return _estimated(t, feeds, o, warnings, softmax_warning, timings)
     with timed(timings, "jacobian"):
         J, jinfo = full_jacobian(t, mode=o.mode, max_memory=o.max_memory, progress=progress)
     finite = bool(torch.isfinite(J).all())
@@ -111,6 +116,58 @@ def jacobian_analysis(model: Any, feeds: Any, options: JacobianOptions = Jacobia
             metrics.append(Metric(f"linearity_error@step={w.step:g}", subject, w.error, ">",
                                   description="worst ||f(x+D) - f(x) - J D|| / ||f(x+D) - f(x)|| at this step"))
     return AnalysisOutput(result=result, metrics=metrics, warnings=warnings, artifacts=artifacts)
+
+
+def _estimated(t, feeds, o: JacobianOptions, warnings: list, softmax_warning, timings) -> AnalysisOutput:
+    """The estimators only: ||J||_F by Hutchinson (with its standard error) and/or the top-k singular values
+    by block power iteration (with residuals); J is never materialised."""
+    from ..engine.estimators import frobenius_norm, top_singular
+    from ..results import timed
+    from ..results.jacobian import (FrobeniusNorm, JacobianComputation, JacobianResult, SingularValue,
+                                    SpectralNorm)
+
+    subject = f"d {t.output_name} / d {t.name}"
+    metrics = []
+    fro = FrobeniusNorm(float("nan"), "none")
+    spectral = SpectralNorm(None, "none")
+    top = None
+    paths = []
+    if o.frobenius:
+        with timed(timings, "frobenius"):
+            fe = frobenius_norm(t, probes=o.probes, seed=o.seed)
+        fro = FrobeniusNorm(float(fe.value), fe.method, stderr=float(fe.stderr), probes=int(fe.probes))
+        paths.append(fe.path)
+        metrics.append(Metric("frobenius_norm", subject, float(fe.value), ">",
+                              note=f"{fe.method}, standard error {fe.stderr:.3g}, {fe.probes} probes",
+                              properties={"stderr": float(fe.stderr), "probes": int(fe.probes)},
+                              description="||J||_F (Hutchinson estimate from random probes; exact when one side "
+                                          "of J is no larger than the probe count)"))
+    if o.top_k:
+        with timed(timings, "top_singular"):
+            se = top_singular(t, k=int(o.top_k), seed=o.seed)
+        top = [SingularValue(float(v), float(r)) for v, r in zip(se.values, se.residuals)]
+        spectral = SpectralNorm(float(se.spectral_norm), "power-iteration", converged=bool(se.converged),
+                                iterations=int(se.iterations), residual=float(se.residuals[0]) if se.residuals else None)
+        paths.append(se.path)
+        if not se.converged:
+            warnings.append(f"power iteration did not converge in {se.iterations} iterations (residual "
+                            f"{max(se.residuals):.3g} > {se.tol:.3g}): the singular values are approximate")
+        metrics.append(Metric("spectral_norm", subject, float(se.spectral_norm), ">",
+                              note="" if se.converged else "power iteration did not converge",
+                              properties={"residual": float(se.residuals[0]),
+                                          "converged": bool(se.converged), "iterations": int(se.iterations)},
+                              description="largest singular value of J (block power iteration on J^T J)"))
+    comp = JacobianComputation(mode="estimators", path=", ".join(dict.fromkeys(paths)) or "vmap",
+                               dtype=str(t.dtype).replace("torch.", ""), device=str(t.device), chunk_size=0,
+                               chunks=0, bytes=0, notes=["J was not materialised"] + list(t.notes))
+    result = JacobianResult(
+        input_name=str(feeds.input_name), wrt=str(t.name), output=str(t.output_name),
+        input_shape=[int(d) for d in t.in_shape], output_shape=[int(d) for d in t.out_shape],
+        jacobian_shape=[int(d) for d in (*t.out_shape, *t.in_shape)], requested_mode=str(o.mode),
+        computation=comp, frobenius=fro, spectral=spectral, rank=None, rank_tol=None, largest=[], finite=True,
+        input_source=str(feeds.source), synthetic_input=bool(feeds.synthetic), logits=bool(o.logits),
+        softmax_warning=softmax_warning, top_singular=top, estimated=True)
+    return AnalysisOutput(result=result, metrics=metrics, warnings=warnings)
 
 
 def _result(s, lin, est, feeds, o: JacobianOptions, t, matrix, svals, softmax_warning):

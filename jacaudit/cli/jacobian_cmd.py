@@ -2,7 +2,7 @@
 saved as .npy beside the report, with the local linear approximation's error (``--linearity``)."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -38,7 +38,15 @@ def _summary(report) -> None:
     out.print(f"J = d {r.output} / d {r.wrt}: shape {tuple(r.jacobian_shape)} ({r.output_shape} x {r.input_shape});"
               f" {c.mode} mode, path {c.path}, {c.chunks} chunk(s) of {c.chunk_size}, {c.dtype} on {c.device}",
               markup=False)
-    out.print(f"Frobenius norm   {r.frobenius.value:.6g}", markup=False)
+    fr = r.frobenius
+    if fr.method == "none":
+        out.print("Frobenius norm   -", markup=False)
+    else:
+        out.print(f"Frobenius norm   {fr.value:.6g}" + (f" ± {fr.stderr:.3g} ({fr.method}, {fr.probes} probes)"
+                                                       if fr.method == "hutchinson" else f" ({fr.method})"),
+                  markup=False)
+    for i, sv in enumerate(getattr(r, "top_singular", None) or [], 1):
+        out.print(f"sigma_{i:<9d}{sv.value:.6g} (residual {sv.residual:.2g})", markup=False)
     out.print(f"spectral norm    {r.spectral.value:.6g} ({r.spectral.method})" if r.spectral.value is not None
               else "spectral norm    -", markup=False)
     out.print(f"rank estimate    {r.rank} (tol {r.rank_tol:.3g})" if r.rank is not None else "rank estimate    -",
@@ -74,6 +82,13 @@ def register(app: typer.Typer) -> None:
         layout: LayoutOpt = None, channels: ChannelsOpt = None, preset: PresetOpt = None, shape: ShapeOpt = None,
         device: DeviceOpt = "cpu", dtype: DtypeOpt = None, max_memory: MaxMemOpt = None, seed: SeedOpt = 0,
         *, ctx,
+        frobenius: Annotated[bool, typer.Option("--frobenius", help="Estimate ||J||_F by Hutchinson (random "
+                                                "probes, with its standard error) without materialising J.")]
+        = False,
+        top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Estimate the top K singular values "
+                                                     "of J (block power iteration, with residuals) without "
+                                                     "materialising J.")] = None,
+        probes: Annotated[int, typer.Option("--probes", min=2, help="Hutchinson probes for --frobenius.")] = 32,
     ) -> Outcome:
         """Compute the full Jacobian J (shape output + input), print its summary and write reports into --out.
 
@@ -85,12 +100,22 @@ def register(app: typer.Typer) -> None:
                               shape=shape, size=size, mean=mean, std=std, scale=scale, layout=layout,
                               channels=channels, preset=preset)
         opts = JacobianOptions(output_name=output_name, wrt=wrt, logits=logits, mode=mode, max_memory=max_memory,
-                               top=top, linearity=linearity, save=save, seed=seed)
-        with ctx.progress("Jacobian") as p:
-            res = jacobian_analysis(m, feeds, opts, progress=p.update, timings=ctx.timings)
+                               top=top, linearity=linearity, save=save, seed=seed, frobenius=frobenius,
+                               top_k=top_k, probes=probes)
+        from ..engine.core import JacobianTooLarge, human_bytes
+        from ..errors import InputError
+        try:
+            with ctx.progress("Jacobian") as p:
+                res = jacobian_analysis(m, feeds, opts, progress=p.update, timings=ctx.timings)
+        except JacobianTooLarge as e:
+            raise InputError(f"the full Jacobian needs {human_bytes(e.needed)}, more than the "
+                             f"{human_bytes(e.budget)} allowed; estimate instead with --frobenius (Hutchinson) "
+                             "and/or --top-k K (top singular values), or raise --max-memory") from None
         r = res.result
         settings = {"seed": seed, "mode": mode, "dtype": r.computation.dtype, "device": r.computation.device,
                     "logits": logits, "input_source": feeds.source, "synthetic_input": feeds.synthetic,
                     "max_memory": max_memory, "top": top, "linearity": linearity, "input_name": feeds.input_name,
-                    "wrt": wrt, "output_name": output_name, "shape": shape}
+                    "wrt": wrt, "output_name": output_name, "shape": feeds.shapes,
+                    "input_sources": feeds.sources, "frobenius": frobenius, "top_k": top_k,
+                    "probes": probes if frobenius else None}
         return Outcome(res, model=m, settings=settings, device=r.computation.device, summary=_summary)

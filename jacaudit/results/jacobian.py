@@ -49,6 +49,14 @@ class SpectralNorm:
 
 
 @dataclass(frozen=True)
+class SingularValue:
+    """A top singular value of J estimated by block power iteration (J never materialised)."""
+
+    value: float
+    residual: float = field(metadata={"doc": "||J^T u_i - s_i v_i|| / s_1"})
+
+
+@dataclass(frozen=True)
 class JacobianLinearityRow:
     direction: str = field(metadata={"doc": "random-k or singular-k (top right-singular direction of J)"})
     step: float = field(metadata={"doc": "relative step ||D|| / ||x||"})
@@ -95,3 +103,7 @@ class JacobianResult:
         "doc": "J as an (outputs x inputs) matrix when small (at most 64 x 64 entries), else None"})
     singular_values: list[float] | None = field(default=None, metadata={
         "doc": "all singular values of J, largest first, when J is small enough for an SVD (else None)"})
+    top_singular: list[SingularValue] | None = field(default=None, metadata={
+        "doc": "top-k singular values by block power iteration (top-k estimator), largest first"})
+    estimated: bool = field(default=False, metadata={
+        "doc": "J was not materialised: only estimators ran (Hutchinson Frobenius norm, power iteration)"})
