@@ -115,7 +115,6 @@ def register(app: typer.Typer) -> None:
         settings = {"seed": seed, "mode": mode, "dtype": r.computation.dtype, "device": r.computation.device,
                     "logits": logits, "input_source": feeds.source, "synthetic_input": feeds.synthetic,
                     "max_memory": max_memory, "top": top, "linearity": linearity, "input_name": feeds.input_name,
-                    "wrt": wrt, "output_name": output_name, "shape": feeds.shapes,
-                    "input_sources": feeds.sources, "frobenius": frobenius, "top_k": top_k,
+                    "wrt": wrt, "output_name": output_name, "shape": shape, "frobenius": frobenius, "top_k": top_k,
                     "probes": probes if frobenius else None}
         return Outcome(res, model=m, settings=settings, device=r.computation.device, summary=_summary)
