@@ -112,29 +112,34 @@ def exported_dir(cache: Path | None = None) -> Path:
 
 
 def export_sklearn(out: Path) -> dict[str, Path]:
-    """skl2onnx conversions of two small scikit-learn classifiers trained on iris (seeded)."""
+    """skl2onnx conversions of small scikit-learn models trained on iris (seeded)."""
     try:
         import numpy as np
         from skl2onnx import to_onnx
         from sklearn.datasets import load_iris
         from sklearn.linear_model import LogisticRegression
-        from sklearn.neural_network import MLPClassifier
+        from sklearn.neural_network import MLPClassifier, MLPRegressor
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
     except ImportError as e:
         raise FetchError(f"sklearn exports need scikit-learn and skl2onnx ({e})") from None
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"skl_mlp": out / "skl_mlp.onnx", "skl_logreg": out / "skl_logreg.onnx"}
+    paths = {"skl_mlp_reg": out / "skl_mlp_reg.onnx", "skl_mlp_clf": out / "skl_mlp_clf.onnx",
+             "skl_logreg": out / "skl_logreg.onnx"}
     if all(p.exists() for p in paths.values()):
         return paths
     X, y = load_iris(return_X_y=True)
     X = X.astype(np.float32)
-    mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=400, random_state=0).fit(X, y)
+    reg = MLPRegressor(hidden_layer_sizes=(16, 8), max_iter=600, random_state=0).fit(X[:, :3], X[:, 3])
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=400, random_state=0).fit(X, y)
     logreg = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(X, y)
-    for key, est in (("skl_mlp", mlp), ("skl_logreg", logreg)):
-        onx = to_onnx(est, X[:1], options={id(est): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
+    opset = {"": 17, "ai.onnx.ml": 3}
+    paths["skl_mlp_reg"].write_bytes(to_onnx(reg, X[:1, :3], target_opset=opset).SerializeToString())
+    for key, est in (("skl_mlp_clf", clf), ("skl_logreg", logreg)):
+        onx = to_onnx(est, X[:1], options={id(est): {"zipmap": False}}, target_opset=opset)
         paths[key].write_bytes(onx.SerializeToString())
     np.save(out / "iris_row.npy", X[:1])
+    np.save(out / "iris_row3.npy", X[:1, :3])
     return paths
 
 
