@@ -219,6 +219,8 @@ def test_tabular_ranking_from_csv_matches_the_card(tmp_path):
                  "--out", str(out), "--json")
     assert p.returncode == 0, p.stderr
     assert "column 'label' is not fed" in p.stderr
+    from jacaudit import results as R
+    R.validate(json.loads(p.stdout))  # the report (new fields included) matches the JSON Schema
     r = json.loads(p.stdout)["result"]
     assert r["input_kind"] == "features" and len(r["inputs"]) == card["data"]["heldout"]["n"]
     names = card["features"]
@@ -268,6 +270,8 @@ def test_sequence_positions_through_the_embedding_tensor(tmp_path):
     p = _run_cli("saliency", SEQ, str(tmp_path / "tokens.npy"), "--wrt", "embeddings", "--reduce", "l2",
                  "--out", str(tmp_path / "o"), "--json")
     assert p.returncode == 0, p.stderr
+    from jacaudit import results as R
+    R.validate(json.loads(p.stdout))
     r = json.loads(p.stdout)["result"]
     assert r["input_kind"] == "sequence" and r["wrt"] == "embeddings"
     hits = 0
