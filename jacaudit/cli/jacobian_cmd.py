@@ -13,9 +13,13 @@ from .options import (ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, InputOpt, 
 from .runner import Outcome, audit_command
 
 
-def load_point(ctx, model: str, input: str | None, *, device: str, dtype: str | None, input_name: str | None,
-               seed: int, shape: str | None, **preprocess):
-    """The model and one evaluation point (jacobian, verify): (model, Feeds); what was synthesised is said."""
+def load_point(ctx, model: str, input: list[str] | str | None, *, device: str, dtype: str | None,
+               input_name: str | None, seed: int, shape: list[str] | str | None, wrt: str | None = None,
+               **preprocess):
+    """The model and one evaluation point (jacobian, verify): (model, Feeds); what was synthesised is said.
+
+    ``input`` / ``shape``: the repeatable --input / --shape (``FILE`` or ``NAME=FILE``, ``1,3,H,W`` or
+    ``NAME=1,3,H,W``); ``wrt`` picks the differentiated input (default: the first float input)."""
     import torch
 
     from ..data.feeds import load_feeds
@@ -23,7 +27,7 @@ def load_point(ctx, model: str, input: str | None, *, device: str, dtype: str | 
     torch.manual_seed(seed)
     with ctx.timed("load"):
         m = load_model(model, device=device, dtype=dtype)
-        feeds = load_feeds(m, input, input_name=input_name, seed=seed, shape=shape,
+        feeds = load_feeds(m, input or None, input_name=input_name, wrt=wrt, seed=seed, shape=shape or None,
                            preprocess={k: v for k, v in preprocess.items() if v is not None})
     for n in feeds.notes:
         info(n)
@@ -78,10 +82,6 @@ def register(app: typer.Typer) -> None:
         linearity: Annotated[bool, typer.Option("--linearity", help="Also report how far the first-order model "
                                                 "holds along random and top-singular directions.")] = False,
         top: Annotated[int, typer.Option("--top", help="How many largest entries to list.", min=0)] = 5,
-        size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, scale: ScaleOpt = None,
-        layout: LayoutOpt = None, channels: ChannelsOpt = None, preset: PresetOpt = None, shape: ShapeOpt = None,
-        device: DeviceOpt = "cpu", dtype: DtypeOpt = None, max_memory: MaxMemOpt = None, seed: SeedOpt = 0,
-        *, ctx,
         frobenius: Annotated[bool, typer.Option("--frobenius", help="Estimate ||J||_F by Hutchinson (random "
                                                 "probes, with its standard error) without materialising J.")]
         = False,
@@ -89,6 +89,10 @@ def register(app: typer.Typer) -> None:
                                                      "of J (block power iteration, with residuals) without "
                                                      "materialising J.")] = None,
         probes: Annotated[int, typer.Option("--probes", min=2, help="Hutchinson probes for --frobenius.")] = 32,
+        size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, scale: ScaleOpt = None,
+        layout: LayoutOpt = None, channels: ChannelsOpt = None, preset: PresetOpt = None, shape: ShapeOpt = None,
+        device: DeviceOpt = "cpu", dtype: DtypeOpt = None, max_memory: MaxMemOpt = None, seed: SeedOpt = 0,
+        *, ctx,
     ) -> Outcome:
         """Compute the full Jacobian J (shape output + input), print its summary and write reports into --out.
 
@@ -97,7 +101,7 @@ def register(app: typer.Typer) -> None:
         from ..analyses.jacobian import JacobianOptions, jacobian_analysis
 
         m, feeds = load_point(ctx, model, input, device=device, dtype=dtype, input_name=input_name, seed=seed,
-                              shape=shape, size=size, mean=mean, std=std, scale=scale, layout=layout,
+                              shape=shape, wrt=wrt, size=size, mean=mean, std=std, scale=scale, layout=layout,
                               channels=channels, preset=preset)
         opts = JacobianOptions(output_name=output_name, wrt=wrt, logits=logits, mode=mode, max_memory=max_memory,
                                top=top, linearity=linearity, save=save, seed=seed, frobenius=frobenius,
@@ -115,6 +119,7 @@ def register(app: typer.Typer) -> None:
         settings = {"seed": seed, "mode": mode, "dtype": r.computation.dtype, "device": r.computation.device,
                     "logits": logits, "input_source": feeds.source, "synthetic_input": feeds.synthetic,
                     "max_memory": max_memory, "top": top, "linearity": linearity, "input_name": feeds.input_name,
-                    "wrt": wrt, "output_name": output_name, "shape": shape, "frobenius": frobenius, "top_k": top_k,
+                    "wrt": wrt, "output_name": output_name, "shape": feeds.shapes,
+                    "input_sources": feeds.sources, "frobenius": frobenius, "top_k": top_k,
                     "probes": probes if frobenius else None}
         return Outcome(res, model=m, settings=settings, device=r.computation.device, summary=_summary)

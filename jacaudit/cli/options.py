@@ -23,9 +23,10 @@ RUN = "Runtime"
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="ONNX (.onnx) or TorchScript (.pt) model file.")]
 
-InputOpt = Annotated[Optional[str], typer.Option(
-    "--input", "-i", help="Input data file: .npy, .npz (arrays by input name) or an image (PNG/JPEG). "
-    "Default: a seeded random input (flagged synthetic).")]
+InputOpt = Annotated[Optional[list[str]], typer.Option(
+    "--input", "-i", help="Input data: FILE (.npz: arrays by input name, shapes as stored; .npy or an image: "
+    "the analysed input) or NAME=FILE for one input (repeatable). Inputs without data get seeded random values "
+    "(flagged synthetic) of their declared or --shape shape.")]
 InputNameOpt = Annotated[Optional[str], typer.Option(
     "--input-name", help="The model input the data feeds / that is analysed (default: the first).")]
 OutputNameOpt = Annotated[Optional[str], typer.Option(
@@ -52,9 +53,10 @@ PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preprocessin
                                                   "unit, raw, caffe.", rich_help_panel=PP)]
 ResizeOpt = Annotated[Optional[str], typer.Option("--resize", help="stretch or crop (shorter side, then centre "
                                                   "crop).", rich_help_panel=PP)]
-ShapeOpt = Annotated[Optional[str], typer.Option("--shape", help="Shape of a synthetic input, batch dim "
-                                                 "included, e.g. 1,3,224,224 (fills dynamic dims).",
-                                                 rich_help_panel=PP)]
+ShapeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--shape", help="Shape of an input without data, batch dim included, used exactly as given: 1,3,48,192 "
+    "(the analysed input) or NAME=1,3,48,192 (repeatable). Dynamic dims nothing fixes are an error, except the "
+    "batch axis of a synthetic input (1).", rich_help_panel=PP)]
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.", rich_help_panel=RUN)]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32 or float64 (float64 casts model and "

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
 
         # the model stays in its stored dtype: verify builds the float64 copies it needs
         m, feeds = load_point(ctx, model, input, device=device, dtype=None, input_name=input_name, seed=seed,
-                              shape=shape, size=size, mean=mean, std=std, scale=scale, layout=layout,
+                              shape=shape, wrt=wrt, size=size, mean=mean, std=std, scale=scale, layout=layout,
                               channels=channels, preset=preset)
         opts = VerifyOptions(output_name=output_name, wrt=wrt, logits=logits, directions=directions, seed=seed,
                              dtype=dtype, rtol=rtol, forward_tol=forward_tol)
@@ -87,6 +87,7 @@ def register(app: typer.Typer) -> None:
                     "reference": r.reference, "rtol": rtol, "default_rtol": r.tolerances.default_rtol,
                     "forward_tol": forward_tol, "forward_atol": r.tolerances.forward_atol,
                     "adjoint_tol": r.tolerances.adjoint, "retry_budget": r.retry_budget,
-                    "input_source": feeds.source, "synthetic_input": feeds.synthetic, "shape": shape}
+                    "input_source": feeds.source, "synthetic_input": feeds.synthetic, "shape": feeds.shapes,
+                    "input_sources": feeds.sources}
         return Outcome(res, model=m, settings=settings, device=r.device, summary=_summary,
                        inconclusive=r.verdict == "inconclusive")

@@ -220,7 +220,10 @@ def synthetic_sample(spec: Any, seed: int = 0, preprocess: Preprocess | None = N
                      fill: dict[str, int] | int | None = None) -> Sample:
     """A seeded synthetic input of the declared shape (batch axis dropped), flagged ``synthetic=True``.
 
-    Without a declared shape, an image of ``preprocess.size`` is made.
+    Without a declared shape, an image of ``preprocess.size`` is made. Dynamic dims are never guessed: the batch
+    axis is 1 (one sample, by design), a rank-4 image input takes its height and width from ``preprocess.size``,
+    ``fill`` maps real symbolic names (not placeholders such as ``?``) to sizes; any other dynamic dim raises
+    :class:`jacaudit.errors.InputError` naming the input, its dynamic axes and ``--shape``.
 
     With an image preprocessing spec and a rank-4 input it is a smooth random image in pixel space (mapped
     through ``preprocess``, so it lies in the model's input range); otherwise standard normal values."""
@@ -231,7 +234,7 @@ def synthetic_sample(spec: Any, seed: int = 0, preprocess: Preprocess | None = N
                             "(or --size for a synthetic image)")
         shape = (1, *preprocess.tensor_shape(*preprocess.size))
     else:
-        shape = spec.concrete_shape(fill) if hasattr(spec, "concrete_shape") else tuple(spec.shape)
+        shape = _synthetic_shape(spec, preprocess, fill)
     sample_shape = tuple(shape[1:])
     pixels = None
     if preprocess is not None and len(shape) == 4:
@@ -254,6 +257,39 @@ def synthetic_sample(spec: Any, seed: int = 0, preprocess: Preprocess | None = N
         else:
             arr = rng.standard_normal(sample_shape).astype(np.float32)
     return Sample(name=f"synthetic(seed={seed})", source="synthetic", array=arr, pixels=pixels, synthetic=True)
+
+
+def _synthetic_shape(spec: Any, preprocess: Preprocess | None, fill: dict[str, int] | int | None
+                     ) -> tuple[int, ...]:
+    from ..errors import InputError
+    from ..models.base import is_placeholder_dim
+
+    dims = list(spec.shape)
+    hw: dict[int, int] = {}
+    if preprocess is not None and preprocess.size is not None and len(dims) == 4:
+        c_h_w = preprocess.tensor_shape(*preprocess.size)
+        hw = {i + 1: v for i, v in enumerate(c_h_w)}
+    out: list[int | None] = []
+    for i, d in enumerate(dims):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif isinstance(fill, int):
+            out.append(fill)
+        elif isinstance(fill, dict) and not is_placeholder_dim(d) and d in fill:
+            out.append(int(fill[d]))
+        elif i == 0:
+            out.append(1)  # one sample: the batch axis is 1 by design
+        elif i in hw:
+            out.append(hw[i])
+        else:
+            out.append(None)
+    bad = [i for i, v in enumerate(out) if v is None]
+    if bad:
+        msg = getattr(spec, "unknown_dims_message", None)
+        raise InputError(msg(bad) if msg is not None else
+                         f"input {getattr(spec, 'name', '?')!r} has dynamic axes {bad} that nothing fixes; pass "
+                         "--shape")
+    return tuple(out)  # type: ignore[return-value]
 
 
 def stack(samples: Sequence[Sample], device: Any = "cpu", dtype: Any = None):

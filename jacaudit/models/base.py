@@ -19,6 +19,7 @@ it came from (the base class gives the defaults of a format that has none of the
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -47,29 +48,74 @@ class TensorSpec:
     def is_float(self) -> bool:
         return self.dtype is not None and self.dtype.is_floating_point
 
-    def concrete_shape(self, fill: dict[str, int] | int | None = None) -> tuple[int, ...]:
-        """The shape with dynamic dims filled (``fill`` maps symbol -> size, or a single int for all)."""
+    def dynamic_axes(self) -> list[int]:
+        """Axes whose size is not declared (symbolic or unnamed)."""
+        return [] if self.shape is None else [i for i, d in enumerate(self.shape) if not _static(d)]
+
+    def concrete_shape(self, fill: dict[str, int] | int | None = None, *, batch: int | None = None
+                       ) -> tuple[int, ...]:
+        """The shape with dynamic dims filled, never guessed.
+
+        ``fill`` maps a symbolic dim name to its size (only real names tie dims: placeholders such as ``?``,
+        ``DynamicDimension.0``, ``unk__3`` or unnamed dims never do -- see :func:`is_placeholder_dim`), or is a
+        single int for every dynamic dim. ``batch`` sizes axis 0 when it is dynamic. A dim left unknown raises
+        :class:`InputError` naming the input, its dynamic axes and ``--shape``."""
         if self.shape is None:
-            raise InputError(f"input {self.name!r} has no declared shape; pass --shape")
-        out = []
+            raise InputError(f"input {self.name!r} has no declared shape; pass --shape {self.name}=N,...")
+        out: list[int | None] = []
         for i, d in enumerate(self.shape):
-            if isinstance(d, int) and d > 0:
-                out.append(d)
-            elif isinstance(fill, dict) and d in fill:
-                out.append(int(fill[d]))
+            if _static(d):
+                out.append(int(d))  # type: ignore[arg-type]
             elif isinstance(fill, int):
-                out.append(fill)
+                out.append(int(fill))
+            elif isinstance(fill, dict) and not is_placeholder_dim(d) and d in fill:
+                out.append(int(fill[d]))  # type: ignore[index]
+            elif i == 0 and batch is not None:
+                out.append(int(batch))
             else:
-                out.append(1)
-        return tuple(out)
+                out.append(None)
+        if any(v is None for v in out):
+            raise InputError(self.unknown_dims_message([i for i, v in enumerate(out) if v is None]))
+        return tuple(out)  # type: ignore[return-value]
+
+    def unknown_dims_message(self, axes: Sequence[int]) -> str:
+        """One line: which dims of this input are unknown and how to give them."""
+        shown = self.shown_shape()
+        ax = ", ".join(f"{i} ({shown[i]})" for i in axes)
+        example = ",".join(str(d) if _static(d) else "N" for d in (self.shape or ()))
+        return (f"input {self.name!r} {_fmt_shape(shown)} has dynamic axes {ax} that nothing fixes; pass "
+                f"--shape {self.name}={example} (sizes for every axis) or data for it with --input")
+
+    def shown_shape(self) -> list[int | str] | None:
+        return None if self.shape is None else [d if isinstance(d, int) else (d or "?") for d in self.shape]
 
     def describe(self) -> dict[str, Any]:
+        known = self.dtype is not None or self.dtype_name is not None
         return {
             "name": self.name,
-            "shape": None if self.shape is None else [d if isinstance(d, int) else (d or "?") for d in self.shape],
-            "dtype": self.dtype_name if self.dtype is None else str(self.dtype).replace("torch.", ""),
-            "differentiable": self.is_float,
+            "shape": self.shown_shape(),
+            "dtype": (self.dtype_name or "unknown") if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            # None: not known until the model runs (TorchScript declares no dtypes)
+            "differentiable": self.is_float if known else None,
         }
+
+
+_PLACEHOLDER = re.compile(r"^(\?|-1|(.*[./_])?DynamicDimension[._]?\d*|unk__\d+|dim_?\d*|None|unknown)$",
+                          re.IGNORECASE)
+
+
+def is_placeholder_dim(d: Any) -> bool:
+    """A symbolic dim whose name ties nothing: unnamed (None, ""), ``?``, ``-1``, paddle2onnx's
+    ``DynamicDimension.N``, tf2onnx's ``unk__N``. Dims sharing a real name (``batch``) may be tied."""
+    return d is None or (isinstance(d, str) and (not d.strip() or bool(_PLACEHOLDER.match(d.strip()))))
+
+
+def _static(d: Any) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d > 0
+
+
+def _fmt_shape(shape: Sequence[Any] | None) -> str:
+    return "unknown" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
 
 
 class ParameterLayer(NamedTuple):
