@@ -205,6 +205,7 @@ EXPECTED: dict[tuple[str, str], tuple[int, str]] = {
     ("silero_vad_jit", "jacobian"): (0, "status=pass"),
     ("ddddocr_det", "inspect"): (0, "status=pass"),
     ("ddddocr_det", "verify"): (0, "verdict=pass"),
+    ("ddddocr_det", "jacobian"): (2, "estimate instead with --frobenius"),  # 41 GiB: refused, names the estimators
     ("ddddocr_det", "saliency"): (2, NOT_CLASS),              # 3549 x 6 boxes: no "class 559" from a box coordinate
     ("ddddocr_ocr", "inspect"): (0, "status=pass"),
     ("ddddocr_ocr", "verify"): (0, "verdict=pass"),
@@ -232,8 +233,6 @@ KNOWN_BAD: dict[tuple[str, str], str] = {
                                     "dtype, but got Float and Double (verify's default float64 engine)",
     ("torch_script_gru", "jacobian_f64"): "exit 3: TorchScript model failed: mat1 and mat2 must have the same dtype, "
                                           "but got Float and Double",
-    ("ddddocr_det", "jacobian"): "exit 3: 'the full Jacobian (21294 x 519168) would need 41.2 GiB ... use the "
-                                 "estimators instead' -- a refusal the tool chose: exit 2, naming CLI options",
     ("paddle_ocr_rec", "jacobian"): "killed (SIGKILL, out of memory) after ~36 s: a 53000 x 9216 Jacobian with the "
                                     "default 1 GiB --max-memory; no refusal, no chunking",
 }
