@@ -416,13 +416,20 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
                         metric, mf = _mask_metric(m, subject, red, mask)
                         metrics.append(metric)
                 if gap_i is not None:
+                    fx, fb = float(a.f_x[i]), float(a.f_baseline[i])
+                    # F(x) ~ F(baseline): the relative gap divides by a near-zero score change and judges
+                    # nothing (the attribution is then near zero by construction): no evidence, said so
+                    flat = abs(fx - fb) < IG_FLAT * max(abs(fx), abs(fb), 1e-12)
                     metrics.append(Metric(
                         "ig_completeness_gap", subject, gap_i, ">", warn=IG_GAP_WARN, fail=IG_GAP_FAIL,
+                        status="skipped" if flat else None,
                         description="IG completeness gap |sum(attr) - (F(x) - F(baseline))| / |F(x) - F(baseline)|: "
                                     "the trapezoid rule's error; raise the IG steps when it is large (above "
                                     f"{IG_GAP_FAIL:g} the attribution does not add up to the score change and "
                                     "means nothing)",
-                        note=f"{o.steps} IG steps, {o.baseline} baseline"))
+                        note=(f"F(x) = {fx:.4g} and F(baseline) = {fb:.4g} differ by less than {IG_FLAT:g} of "
+                              f"their size: the relative gap ({gap_i:.3g}) is no evidence; choose another baseline"
+                              if flat else f"{o.steps} IG steps, {o.baseline} baseline")))
                 mlist.append(MethodMap(
                     method=m, heatmap=himg, overlay=oimg, npy=npy_path,
                     concentration=None if ranking is not None else Concentration(**M.concentration(
@@ -463,6 +470,12 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
     warnings.extend(w for w in scorer.warnings if w not in warnings)
     for inp in inputs_out:
         for mm in inp.maps:
+            if mm.completeness_gap is not None and mm.completeness_gap > IG_GAP_WARN and \
+                    mm.f_x is not None and mm.f_baseline is not None and \
+                    abs(mm.f_x - mm.f_baseline) < IG_FLAT * max(abs(mm.f_x), abs(mm.f_baseline), 1e-12):
+                warnings.append(f"IG on {inp.name}: F(x) = {mm.f_x:.4g} and F(baseline) = {mm.f_baseline:.4g} "
+                                "are nearly equal, so the completeness gap is not judged; choose another baseline")
+                break
             if mm.completeness_gap is not None and mm.completeness_gap > IG_GAP_WARN:
                 worse = (": the attribution does not add up to F(x) - F(baseline) and means nothing"
                          if mm.completeness_gap > IG_GAP_FAIL else "")
@@ -488,6 +501,7 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
 #: attribution's total is off by half the score change: it explains nothing; 86-114% were seen on real models)
 IG_GAP_WARN = 0.1
 IG_GAP_FAIL = 0.5
+IG_FLAT = 0.05   # |F(x) - F(b)| below this share of |F(x)|, |F(b)|: the relative gap is not judged
 
 
 def _input_kind(x: torch.Tensor, preprocess: Any) -> str:
