@@ -34,13 +34,13 @@ def _tensor(d: dict):
     return InspectTensor(name=str(d.get("name")),
                          shape=None if shape is None else [tidy_dim(x) for x in shape],
                          dtype=None if d.get("dtype") is None else str(d.get("dtype")),
-                         differentiable=bool(d.get("differentiable")))
+                         differentiable=None if d.get("differentiable") is None else bool(d["differentiable"]))
 
 
 def _notes(d: dict) -> list[str]:
     return [f"input {s['name']!r} is {s['dtype']} (not differentiable); differentiate with respect to an internal "
             "float tensor (wrt), e.g. an embedding output"
-            for s in d.get("inputs", []) if s.get("dtype") is not None and not s.get("differentiable")]
+            for s in d.get("inputs", []) if s.get("dtype") is not None and s.get("differentiable") is False]
 
 
 def inspect_result(d: dict):

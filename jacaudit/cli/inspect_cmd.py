@@ -23,7 +23,7 @@ def _summary(report) -> None:
     for kind, ts in (("input", r.inputs), ("output", r.outputs)):
         for s in ts:
             t.add_row(*map(Text, (kind, s.name, "?" if s.shape is None else "x".join(map(str, s.shape)),
-                                  str(s.dtype), "yes" if s.differentiable else "no")))
+                                  str(s.dtype), {True: "yes", False: "no"}.get(s.differentiable, "unknown"))))
     out.print(t)
     if r.op_histogram:
         out.print("ops: " + ", ".join(f"{o.op_type}×{o.count}" for o in r.op_histogram), markup=False)

@@ -69,6 +69,9 @@ class TorchScriptModel(Model):
         n_params = sum(p.numel() for p in module.parameters())
         self.metadata = {"parameters": int(n_params), "sha256": sha256,
                          "op_histogram": {}, "opset": None, "producer": "torch.jit"}
+        #: what the model did to its inputs that a report should say (e.g. a dtype cast); read by data.feeds
+        self.warnings: list[str] = []
+        self.parameter_dtype = _parameter_dtype(module)
 
     @staticmethod
     def _signature(module) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -96,8 +99,15 @@ class TorchScriptModel(Model):
             if s.name not in feeds:
                 raise InputError(f"missing input {s.name!r}")
             x = feeds[s.name]
-            if self.dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
-                x = x.to(self.dtype)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                want = self.dtype or self.parameter_dtype
+                if want is not None and x.dtype != want:
+                    if self.dtype is None:
+                        msg = (f"input {s.name!r} is {str(x.dtype).replace('torch.', '')}; it was cast to the "
+                               f"model's parameter dtype {str(want).replace('torch.', '')}")
+                        if msg not in self.warnings:
+                            self.warnings.append(msg)
+                    x = x.to(want)
             args.append(x)
         out = self.module(*args, *self.extra_args)
         if isinstance(out, dict):
@@ -133,6 +143,8 @@ class TorchScriptModel(Model):
         new.device = new_device
         new.dtype = new_dtype
         new.outputs = list(self.outputs)
+        new.warnings = list(self.warnings)
+        new.parameter_dtype = _parameter_dtype(module)
         return new
 
     def has_convolutions(self) -> bool:
@@ -174,8 +186,11 @@ class TorchScriptModel(Model):
         """Calls the model twice on the same input; returns a warning when the outputs disagree
         (internal state kept between calls, or randomness)."""
         with torch.no_grad():
-            a = self.run(feeds)
-            b = self.run(feeds)
+            a = _flat(self.run(feeds))
+            b = _flat(self.run(feeds))
+        if len(a) != len(b):
+            return ("two calls with the same input returned different numbers of outputs: the model keeps "
+                    "internal state; derivatives describe one call only")
         for x, y in zip(a, b):
             if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
                 if not torch.equal(x, y) and not torch.allclose(x, y, rtol=1e-6, atol=1e-7, equal_nan=True):
@@ -183,6 +198,23 @@ class TorchScriptModel(Model):
                     return (f"two calls with the same input disagree (max abs difference {diff:.3g}): the model "
                             "keeps internal state or is random; derivatives describe one call only")
         return None
+
+
+def _parameter_dtype(module) -> torch.dtype | None:
+    """The float dtype holding most of the module's parameter and buffer elements (None: no float tensors)."""
+    count: dict[torch.dtype, int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=lambda k: count[k]) if count else None
+
+
+def _flat(x: Any) -> list[Any]:
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flat(v)]
+    return [x]
 
 
 def load_torchscript(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

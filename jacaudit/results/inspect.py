@@ -12,7 +12,8 @@ class InspectTensor:
     name: str
     shape: list[int | str] | None = field(metadata={"doc": "dims; strings are symbolic (dynamic) dims"})
     dtype: str | None
-    differentiable: bool = field(metadata={"doc": "a floating-point tensor (derivatives can be taken)"})
+    differentiable: bool | None = field(metadata={"doc": "a floating-point tensor (derivatives can be taken); "
+                                                  "None: unknown until the model runs (TorchScript)"})
 
 
 @dataclass(frozen=True)
