@@ -82,9 +82,10 @@ class TensorSpec:
         """One line: which dims of this input are unknown and how to give them."""
         shown = self.shown_shape()
         ax = ", ".join(f"{i} ({shown[i]})" for i in axes)
-        example = ",".join(str(d) if _static(d) else "N" for d in (self.shape or ()))
+        example = ",".join(str(d) if _static(d) else ("1" if i == 0 else "N")
+                           for i, d in enumerate(self.shape or ()))
         return (f"input {self.name!r} {_fmt_shape(shown)} has dynamic axes {ax} that nothing fixes; pass "
-                f"--shape {self.name}={example} (sizes for every axis) or data for it with --input")
+                f"--shape {self.name}={example} (a size for every axis) or its data with --input {self.name}=FILE")
 
     def shown_shape(self) -> list[int | str] | None:
         return None if self.shape is None else [d if isinstance(d, int) else (d or "?") for d in self.shape]
