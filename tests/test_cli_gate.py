@@ -160,3 +160,24 @@ def test_inconclusive_verify_exits_4(tmp_path):
     assert {c["status"] for c in d["checks"] if c["check"] == "derivative_rel_error"} == {"skipped"}
     assert "INCONCLUSIVE" in r.stdout
     _run(["verify", p, "--shape", "1,4", "-k", "1", "--format", "", "--exit-zero"], code=0)
+
+
+def test_saliency_checks_internal_state(tmp_path):
+    """A model whose repeated calls disagree is called out by saliency too (jacobian/verify already do)."""
+    class Stateful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.count += 1
+            return x.flatten(1)[:, :3] * self.count
+
+    p = tmp_path / "stateful.pt"
+    torch.jit.script(Stateful()).save(str(p))
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((1, 6)).astype(np.float32))
+    r = _run(["saliency", p, x, "--out", tmp_path / "s", "--format", "json"])
+    d = json.loads((tmp_path / "s/report.json").read_text())
+    assert any("disagree" in w for w in d["warnings"]), d["warnings"]
+    assert "disagree" in r.stderr

@@ -145,6 +145,24 @@ def read_inputs(paths: list[str], pp, spec, mask_suffix: str, label_column: str 
     return samples, failures, masks, warnings, names
 
 
+def _state_warnings(model, spec, sample) -> list[str]:
+    """The internal-state check on the first input (as jacobian/verify do), and what the model itself noted."""
+    import torch
+
+    from .. import data as D
+
+    out_ = []
+    try:
+        feeds = {spec.name: D.stack([sample], device=model.device, dtype=model.dtype),
+                 **{k: torch.as_tensor(v[None]).to(model.device) for k, v in sample.extra.items()}}
+        msg = model.check_stateless(feeds) if all(s.name in feeds for s in model.inputs) else None
+    except Exception:  # the analysis itself reports a model that cannot run on this input
+        msg = None
+    if msg:
+        out_.append(msg)
+    return out_ + [w for w in getattr(model, "warnings", []) if w not in out_]
+
+
 def register(app: typer.Typer) -> None:
     @audit_command(app, "saliency")
     def saliency_cmd(
@@ -247,6 +265,7 @@ def register(app: typer.Typer) -> None:
                                input_name=input_name, output=output_name, wrt=wrt,
                                feature_names=read_feature_names(feature_names) or csv_names, sanity=sanity,
                                sanity_layers=sanity_layers, sanity_threshold=sanity_threshold)
+        warnings += _state_warnings(model, spec, samples[0])
         try:
             with ctx.progress("saliency", len(samples)) as bar:
                 res = saliency(model, samples, opts, preprocess=pp, masks=masks or None, failures=failures,

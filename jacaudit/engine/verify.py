@@ -530,7 +530,7 @@ def _synthetic_feeds(model, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     feeds = {}
     for s in model.inputs:
-        shape = s.concrete_shape(1)
+        shape = s.concrete_shape(batch=1)  # the batch axis only: other dynamic dims must be given
         if s.dtype is None or s.dtype.is_floating_point:
             feeds[s.name] = torch.randn(shape, generator=g, dtype=torch.float32)
         elif s.dtype == torch.bool:
