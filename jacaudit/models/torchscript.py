@@ -13,7 +13,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..errors import InputError, ModelLoadError
+import re
+
+from ..errors import InputError, ModelLoadError, UnsupportedError
+
+#: torch's messages for a computation mixing float32 and float64 tensors
+_DTYPE_CLASH = re.compile(r"same dtype|should be the same|expected scalar type|Expected .*(Double|Float)|"
+                          r"found (Double|Float)|dtype.*(Float|Double).*(Double|Float)")
 from .base import Model, ParameterLayer, TensorSpec, gaussian_like
 
 _CONV_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
@@ -109,7 +115,17 @@ class TorchScriptModel(Model):
                             self.warnings.append(msg)
                     x = x.to(want)
             args.append(x)
-        out = self.module(*args, *self.extra_args)
+        try:
+            out = self.module(*args, *self.extra_args)
+        except RuntimeError as e:
+            if self.dtype is not None and _DTYPE_CLASH.search(str(e)):
+                raise UnsupportedError(
+                    f"this TorchScript model cannot run in {str(self.dtype).replace('torch.', '')}: its code makes "
+                    "tensors of its own dtype (e.g. a traced initial state or a buffer cast inside forward), which "
+                    "casting its parameters does not reach (torch: "
+                    f"{str(e).strip().splitlines()[-1][:120]}); use it in its stored dtype (e.g. --dtype float32; "
+                    "verify needs float64 for its differences and cannot check this model)") from None
+            raise
         if isinstance(out, dict):
             out = tuple(out.values())
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
