@@ -1,0 +1,321 @@
+"""Corpus benchmark (issue 10): forward and input gradient through the jacaudit interpreter vs onnxruntime's
+forward of the same file, over architectures people ship, side by side in one process.
+
+    python benchmarks/bench_corpus.py [--only NAME[,NAME]] [--quick] [--json FILE] [--batches 1,32]
+                                      [--no-real] [--cache DIR] [--rounds N] [--rounds32 N]
+
+Corpus: the families in benchmarks/corpus/models.py (torch modules with random weights), each exported with
+both torch exporters (``ts``: ``torch.onnx.export(dynamo=False)``; ``dynamo``: ``dynamo=True``), cached under
+--cache; plus the real files of the project's corpus cache (~/.cache/jacaudit-realmodels) when present.
+
+Per model and batch size, interleaved rounds (one of each per round, the first round a warm-up, min over the
+rest): onnxruntime forward (CPUExecutionProvider, 1 intra/inter-op thread), jacaudit forward
+(``jacaudit.load(path).run`` under no_grad), jacaudit input gradient (``torch.autograd.grad`` w.r.t. the first
+float input, parameters frozen as the product does: the top-1 logit per sample, picked in the same forward,
+when the first output is (batch, classes); else the sum of the first output weighted by a fixed random
+cotangent (a plain sum of a softmax's outputs has a zero gradient but the same cost)). torch uses 1 thread.
+Ratios are to onnxruntime's forward at the same batch size. ``err`` is max over float outputs of
+max|jacaudit - ort| / max|ort|. A model that fails is a row with the error.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.environ.get("JACAUDIT_SRC", ROOT))
+sys.path.insert(0, HERE)
+warnings.filterwarnings("ignore")
+
+REAL_DIR = os.path.expanduser("~/.cache/jacaudit-realmodels/models")
+# real files: name -> (glob under REAL_DIR, family, feeds(batch) -> dict of numpy arrays, batch dynamic)
+REAL = {
+    "ppocr_cls": ("rapidocr-onnxruntime/*/*/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                  "real: PaddleOCR direction cls (paddle2onnx), 48x192",
+                  lambda b: {"x": np.random.rand(b, 3, 48, 192).astype(np.float32)}, True),
+    "ppocr_det": ("rapidocr-onnxruntime/*/*/models/ch_PP-OCRv4_det_infer.onnx",
+                  "real: PP-OCRv4 DB text detector (paddle2onnx), 320²",
+                  lambda b: {"x": np.random.rand(b, 3, 320, 320).astype(np.float32)}, True),
+    "ppocr_rec": ("rapidocr-onnxruntime/*/*/models/ch_PP-OCRv4_rec_infer.onnx",
+                  "real: PP-OCRv4 CRNN-class recogniser (paddle2onnx), 48x320",
+                  lambda b: {"x": np.random.rand(b, 3, 48, 320).astype(np.float32)}, True),
+    "silero_vad": ("silero-vad/*/silero_vad/data/silero_vad_16k_op15.onnx",
+                   "real: silero-vad 16k (conv + LSTM, If), 512 samples",
+                   lambda b: {"input": (np.random.rand(b, 512).astype(np.float32) - 0.5) * 0.2,
+                              "state": np.zeros((2, b, 128), np.float32), "sr": np.array(16000, np.int64)}, True),
+    "ddddocr_old": ("ddddocr/*/ddddocr/common_old.onnx", "real: ddddocr common_old (CRNN-class), 64x160",
+                    lambda b: {"input1": np.random.rand(b, 1, 64, 160).astype(np.float32)}, False),
+}
+
+
+def git_info(src: str) -> dict:
+    def g(*a):
+        try:
+            return subprocess.run(["git", "-C", src, *a], capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return ""
+    info = {"commit": g("rev-parse", "HEAD"), "dirty_jacaudit": g("status", "--porcelain", "--", "jacaudit")}
+    cf = os.path.join(src, "COMMIT")
+    if os.path.exists(cf):  # an exported tree (git archive) names its commit here
+        info = {"commit": open(cf).read().strip(), "dirty_jacaudit": ""}
+    return info
+
+
+def corpus_feeds(example, names, b):
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for n, t in zip(names, example):
+        shape = (b,) + tuple(t.shape[1:])
+        if n == "mask":
+            out[n] = np.ones(shape, np.float32)
+        else:
+            out[n] = torch.randn(shape, generator=g).numpy()
+    return out
+
+
+def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, ort_threads=1):
+    import onnx
+    import onnxruntime as ort
+
+    import jacaudit
+
+    row = {"nodes": len(onnx.load(path, load_external_data=False).graph.node), "batches": {}}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = ort_threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    t0 = time.perf_counter()
+    model = jacaudit.load(path)
+    row["load_s"] = time.perf_counter() - t0
+    float_in = [i.name for i in sess.get_inputs() if i.type == "tensor(float)"][0]
+    for b in batches:
+        res = {}
+        row["batches"][b] = res
+        if b != 1 and not dynamic:
+            res["skip"] = "fixed batch dim"
+            continue
+        if b != 1 and 1 in row["batches"] and "grad_ms" in row["batches"][1]:
+            est = (row["batches"][1]["ort_ms"] + row["batches"][1]["fwd_ms"] + row["batches"][1]["grad_ms"]) \
+                * b * (rounds32 + 1) / 1e3
+            if est > b32_budget:
+                res["skip"] = f"too slow (~{est:.0f} s estimated > {b32_budget:.0f} s budget)"
+                continue
+        try:
+            np.random.seed(b)
+            feeds_np = feeds_fn(b)
+            feeds_t = {k: torch.from_numpy(v.copy()) for k, v in feeds_np.items()}
+            x0 = feeds_t[float_in]
+            g = torch.Generator().manual_seed(2)
+            state = {}
+
+            def f_ort():
+                return sess.run(None, feeds_np)
+
+            def f_fwd():
+                with torch.no_grad():
+                    return model.run(feeds_t)
+
+            def f_grad():
+                xr = x0.clone().requires_grad_(True)
+                ys = model.run({**feeds_t, float_in: xr})
+                y = ys[0]
+                if not y.is_floating_point():
+                    raise RuntimeError(f"first output is {y.dtype}: no gradient")
+                if y.dim() == 2 and y.shape[1] > 1 and y.shape[0] == b:
+                    s = y.gather(1, y.detach().argmax(1, keepdim=True)).sum()
+                else:
+                    if "w" not in state or state["w"].shape != y.shape:
+                        state["w"] = torch.randn(y.shape, generator=g, dtype=y.dtype)
+                    s = (y * state["w"]).sum()
+                (gx,) = torch.autograd.grad(s, xr)
+                return gx
+
+            fns = [("ort_ms", f_ort), ("fwd_ms", f_fwd), ("grad_ms", f_grad)]
+            best = {k: float("inf") for k, _ in fns}
+            errors = {}
+            R = rounds if b == 1 else rounds32
+            for r in range(R + 1):
+                for k, fn in fns:
+                    if k in errors:
+                        continue
+                    try:
+                        t0 = time.perf_counter()
+                        fn()
+                        dt = time.perf_counter() - t0
+                    except Exception as e:  # noqa: BLE001
+                        errors[k] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        continue
+                    if r:
+                        best[k] = min(best[k], dt)
+            if b != 1 and "ort_ms" in errors:
+                res.clear()
+                res["skip"] = "the export fixed the batch (onnxruntime refuses batch %d: %s)" % (b, errors["ort_ms"][:90])
+                continue
+            for k, _ in fns:
+                if k in errors:
+                    res[k.replace("_ms", "_error")] = errors[k]
+                else:
+                    res[k] = best[k] * 1e3
+            if "fwd_ms" in res:
+                yo, yj = f_ort(), f_fwd()
+                err = 0.0
+                for a, t in zip(yo, yj):
+                    if np.issubdtype(np.asarray(a).dtype, np.floating):
+                        t = t.detach().numpy().astype(np.float64)
+                        a = np.asarray(a, np.float64)
+                        if a.shape != t.shape:
+                            err = float("inf")
+                            res["shape_mismatch"] = f"{a.shape} vs {t.shape}"
+                            break
+                        den = max(np.abs(a).max(), 1e-30) if a.size else 1.0
+                        err = max(err, float(np.abs(a - t).max() / den) if a.size else 0.0)
+                res["err"] = err
+            if "ort_ms" in res:
+                for k in ("fwd_ms", "grad_ms"):
+                    if k in res:
+                        res[k.replace("_ms", "_x")] = res[k] / res["ort_ms"]
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return row
+
+
+def gmean(v):
+    v = [x for x in v if x and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
+
+
+def print_tables(rows, batches, targets=(1.5, 2.5, 3.5)):
+    lines = []
+    for b in batches:
+        lines.append(f"\n### batch {b}\n")
+        lines.append("| model | family | exporter | nodes | ORT fwd ms | fwd / ORT | grad / ORT | max rel err |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        groups = {"synthetic": ([], []), "all": ([], [])}
+        for r in rows:
+            res = r.get("batches", {}).get(b, {})
+            if "load_error" in r:
+                cells = [f"load failed: {r['load_error'][:110]}", "", "", ""]
+            elif "skip" in res:
+                cells = [f"skipped: {res['skip']}", "", "", ""]
+            elif "error" in res:
+                cells = [f"failed: {res['error']}", "", "", ""]
+            else:
+                def cell(k):
+                    if k + "_x" in res:
+                        return f"{res[k + '_x']:.2f}x"
+                    return "error: " + res.get(k + "_error", "?")[:110]
+                ort_c = f"{res['ort_ms']:.1f}" if "ort_ms" in res else "error: " + res.get("ort_error", "?")
+                err_c = f"{res['err']:.1e}" if "err" in res else ""
+                cells = [ort_c, cell("fwd"), cell("grad"), err_c]
+                for key in ("synthetic", "all"):
+                    if key == "synthetic" and r["exporter"] == "real":
+                        continue
+                    if "fwd_x" in res:
+                        groups[key][0].append(res["fwd_x"])
+                    if "grad_x" in res:
+                        groups[key][1].append(res["grad_x"])
+            lines.append(f"| {r['name']} | {r['family']} | {r['exporter']} | {r.get('nodes', '')} | "
+                         + " | ".join(cells) + " |")
+        for key, (fx, gx) in groups.items():
+            if not fx and not gx:
+                continue
+            over = sum(1 for g in gx if g > targets[2])
+            lines.append(f"| **geometric mean ({key}, {len(gx)} rows)** | | | | | **{gmean(fx):.2f}x** | "
+                         f"**{gmean(gx):.2f}x** | {over} rows grad > {targets[2]}x |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma list of model names (corpus names or real names)")
+    ap.add_argument("--exporters", default="ts,dynamo")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (2 at batch 1, 1 at batch 32)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds32", type=int, default=2)
+    ap.add_argument("--b32-budget", type=float, default=45.0, help="skip a batch-32 row estimated over this (s)")
+    ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/jacaudit-bench-corpus"))
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.rounds32 = 2, 1
+    torch.set_num_threads(1)
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)
+        libc.mallopt(-1, 1 << 31)
+    except Exception:  # noqa: BLE001
+        pass
+    import onnxruntime as ort
+
+    import jacaudit
+    from corpus.models import BUILDERS, export
+    batches = [int(b) for b in args.batches.split(",")]
+    only = set(filter(None, args.only.split(",")))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(jacaudit.__file__)))
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **git_info(src), "jacaudit_src": src,
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "rounds": args.rounds,
+            "rounds32": args.rounds32, "load_avg_start": os.getloadavg()}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    plan = []
+    for name, (family, _b, example, names, _op) in BUILDERS.items():
+        if only and name not in only:
+            continue
+        for exp in args.exporters.split(","):
+            plan.append((name, family, exp, example, names))
+    if not args.no_real:
+        for name, (pat, family, feeds, dyn) in REAL.items():
+            if only and name not in only:
+                continue
+            hits = sorted(glob.glob(os.path.join(REAL_DIR, pat)))
+            if hits:
+                plan.append((name, family, "real", (hits[0], feeds, dyn), None))
+    for name, family, exp, example, names in plan:
+        row = {"name": name, "family": family, "exporter": exp}
+        t0 = time.perf_counter()
+        try:
+            if exp == "real":
+                path, feeds_fn, dyn = example
+            else:
+                path, dyn, note = export(name, exp, args.cache)
+                if note:
+                    row["note"] = note
+                feeds_fn = (lambda ex, nm: (lambda b: corpus_feeds(ex, nm, b)))(example, names)
+            row["path"] = path
+            row.update(bench_one(path, feeds_fn, dyn, batches, args.rounds, args.rounds32, args.b32_budget))
+        except Exception as e:  # noqa: BLE001
+            row["load_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            row["traceback"] = traceback.format_exc()[-2000:]
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        brief = {b: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                 for b, r in row.get("batches", {}).items()}
+        print(f"[{name} {exp}] {row.get('load_error', '')} {brief} ({row['wall_s']:.0f} s)", flush=True)
+    meta["load_avg_end"] = os.getloadavg()
+    text = print_tables(rows, batches)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "table": text}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
