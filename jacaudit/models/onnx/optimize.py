@@ -15,6 +15,10 @@ bounds (27x faster than tensor bounds on CPU) and, under autograd, a fused backw
 clamp's ge/le/and/where, ~20x faster); same values and the same derivative as the Clip op (1 on the closed
 interval, whatever the torch release).
 
+4. pattern fusion (``fuse.fuse_patterns``, after constant folding): the HardSwish/HardSigmoid/SiLU/Mish/GELU
+   and LayerNorm decompositions exporters write run as one torch op with a fused backward, keeping the
+   derivative conventions at kinks.
+
 None of these change the function (BN folding changes rounding only); derivatives with respect to the
 input are unchanged. Tensors named in ``keep`` (outputs/``wrt`` a caller needs) are never folded away.
 Returns what was done, for the benchmark's per-step measurements.
@@ -232,12 +236,20 @@ def channels_last(g) -> int:
     return changed
 
 
+def _fused(done: dict, g, keep) -> None:
+    from .fuse import fuse_patterns
+    counts = fuse_patterns(g, keep)
+    done["fuse_patterns"] = sum(counts.values())
+    done.update({f"fuse_{k}": v for k, v in counts.items()})
+
+
 def optimize(g, keep: Iterable[str] = (), steps: Iterable[str] = ("fold_constants", "fold_batchnorm",
                                                                     "channels_last"),
              specialize: bool = True) -> dict[str, int]:
     """Run the steps in order on a CompiledGraph (in place); returns {step: count of changes}.
 
-    ``fold_constants`` is followed by ``specialize_ops`` unless ``specialize=False`` (benchmarks)."""
+    ``fold_constants`` is followed by ``specialize_ops`` and ``fuse_patterns`` unless ``specialize=False``
+    (benchmarks); ``done`` then holds ``fuse_patterns`` (total) and ``fuse_<kind>`` per pattern that fired."""
     keep = list(keep)
     done: dict[str, int] = {}
     for step in steps:
@@ -245,10 +257,13 @@ def optimize(g, keep: Iterable[str] = (), steps: Iterable[str] = ("fold_constant
             done[step] = fold_constants(g, keep)
             if specialize:
                 done["specialize_ops"] = specialize_ops(g)
+                _fused(done, g, keep)
         elif step == "fold_batchnorm":
             done[step] = fold_batchnorm(g, keep)
         elif step == "specialize_ops":
             done[step] = specialize_ops(g)
+        elif step == "fuse_patterns":
+            _fused(done, g, keep)
         elif step == "channels_last":
             done[step] = channels_last(g)
         else:
