@@ -24,7 +24,6 @@ from .base import AnalysisOutput, Artifact
 __all__ = ["JacobianOptions", "jacobian_analysis", "MATRIX_MAX"]
 
 MATRIX_MAX = 64      # J is embedded in the report as a matrix up to this many rows and columns
-_SVD_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -76,12 +75,7 @@ def jacobian_analysis(model: Any, feeds: Any, options: JacobianOptions = Jacobia
             from ..engine.estimators import spectral_norm
             est = spectral_norm(t, seed=o.seed)
             s = dataclasses.replace(s, spectral=est.spectral_norm, spectral_method="power-iteration")
-    M = J.reshape(t.m, t.n).detach().to("cpu", torch.float64)
-    svals = None
-    Vh = None
-    if finite and min(t.m, t.n) <= _SVD_MAX and max(t.m, t.n) <= 16384:
-        _, sv, Vh = torch.linalg.svd(M, full_matrices=False)
-        svals = [float(v) for v in sv]
+    svals = list(s.singular_values) if s.singular_values is not None else None  # the summary's SVD, not another
     lin = None
     if o.linearity and finite:
         from ..engine.linearity import linearity as lin_fn
@@ -89,11 +83,14 @@ def jacobian_analysis(model: Any, feeds: Any, options: JacobianOptions = Jacobia
             direction = None
             if est is not None:
                 direction = est.right[:1]
-            elif Vh is not None:
+            elif svals is not None:  # the top right-singular vector (the summary computed values only)
+                Vh = torch.linalg.svd(J.reshape(t.m, t.n).detach().double(), full_matrices=False)[2]
                 direction = Vh[:1].reshape(1, *t.in_shape).to(t.dtype)
             lin = lin_fn(t, seed=o.seed, singular_vectors=direction)
-    result = _result(s, lin, est, feeds, o, t, M if finite and t.m <= MATRIX_MAX and t.n <= MATRIX_MAX else None,
-                     svals if svals is not None and len(svals) <= 4 * MATRIX_MAX else None, softmax_warning)
+    small = finite and t.m <= MATRIX_MAX and t.n <= MATRIX_MAX
+    M = J.reshape(t.m, t.n).detach().to("cpu", torch.float64) if small else None
+    result = _result(s, lin, est, feeds, o, t, M, svals if svals is not None and len(svals) <= 4 * MATRIX_MAX
+                     else None, softmax_warning)
     artifacts = [Artifact("jacobian.npy", J.detach().cpu().numpy())] if o.save else []
     subject = f"d {t.output_name} / d {t.name}"
     metrics = [
@@ -104,7 +101,7 @@ def jacobian_analysis(model: Any, feeds: Any, options: JacobianOptions = Jacobia
         Metric("spectral_norm", subject, s.spectral if finite else None, ">",
                note="" if est is None or est.converged else "power iteration did not converge",
                description="largest singular value of J (SVD, or power iteration for large J)"),
-        Metric("max_abs_entry", subject, float(M.abs().max()) if finite and M.numel() else None, ">",
+        Metric("max_abs_entry", subject, float(J.detach().abs().max()) if finite and J.numel() else None, ">",
                description="largest |entry| of J"),
     ]
     if svals:

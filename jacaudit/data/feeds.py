@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..models.base import did_you_mean, format_shape, is_placeholder_dim, is_static_dim
 
 __all__ = ["Feeds", "load_feeds", "parse_shape", "parse_named", "default_wrt"]
 
@@ -190,7 +191,7 @@ def load_feeds(model: Any, input: str | Sequence[str] | None = None, *, input_na
     known: dict[str, tuple[int, str]] = {}   # real symbolic dim name -> (size, where it came from)
     for k, shp in [*((k, a.shape) for k, a in arrays.items()), *given_shape.items()]:
         for d, v in zip(specs[k].shape or (), shp):
-            if isinstance(d, str) and not _is_placeholder(d) and not _static(d):
+            if isinstance(d, str) and not is_placeholder_dim(d) and not is_static_dim(d):
                 if d in known and known[d][0] != v:
                     raise InputError(f"dim {d!r} is {known[d][0]} in input {known[d][1]!r} but {v} in input "
                                      f"{k!r}; the model ties them")
@@ -210,11 +211,11 @@ def load_feeds(model: Any, input: str | Sequence[str] | None = None, *, input_na
             missing.append(s.name)
             continue
         shp = list(s.shape)
-        if s.name == main and len(shp) == 4 and any(not _static(d) for d in shp[1:]):
+        if s.name == main and len(shp) == 4 and any(not is_static_dim(d) for d in shp[1:]):
             pp = pp_for(s, False)
             if pp is not None and pp.size is not None and (preprocess or {}).get("size"):
                 for i, v in zip(range(1, 4), pp.tensor_shape(*pp.size)):
-                    if not _static(shp[i]):
+                    if not is_static_dim(shp[i]):
                         shp[i] = v  # the image size the user asked for (--size)
         try:
             s2 = dataclasses.replace(s, shape=tuple(shp))
@@ -222,8 +223,8 @@ def load_feeds(model: Any, input: str | Sequence[str] | None = None, *, input_na
         except InputError as e:
             errors.append(str(e))
             continue
-        if shp and not _static(shp[0]) and not (isinstance(shp[0], str) and shp[0] in fill
-                                                and not _is_placeholder(shp[0])):
+        if shp and not is_static_dim(shp[0]) and not (isinstance(shp[0], str) and shp[0] in fill
+                                                and not is_placeholder_dim(shp[0])):
             batch_set.append(s.name)
     if missing:
         raise InputError(f"input(s) {', '.join(repr(m) for m in missing)} have no data and no declared shape: "
@@ -271,37 +272,33 @@ def load_feeds(model: Any, input: str | Sequence[str] | None = None, *, input_na
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def _static(d: Any) -> bool:
-    return isinstance(d, int) and not isinstance(d, bool) and d > 0
-
-
-def _is_placeholder(d: Any) -> bool:
-    from ..models.base import is_placeholder_dim
-
-    return is_placeholder_dim(d)
-
-
-def _shown(spec: Any) -> str:
-    if spec.shape is None:
-        return "unknown"
-    return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in spec.shape) + "]"
-
-
 def _check_given_shape(spec: Any, shp: tuple[int, ...]) -> None:
     if spec.shape is None:
         return
     if len(shp) != len(spec.shape):
         raise InputError(f"--shape {spec.name}={','.join(map(str, shp))} has {len(shp)} dims; input {spec.name!r} "
-                         f"{_shown(spec)} has {len(spec.shape)}")
+                         f"{format_shape(spec.shown_shape())} has {len(spec.shape)}")
     _check_static(spec, shp, "--shape")
 
 
 def _check_static(spec: Any, shp: Sequence[int], where: str) -> None:
     if spec.shape is None:
         return
-    if len(shp) != len(spec.shape) or any(_static(d) and d != v for d, v in zip(spec.shape, shp)):
+    if len(shp) != len(spec.shape) or any(is_static_dim(d) and d != v for d, v in zip(spec.shape, shp)):
         raise InputError(f"{where}: input {spec.name!r} gets shape {tuple(shp)}; the model declares "
-                         f"{_shown(spec)}")
+                         f"{format_shape(spec.shown_shape())}")
+
+
+def _array_error(path: str, e: Exception):
+    """One line for an array file numpy cannot read (missing, pickled objects, corrupt)."""
+    from ..errors import DataError
+
+    if isinstance(e, FileNotFoundError):
+        return DataError(f"{path}: no such file")
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "pickle" in msg.lower():
+        msg = "holds pickled objects; only plain numeric arrays are read"
+    return DataError(f"{path}: cannot read array file ({msg})")
 
 
 def _np_load(path: str) -> np.ndarray:
@@ -309,13 +306,8 @@ def _np_load(path: str) -> np.ndarray:
 
     try:
         a = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "pickle" in msg.lower():
-            msg = "holds pickled objects; only plain numeric arrays are read"
-        raise DataError(f"{path}: cannot read array file ({msg})") from None
+        raise _array_error(path, e) from None
     if not isinstance(a, np.ndarray):
         raise DataError(f"{path}: not a single array (an .npz? name it NAME=FILE.npz or pass it plainly)")
     return a
@@ -327,13 +319,8 @@ def _read_npz(path: str, names: Sequence[str], main: str) -> dict[str, np.ndarra
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "pickle" in msg.lower():
-            msg = "holds pickled objects; only plain numeric arrays are read"
-        raise DataError(f"{path}: cannot read array file ({msg})") from None
+        raise _array_error(path, e) from None
     if not arrays:
         raise DataError(f"{path}: holds no arrays")
     if len(arrays) == 1 and next(iter(arrays)) not in names:
@@ -358,11 +345,11 @@ def _as_stored(a: np.ndarray, spec: Any, path: str, notes: list[str]) -> np.ndar
             pass
         else:
             notes.append(f"{path}: array {spec.name!r} of shape {a.shape} is one sample of the declared "
-                         f"{_shown(spec)}; a batch axis of 1 was added")
+                         f"{format_shape(spec.shown_shape())}; a batch axis of 1 was added")
             return a[None]
     if spec.shape is not None and a.ndim != len(spec.shape):
         raise DataError(f"{path}: array {spec.name!r} has shape {a.shape}; the model input has rank "
-                        f"{len(spec.shape)} (declared {_shown(spec)})")
+                        f"{len(spec.shape)} (declared {format_shape(spec.shown_shape())})")
     return a
 
 
@@ -395,12 +382,6 @@ def _cast(a: np.ndarray, spec: Any, where: str) -> np.ndarray:
                         "non-integer values")
     return _contig(a.astype(np_dt, copy=False))
 
-
-def did_you_mean(name: str, candidates: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
 def _contig(a: np.ndarray, dtype: Any = None) -> np.ndarray:

@@ -30,6 +30,7 @@ class JacobianSummary:
     finite: bool
     warnings: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
+    singular_values: tuple[float, ...] | None = None   # all of them, largest first, when the SVD ran
 
     def to_dict(self) -> dict[str, Any]:
         return {"input": self.input, "output": self.output, "input_shape": list(self.input_shape),
@@ -64,12 +65,14 @@ def summarize(J: torch.Tensor, info: JacobianInfo, *, input: str = "input", outp
     rank = None
     rank_tol = None
     method = "svd"
+    svals = None
     if finite and min(m, n) <= _SVD_MAX:
         s = torch.linalg.svdvals(Md)
         spectral = float(s[0]) if s.numel() else 0.0
         eps = torch.finfo(J.dtype).eps if J.is_floating_point() else 1e-7
         rank_tol = float(spectral * max(m, n) * eps)
         rank = int((s > rank_tol).sum())
+        svals = tuple(float(v) for v in s)
     elif finite and target is not None:
         from .estimators import spectral_norm
         est = spectral_norm(target)
@@ -84,4 +87,5 @@ def summarize(J: torch.Tensor, info: JacobianInfo, *, input: str = "input", outp
             largest.append({"output_index": _unravel(r, out_s), "input_index": _unravel(c, in_s),
                             "value": float(Md.reshape(-1)[i])})
     return JacobianSummary(input, output, in_s, out_s, tuple(J.shape), fro, spectral, method, rank, rank_tol,
-                           tuple(largest), info.to_dict(), finite, tuple(warnings), dict(settings or {}))
+                           tuple(largest), info.to_dict(), finite, tuple(warnings), dict(settings or {}),
+                           singular_values=svals)

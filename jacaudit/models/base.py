@@ -50,7 +50,7 @@ class TensorSpec:
 
     def dynamic_axes(self) -> list[int]:
         """Axes whose size is not declared (symbolic or unnamed)."""
-        return [] if self.shape is None else [i for i, d in enumerate(self.shape) if not _static(d)]
+        return [] if self.shape is None else [i for i, d in enumerate(self.shape) if not is_static_dim(d)]
 
     def concrete_shape(self, fill: dict[str, int] | int | None = None, *, batch: int | None = None
                        ) -> tuple[int, ...]:
@@ -64,7 +64,7 @@ class TensorSpec:
             raise InputError(f"input {self.name!r} has no declared shape; pass --shape {self.name}=N,...")
         out: list[int | None] = []
         for i, d in enumerate(self.shape):
-            if _static(d):
+            if is_static_dim(d):
                 out.append(int(d))  # type: ignore[arg-type]
             elif isinstance(fill, int):
                 out.append(int(fill))
@@ -82,9 +82,9 @@ class TensorSpec:
         """One line: which dims of this input are unknown and how to give them."""
         shown = self.shown_shape()
         ax = ", ".join(f"{i} ({shown[i]})" for i in axes)
-        example = ",".join(str(d) if _static(d) else ("1" if i == 0 else "N")
+        example = ",".join(str(d) if is_static_dim(d) else ("1" if i == 0 else "N")
                            for i, d in enumerate(self.shape or ()))
-        return (f"input {self.name!r} {_fmt_shape(shown)} has dynamic axes {ax} that nothing fixes; pass "
+        return (f"input {self.name!r} {format_shape(shown)} has dynamic axes {ax} that nothing fixes; pass "
                 f"--shape {self.name}={example} (a size for every axis) or its data with --input {self.name}=FILE")
 
     def shown_shape(self) -> list[int | str] | None:
@@ -111,11 +111,13 @@ def is_placeholder_dim(d: Any) -> bool:
     return d is None or (isinstance(d, str) and (not d.strip() or bool(_PLACEHOLDER.match(d.strip()))))
 
 
-def _static(d: Any) -> bool:
+def is_static_dim(d: Any) -> bool:
+    """A fixed, positive size (not a symbol, not -1/0)."""
     return isinstance(d, int) and not isinstance(d, bool) and d > 0
 
 
-def _fmt_shape(shape: Sequence[Any] | None) -> str:
+def format_shape(shape: Sequence[Any] | None) -> str:
+    """``[1, 3, ?, ?]``, or ``unknown``."""
     return "unknown" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
 
 
