@@ -419,7 +419,7 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
                     fx, fb = float(a.f_x[i]), float(a.f_baseline[i])
                     # F(x) ~ F(baseline): the relative gap divides by a near-zero score change and judges
                     # nothing (the attribution is then near zero by construction): no evidence, said so
-                    flat = abs(fx - fb) < IG_FLAT * max(abs(fx), abs(fb), 1e-12)
+                    flat = _ig_flat(fx, fb)
                     metrics.append(Metric(
                         "ig_completeness_gap", subject, gap_i, ">", warn=IG_GAP_WARN, fail=IG_GAP_FAIL,
                         status="skipped" if flat else None,
@@ -471,8 +471,7 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
     for inp in inputs_out:
         for mm in inp.maps:
             if mm.completeness_gap is not None and mm.completeness_gap > IG_GAP_WARN and \
-                    mm.f_x is not None and mm.f_baseline is not None and \
-                    abs(mm.f_x - mm.f_baseline) < IG_FLAT * max(abs(mm.f_x), abs(mm.f_baseline), 1e-12):
+                    mm.f_x is not None and mm.f_baseline is not None and _ig_flat(mm.f_x, mm.f_baseline):
                 warnings.append(f"IG on {inp.name}: F(x) = {mm.f_x:.4g} and F(baseline) = {mm.f_baseline:.4g} "
                                 "are nearly equal, so the completeness gap is not judged; choose another baseline")
                 break
@@ -502,6 +501,11 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
 IG_GAP_WARN = 0.1
 IG_GAP_FAIL = 0.5
 IG_FLAT = 0.05   # |F(x) - F(b)| below this share of |F(x)|, |F(b)|: the relative gap is not judged
+
+
+def _ig_flat(fx: float, fb: float) -> bool:
+    """F(x) and F(baseline) nearly equal: a gap relative to their difference judges nothing."""
+    return abs(fx - fb) < IG_FLAT * max(abs(fx), abs(fb), 1e-12)
 
 
 def _input_kind(x: torch.Tensor, preprocess: Any) -> str:
