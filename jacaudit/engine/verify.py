@@ -147,6 +147,7 @@ def _capped(err: float, tol: float, fn_: float, spread: float, why: str, rel: fl
 # ---------------------------------------------------------------------------------------------------------
 _RETRIES = 3                 # extra directions / points tried, in all, when a direction gave no evidence
 _ROUNDING = 0.05             # jvp/vjp linearity residual above which their values are rounding noise
+_NOISE_FACTOR = 16.0         # the forward floor may rise to this many times the graph's measured float32 rounding
 _FWD_ULPS = 64               # the forward check's absolute floor: 64 ulps of the reference's dtype at max(1, |y|)
 _NEARBY = 1e-2               # a nearby point: x + 1e-2 * (a seeded direction of x's rms)
 
@@ -249,12 +250,22 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
             # near-zero outputs (a detector's ~1e-8 scores) carry the reference's absolute rounding, not a
             # relative one: an absolute floor of 64 ulps of its dtype at max(1, max|ref|)
             fwd_atol = _FWD_ULPS * _FD[ref_dtype]["eps"] * max(1.0, denom)
+            floor_why = f"{_FWD_ULPS} ulps of {ref_dtype}"
+            noise = _float32_rounding(model, x, input, output, wrt, device, logits, t, t64) \
+                if ref_dtype == "float32" and max_rel > forward_tol else None
+            if noise is not None and _NOISE_FACTOR * noise > fwd_atol:
+                # deep graphs whose outputs are small differences of large activations (logits ~0.09 after
+                # 50 layers): the reference's float32 rounding is not 64 ulps of the output but that of the
+                # computation, measured here as this graph's own float32 vs float64 forward
+                fwd_atol = _NOISE_FACTOR * noise
+                floor_why = (f"{_NOISE_FACTOR:g}x this graph's float32 rounding, measured as |float32 - float64| "
+                             f"= {noise:.3g} of the engine's own forward")
             judged = max_abs / max(denom, fwd_atol / forward_tol) if forward_tol > 0 else max_rel
             ok = bool(np.isfinite(y_engine).all()) and judged <= forward_tol
             note = ""
             if max_rel > forward_tol and ok:
                 note = (f"max|onnxruntime| = {denom:.3g}: the error {max_abs:.3g} is under the absolute floor "
-                        f"{fwd_atol:.3g} ({_FWD_ULPS} ulps of {ref_dtype}); judged relative to {fwd_atol / forward_tol:.3g}")
+                        f"{fwd_atol:.3g} ({floor_why}); judged relative to {fwd_atol / forward_tol:.3g}")
             fwd = ForwardCheck("onnxruntime", max_abs, max_rel, forward_tol, ok, note, atol=fwd_atol,
                                judged_error=judged)
     else:
@@ -524,6 +535,18 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
                         tolerances=tols, non_differentiable=sum(c.non_differentiable for c in checks),
                         fd_steps=_N_STEPS, logits=bool(logits), softmax_warning=softmax,
                         retries=len(checks) - directions, retry_budget=int(retries), warnings=list(warnings))
+
+
+def _float32_rounding(model, x, input, output, wrt, device, logits, t, t64) -> float | None:
+    """max |f32(x) - f64(x)| of the engine's own forward: how much float32 rounding this graph carries."""
+    try:
+        t32 = t if t.dtype == torch.float32 else prepare(model, x, input=input, output=output, wrt=wrt,
+                                                         dtype=torch.float32, device=device, logits=logits)
+        y32 = t32.y.detach().to("cpu", torch.float64)
+        y64 = t64.y.detach().to("cpu", torch.float64)
+        return float((y32 - y64).abs().max()) if y32.shape == y64.shape and y32.numel() else None
+    except Exception:  # a model that cannot run in float32 (or float64): no measured floor, the plain one holds
+        return None
 
 
 def _synthetic_feeds(model, seed: int) -> dict[str, torch.Tensor]:
