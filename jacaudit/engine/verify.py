@@ -265,7 +265,8 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
             note = ""
             if max_rel > forward_tol and ok:
                 note = (f"max|onnxruntime| = {denom:.3g}: the error {max_abs:.3g} is under the absolute floor "
-                        f"{fwd_atol:.3g} ({floor_why}); judged relative to {fwd_atol / forward_tol:.3g}")
+                        f"{fwd_atol:.3g} ({floor_why}), so the error is taken relative to floor / tol = "
+                        f"{fwd_atol / forward_tol:.3g} instead of max|onnxruntime|")
             fwd = ForwardCheck("onnxruntime", max_abs, max_rel, forward_tol, ok, note, atol=fwd_atol,
                                judged_error=judged)
     else:
