@@ -158,6 +158,7 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
                              timings=ctx.timings, warnings=res.warnings, exit_code=code, status=status,
                              device=outcome.device, checks=checks, metrics=metrics, baseline=comparison)
         written = _write_artifacts(res.artifacts, ro.out_dir)
+        n_artifacts = len(written)
         written += write_reports(report, str(ro.out_dir), fmts) if fmts else []
         for path, fmt in ((ro.junit, "junit"), (ro.sarif, "sarif")):
             if path is not None:
@@ -175,9 +176,13 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
         if outcome.summary is not None:
             outcome.summary(report)
         print_checks(report)
+    artifact_paths = set(written[:n_artifacts])
     for p in written:
-        if not p.startswith(os.path.join(str(ro.out_dir), "maps")):
+        if p not in artifact_paths:
             info(f"wrote {p}")
+    if artifact_paths:
+        folders = sorted({os.path.dirname(p) for p in artifact_paths})
+        info(f"wrote {len(artifact_paths)} file(s) into {', '.join(folders[:4])}{' ...' if len(folders) > 4 else ''}")
     if summary_path:
         info(f"appended the summary to {summary_path}")
     if res.partial:

@@ -161,8 +161,33 @@ def _inspect(report: Any) -> list[str]:
     return lines
 
 
+def _robustness(report: Any) -> list[str]:
+    r = report.result
+    lines = [f"{r.n_inputs} input(s), clean accuracy {num(r.clean_accuracy, 3)} (labels: {esc(r.labels_source)}); "
+             f"attacked {esc(r.score)} `{esc(r.score_tensor)}`; epsilon in {esc(r.units)}, clipped to "
+             f"[{num(r.range[0])}, {num(r.range[1])}].", "",
+             "| attack | eps | robust acc. | flip rate | mean margin drop |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {esc(p.attack)} | {num(p.eps, 4)} | {num(p.robust_accuracy, 3)} | {num(p.flip_rate, 3)} | "
+              f"{num(p.mean_margin_drop, 4)} |" for p in r.sweep]
+    if r.flip_eps is not None:
+        fe = r.flip_eps
+        lines += ["", f"Minimal flipping epsilon (PGD L-inf): median {num(fe.median, 4)}; {fe.never_flipped} "
+                  f"never flipped, {fe.misclassified} misclassified clean."]
+    if r.norms is not None:
+        nm = r.norms
+        lines += ["", f"||J||_F mean {num(nm.frobenius.get('mean'), 4)} ({esc(nm.frobenius_method)}), "
+                  f"||J||_2 median {num(nm.spectral.get('median'), 4)}, p95 {num(nm.spectral.get('p95'), 4)}; "
+                  f"observed max ||df||/||dx|| {num(nm.observed_ratio_max, 4)}."]
+    flagged = [f for f in r.masking if f.flagged]
+    if flagged:
+        lines += ["", "**Gradient masking symptoms:**", ""]
+        lines += [f"- {esc(f.name)}: {esc(f.evidence)}" for f in flagged]
+    return lines
+
+
 SECTIONS: dict[str, Callable[[Any], list[str]]] = {"saliency": _saliency, "jacobian": _jacobian,
-                                                   "verify": _verify, "inspect": _inspect}
+                                                   "verify": _verify, "inspect": _inspect,
+                                                   "robustness": _robustness}
 
 
 def _generic(report: Any) -> list[str]:

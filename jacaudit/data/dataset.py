@@ -1,0 +1,200 @@
+"""A labelled dataset for the dataset commands (``robustness``): samples, labels, and where the labels came from.
+
+``DATA`` is one of:
+
+* a folder of images: labels from a ``labels.csv`` in it (``file,label`` rows, file relative to the folder), else
+  from the sub-folder names (``data/cat/1.png`` -> ``cat``) when every image lies in a sub-folder; images directly
+  in the folder without a labels.csv are unlabelled;
+* an ``.npz`` with ``x`` (or an array named after the model input) and optionally ``y`` (class indices), plus
+  arrays named after other model inputs (fed as they are, one row per sample);
+* an ``.npy`` of inputs (unlabelled);
+* a CSV of features (one row per sample) with a label column (``--label-column``, else one named
+  label/target/y/class).
+
+A label is a class index or a class name from the model's labels. Unlabelled data is labelled with the model's
+own predictions (as ART does), so no label leaks and clean accuracy is 1 by construction; the report says so.
+Nothing guesses silently: a label that is neither an index nor a known class name is an error naming it.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+__all__ = ["LabelledData", "load_dataset", "PREDICTIONS"]
+
+#: the label source when the data has no labels
+PREDICTIONS = "the model's own predictions (the data has no labels)"
+
+
+@dataclass
+class LabelledData:
+    samples: list                                  # jacaudit.data.Sample
+    labels: list[int] | None                       # per sample; None: use the model's predictions
+    source: str                                    # where the labels came from (words)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    total: int = 0                                 # samples before --limit
+
+
+def _label_index(text: Any, classes: Sequence[str] | None, where: str) -> int:
+    t = str(text).strip()
+    if classes and t in classes:
+        return list(classes).index(t)
+    try:
+        v = float(t)
+    except ValueError:
+        v = None
+    if v is not None and v == int(v) and v >= 0:
+        return int(v)
+    known = f" (the model's labels: {', '.join(list(classes)[:12])}{' ...' if len(classes) > 12 else ''})" \
+        if classes else " (the model has no labels file: use class indices, or give --labels)"
+    raise DataError(f"{where}: label {t!r} is neither a class index nor a class name{known}")
+
+
+def _subsample(n: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or limit >= n:
+        return list(range(n))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n, size=limit, replace=False))
+
+
+def _folder(path: str, pp: Any, spec: Any, classes: Sequence[str] | None
+            ) -> tuple[list, list[int] | None, str, list, list[str]]:
+    from . import iter_inputs, expand_paths
+
+    files = expand_paths([path])
+    samples, labels, failures, warnings = [], [], [], []
+    table = os.path.join(path, "labels.csv")
+    by_file: dict[str, str] | None = None
+    if os.path.isfile(table):
+        by_file = {}
+        try:
+            with open(table, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{table}: cannot read ({type(e).__name__})") from None
+        if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "label"], ["filename", "label"],
+                                                                   ["path", "label"]):
+            rows = rows[1:]
+        for k, r in enumerate(rows, 1):
+            if len(r) < 2:
+                raise DataError(f"{table}: row {k} needs file,label")
+            by_file[os.path.normpath(r[0].strip())] = r[1].strip()
+        source = f"labels.csv ({table})"
+    rel = [os.path.relpath(p, path) for p in files]
+    nested = all(os.sep in r for r in rel)
+    if by_file is None:
+        source = "sub-folder names" if nested and files else PREDICTIONS
+    for p, item in iter_inputs(files, pp, spec):
+        if isinstance(item, DataError):
+            failures.append((p, str(item)))
+            warnings.append(str(item))
+            continue
+        r = os.path.normpath(os.path.relpath(p, path))
+        if by_file is not None:
+            if r not in by_file:
+                raise DataError(f"{table}: no label for {r}")
+            labels.append(_label_index(by_file[r], classes, f"{table} ({r})"))
+        elif nested:
+            labels.append(_label_index(r.split(os.sep)[0], classes, f"{path}: sub-folder"))
+        samples.append(item)
+    if by_file is None and not nested and any(os.sep in r for r in rel):
+        warnings.append(f"{path}: some images lie in sub-folders and some do not: sub-folder names are not used "
+                        "as labels; the model's own predictions are")
+    return samples, (labels if (by_file is not None or nested) else None), source, failures, warnings
+
+
+def _npz(path: str, spec: Any, input_names: Sequence[str], classes: Sequence[str] | None
+         ) -> tuple[list, list[int] | None, str]:
+    from . import Sample, _as_input, _check_shape, _declared_rank
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise DataError(f"{path}: cannot read array file ({type(e).__name__})") from None
+    main_name = spec.name if spec.name in arrays else ("x" if "x" in arrays else None)
+    if main_name is None:
+        if len(arrays) == 1:
+            main_name = next(iter(arrays))
+        else:
+            raise DataError(f"{path}: no array named x or {spec.name!r} (arrays: {', '.join(sorted(arrays))})")
+    x = arrays.pop(main_name)
+    y = arrays.pop("y", None) if "y" not in input_names else None
+    rank = _declared_rank(spec)
+    if rank is not None and x.ndim != rank:
+        raise DataError(f"{path}: array {main_name!r} has shape {x.shape}; the model input {spec.name!r} has rank "
+                        f"{rank} (a stack of samples, batch axis first)")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"{path}: array {main_name!r} holds no samples")
+    _check_shape(x[0], spec, path, main_name)
+    x = _as_input(x, spec, path)
+    n = x.shape[0]
+    unknown = [k for k in arrays if k not in input_names]
+    if unknown:
+        raise DataError(f"{path}: array(s) {', '.join(unknown)} are neither x, y nor model inputs "
+                        f"({', '.join(input_names)})")
+    labels = None
+    if y is not None:
+        y = np.asarray(y).reshape(-1)
+        if y.shape[0] != n:
+            raise DataError(f"{path}: y has {y.shape[0]} labels for {n} samples")
+        labels = [_label_index(v.item() if hasattr(v, "item") else v, classes, f"{path}: y[{i}]")
+                  for i, v in enumerate(y)]
+    stem = os.path.basename(path)
+    samples = [Sample(name=f"{stem}[{i}]", source=path, array=x[i],
+                      extra={k: (v[i] if v.ndim and v.shape[0] == n else v) for k, v in arrays.items()}, index=i)
+               for i in range(n)]
+    return samples, labels, "the npz array y" if labels is not None else PREDICTIONS
+
+
+def _csv_labels(path: str, column: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    idx = [c.strip() for c in rows[0]].index(column)
+    return [r[idx].strip() for r in rows[1:]]
+
+
+def load_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | None = None,
+                 input_names: Sequence[str] = (), label_column: str | None = None, limit: int | None = None,
+                 seed: int = 0) -> LabelledData:
+    """Read ``path`` (see the module docstring); ``limit`` keeps a seeded random subset (in file order)."""
+    from . import load_arrays
+    from .collect import read_table
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    low = path.lower()
+    failures: list = []
+    warnings: list[str] = []
+    if os.path.isdir(path):
+        samples, labels, source, failures, warnings = _folder(path, pp, spec, classes)
+    elif low.endswith(".npz"):
+        samples, labels, source = _npz(path, spec, list(input_names), classes)
+    elif low.endswith(".npy"):
+        samples, labels, source = load_arrays(path, spec), None, PREDICTIONS
+    elif low.endswith(".csv"):
+        samples, _names, dropped = read_table(path, spec, label_column)
+        if dropped:
+            labels = [_label_index(v, classes, f"{path}: column {dropped!r} row {i + 1}")
+                      for i, v in enumerate(_csv_labels(path, dropped))]
+            source = f"the CSV column {dropped!r}"
+        else:
+            labels, source = None, PREDICTIONS
+    else:
+        from . import load_sample
+        samples, labels, source = load_sample(path, pp, spec), None, PREDICTIONS
+    if not samples:
+        raise DataError(f"{path}: no sample could be read" + (f" ({failures[0][1]})" if failures else ""))
+    total = len(samples)
+    keep = _subsample(total, limit, seed)
+    samples = [samples[i] for i in keep]
+    if labels is not None:
+        labels = [labels[i] for i in keep]
+    return LabelledData(samples, labels, source, failures, warnings, total)
