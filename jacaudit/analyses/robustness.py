@@ -505,7 +505,11 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
     if "linf" in o.pgd_norms and n:
         gen_big = torch.Generator(device="cpu").manual_seed(int(o.seed) + 3)
         nb = min(n, 64)
-        adv = run_pgd(big_eps, "linf", u0[:nb], y[:nb], torch.arange(nb, device=dev), gen_big)
+        big_steps = max(20, int(o.pgd_steps))  # a fixed, patient recipe: the probe must not depend on --pgd-steps
+        adv = torch.cat([pgd(obj, u0[s:e], y[s:e], big_eps, box, steps=big_steps, alpha=big_eps * 2.5 / big_steps,
+                             random_start=o.random_start, generator=gen_big, extra=runner.ex(s, e))
+                         for s, e in _batches(nb, B)])
+        tick(nb * o.pgd_steps)
         big_acc = _share(runner.scores(adv, torch.arange(nb, device=dev)).argmax(1) == y[:nb])
     timings["masking"] = round(time.perf_counter() - t4, 4)
 
@@ -569,7 +573,7 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
                                    else "robust accuracy never rises with epsilon"))
     if big_acc is not None:
         findings.append(MaskingFinding("huge_eps_survives", big_acc > 0.1,
-                                       f"PGD at eps {_fmt(big_eps)} (half the valid range) leaves robust accuracy "
+                                       f"PGD at eps {_fmt(big_eps)} (half the valid range, {big_steps} steps) leaves robust accuracy "
                                        f"{big_acc:.3f}" + (": the gradients do not lead to an adversarial input "
                                                           "(masked or obfuscated)" if big_acc > 0.1 else "")))
     nz, nnf = int(zero_grad.sum()), int((~finite).sum())
@@ -595,6 +599,11 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
         directions=directions, masking=findings, failures=[FailedInput(p, m) for p, m in data.failures],
         input_kind="image" if image else ("features" if u0.dim() == 2 else "tensor"))
     metrics = _metrics(result, o, nz, nnf, n, fd_frac, fd_checked, big_acc, big_eps, gaps, rise)
+    if n and nz + nnf == n:  # no attack had a gradient to follow: the sweep is no evidence of robustness
+        note = "no input has a usable loss gradient (all zero or non-finite): the attacks could not move"
+        metrics = [m if not any(m.name.startswith(p) for p in _SWEEP_METRICS) else
+                   Metric(m.name, m.subject, m.value, m.op, m.warn, m.fail, "skipped", note, m.description,
+                          m.properties) for m in metrics]
     timings["analysis"] = round(time.perf_counter() - t0, 4)
     return AnalysisOutput(result=result, metrics=metrics, warnings=warnings, artifacts=artifacts,
                           partial=bool(data.failures))
@@ -634,6 +643,9 @@ def _picture(u: torch.Tensor, pp: Any, alt: str) -> Image:
         rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
     data, w, h = M.png_bytes(rgb, max_side=256)
     return Image(M.b64(data), w, h, alt=alt)
+
+
+_SWEEP_METRICS = ("robust_accuracy", "flip_rate", "fgsm_", "pgd_", "min_flip_eps", "never_flipped")
 
 
 def _metrics(r: RobustnessResult, o: RobustnessOptions, nz: int, nnf: int, n: int, fd_frac: float | None,

@@ -146,7 +146,7 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
             checks, comparison = gate.compare_baseline(command, checks, metrics, baseline,
                                                        str(ro.baseline_report), ro.max_regression)
         status = gate.report_status(checks)
-        if status == "pass" and outcome.inconclusive:
+        if status in ("pass", "warn") and outcome.inconclusive:  # nothing failed, and no evidence either way
             status = "inconclusive"
         code = gate.exit_code_for(status, ro.exit_zero)
         if res.partial:
