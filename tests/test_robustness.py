@@ -292,3 +292,28 @@ def test_csv_table_with_label_column(tmp_path):
     r = d["result"]
     assert r["labels_source"] == "the CSV column 'label'" and r["clean_accuracy"] == 1.0
     assert r["range_source"] == "given" and r["input_kind"] == "features"
+
+
+def test_multi_input_model_takes_fixed_feeds(tmp_path):
+    """z = (x * s) W^T + b with s fed unchanged: with s = 2 it is the linear model 2W (closed form again)."""
+    K, d = W2.shape
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("MatMul", ["xs", "Wt"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["logits"])]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d]),
+                                         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", d])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K])],
+                          [numpy_helper.from_array(W2.T.astype(np.float32), "Wt"),
+                           numpy_helper.from_array(B2.astype(np.float32), "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(tmp_path / "two.onnx"))
+    data, x = _data(tmp_path / "d.npz")
+    np.save(tmp_path / "s.npy", np.full((1, d), 2.0, np.float32))
+    r = _run(["robustness", tmp_path / "two.onnx", data], code=2)
+    assert "other inputs without data: s" in r.output
+    d_ = _report(tmp_path, tmp_path / "two.onnx", data, "--input", f"s={tmp_path / 's.npy'}", "--eps", "0.01,0.03")
+    z = 2 * x.astype(np.float64) @ W2.T + B2
+    m0 = np.abs(z[:, 0] - z[:, 1])
+    dw1 = 2 * np.abs(W2[0] - W2[1]).sum()
+    flips = [p["flip_rate"] for p in d_["result"]["sweep"] if p["attack"] == "fgsm"]
+    assert flips == pytest.approx([np.mean(m0 < e * dw1) for e in (0.01, 0.03)])
+    assert d_["settings"]["fixed_inputs"] == ["s"]
