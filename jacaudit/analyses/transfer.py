@@ -1,0 +1,577 @@
+"""Which learned features carry over to new data: per-feature Jacobian sensitivity scores.
+
+``transfer(model, source, options, target=None) -> AnalysisOutput``; ``source`` / ``target`` are
+:class:`jacaudit.data.dataset.LabelledData` (labels are not used).
+
+Input features
+    For each input feature j (a column of a (batch, features) input, or a channel of an image, its elements
+    pooled) and each output k: ``mean |dy_k/dx_j|`` over the samples (and the feature's elements), and the
+    scale-free ``mean |dy_k/dx_j| * std(x_j)``. Aggregated over the outputs: the same with ``|dy_k/dx_j|``
+    replaced by the L2 norm over k of ``dy_k/dx_j`` (the column norm of J). Exact per-sample gradients, one
+    reverse pass per output per batch (samples are independent); ``y`` are the logits when the model ends in a
+    Softmax. With more than ``max_outputs`` outputs only the predicted class's score is differentiated.
+
+Intermediate features (``layers``: tensor names; the model must expose internal tensors)
+    For a layer ``h = g(x)`` and a feature ``k`` (a slice along ``feature_axis``: a channel of (N, C, H, W), a
+    unit of (N, C)) with ``m_k`` elements:
+
+    * ``gradient_rms_k = sqrt(E_x ||dh_k/dx||_F^2 / m_k)`` -- estimated without materialising a Jacobian:
+      ``||J_k||_F^2 = E_v ||J_k v||^2`` for Rademacher probes ``v`` of the input (Hutchinson), and one jvp ``J v``
+      gives every feature of every named layer at once; unbiased for the squared norm, with its standard error
+      over the probes. When the input has no more elements than the probe count, the input basis is used instead
+      (``method="exact"``).
+    * ``sensitivity_k = gradient_rms_k * sigma_x / std(h_k)``, ``sigma_x^2 = tr Cov(x) / n`` the data's mean
+      per-element variance: the RMS first-order change of ``h_k`` under isotropic input noise of the data's own
+      spread, in units of ``h_k``'s spread over the data. Dimensionless and invariant to rescaling ``h_k`` or
+      ``x``; exactly 1 for a linear feature of isotropic data, below 1 for a feature that follows the data's
+      main directions of variation, large for one that reacts to directions the data does not vary in (or
+      swings faster than the data moves): brittle, specialised.
+    * ``influence_k = E_x sum_{e in k} |dy/dh_e|`` with ``y`` the predicted class's score and ``h`` overridden
+      (a vjp with respect to the internal tensor); ``influence_scaled_k = influence_k * std(h_k)``.
+
+    Verdict (:class:`~jacaudit.results.transfer.VerdictRule`): *dead* when ``std(h_k)`` or ``gradient_rms_k``
+    is zero within ``dead_tolerance`` of the layer's median; else *over-specialised* when ``sensitivity_k``
+    exceeds ``overspecialised_above``; else *reusable*. ``borderline`` marks estimates within two standard errors
+    of the threshold.
+
+Domain shift (``target``)
+    The same scores on the target data (each dataset with its own ``sigma_x``); per feature the standardised mean
+    difference, the log ratios of the std and of the sensitivity, and their largest magnitude (the shift); the
+    most shifted first; per layer the median shift and the share above ``shift_above``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..gate import Metric
+from ..results.transfer import (EstimatorNote, FeatureScore, FeatureShift, InputFeature, InputSensitivity,
+                                LayerResult, LayerScores, LayerShift, TransferResult, VerdictRule)
+from .base import AnalysisOutput
+
+__all__ = ["TransferOptions", "transfer", "input_sensitivity", "layer_statistics", "LayerStats"]
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    layers: tuple[str, ...] = ()
+    #: axis of the features in each layer tensor (batch axis = 0); negative counts from the end
+    feature_axis: int = 1
+    probes: int = 16
+    batch_size: int = 32
+    seed: int = 0
+    max_outputs: int = 16
+    feature_names: tuple[str, ...] | None = None
+    classes: tuple[str, ...] | None = None
+    use_logits: bool = True
+    input_name: str | None = None
+    output: str | None = None
+    # the verdict rule
+    overspecialised_above: float = 2.0
+    dead_tolerance: float = 1e-6
+    shift_above: float = 0.5
+    freeze_reusable: float = 0.75
+    finetune_overspecialised: float = 0.25
+    retrain_dead: float = 0.5
+
+
+def _batches(n: int, b: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + b)) for s in range(0, n, b)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+def _feeds(model: Any, data: Any, main: str, fixed: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+    from .. import data as D
+
+    samples = data.samples
+    n = len(samples)
+    x = D.stack(samples, device=model.device, dtype=model.dtype)
+    if not x.is_floating_point():
+        raise InputError(f"input {main!r} is {x.dtype}, not float: its features have no derivative")
+    extra: dict[str, torch.Tensor] = {}
+    for k in sorted({k for s in samples for k in s.extra}):
+        if any(k not in s.extra for s in samples):
+            raise InputError(f"input {k!r} is given for some samples only")
+        extra[k] = torch.stack([torch.as_tensor(s.extra[k]) for s in samples]).to(model.device)
+    for k, v in (fixed or {}).items():
+        if k not in extra:
+            v = v.to(model.device)
+            extra[k] = v.expand((n,) + tuple(v.shape[1:])) if v.dim() and v.shape[0] == 1 else \
+                v[None].expand((n,) + tuple(v.shape))
+    missing = [s.name for s in model.inputs if s.name != main and s.name not in extra]
+    if missing:
+        raise InputError(f"the model has other inputs without data: {', '.join(missing)}")
+    return x, extra
+
+
+def input_scale(x: torch.Tensor) -> float:
+    """sigma_x: sqrt(tr Cov(x) / n), the mean per-element variance of the samples (rows of ``x``)."""
+    if x.shape[0] < 2:
+        raise InputError("the data needs at least 2 samples (feature spreads are measured over it)")
+    flat = x.detach().double().reshape(x.shape[0], -1)
+    return float(flat.var(dim=0, unbiased=True).mean().sqrt())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input features
+# ---------------------------------------------------------------------------------------------------------
+def _groups(x: torch.Tensor, channel_axis: int | None) -> tuple[str, torch.Tensor]:
+    """(kind, x moved to (N, F, e)): the features of the input and their elements."""
+    if x.dim() == 2:
+        return "features", x[:, :, None]
+    ax = channel_axis if channel_axis is not None else 1
+    return "channels", x.movedim(ax, 1).reshape(x.shape[0], x.shape[ax], -1)
+
+
+def input_sensitivity(scorer: Any, x: torch.Tensor, extra: dict[str, torch.Tensor], *, names: Sequence[str] | None,
+                      classes: Sequence[str] | None, max_outputs: int, batch: int, channel_axis: int | None = None
+                      ) -> tuple[InputSensitivity, torch.Tensor]:
+    """Global sensitivity of the scores to each input feature over the rows of ``x`` (see the module docstring).
+    Returns it and the predicted class per row."""
+    n = x.shape[0]
+    kind, xg = _groups(x, channel_axis)
+    F = xg.shape[1]
+    std = xg.detach().double().transpose(0, 1).reshape(F, -1).std(dim=1, unbiased=True)
+    sum_abs: torch.Tensor | None = None        # (K, F) sums of |g| over rows and elements
+    sum_agg = torch.zeros(F, dtype=torch.float64)
+    preds = torch.empty(n, dtype=torch.long)
+    K = None
+    single = False
+    for s, e in _batches(n, batch):
+        xb = x[s:e].detach().clone().requires_grad_(True)
+        ex = {k: v[s:e] for k, v in extra.items()}
+        with torch.enable_grad():
+            sc, _ = scorer(xb, ex)
+            if K is None:
+                K = int(sc.shape[1])
+                single = K > max_outputs
+                sum_abs = torch.zeros(1 if single else K, F, dtype=torch.float64)
+            pb = sc.detach().argmax(1)
+            preds[s:e] = pb.cpu()
+            rows = [sc.gather(1, pb[:, None]).sum()] if single else [sc[:, k].sum() for k in range(K)]
+            sq = torch.zeros(e - s, F, xg.shape[2], dtype=torch.float64)
+            for k, r in enumerate(rows):
+                (g,) = torch.autograd.grad(r, xb, retain_graph=k < len(rows) - 1, allow_unused=True)
+                g = torch.zeros_like(xb) if g is None else g
+                _, gg = _groups(g, channel_axis)
+                gg = gg.detach().double().cpu()
+                sum_abs[k] += gg.abs().sum(dim=(0, 2))
+                sq += gg.pow(2)
+            sum_agg += sq.sqrt().sum(dim=(0, 2))
+    assert sum_abs is not None and K is not None
+    count = n * xg.shape[2]
+    mean_abs = sum_abs / count
+    agg = sum_agg / count
+    std_l = [float(v) for v in std]
+    if names is not None and len(names) != F:
+        raise InputError(f"{len(names)} feature names for {F} {kind} of the input")
+    fnames = list(names) if names is not None else [f"{'feature' if kind == 'features' else 'channel'} {j}"
+                                                    for j in range(F)]
+    if single:
+        outs = ["predicted class"]
+        rule = (f"the model scores {K} outputs, more than {max_outputs}: only each sample's predicted class is "
+                "differentiated")
+    else:
+        outs = [classes[k] if classes and len(classes) == K else str(k) for k in range(K)]
+        rule = f"every output ({K})"
+    scaled = [float(agg[j]) * std_l[j] for j in range(F)]
+    order = sorted(range(F), key=lambda j: (-scaled[j], j))
+    rank = {j: r + 1 for r, j in enumerate(order)}
+    feats = [InputFeature(fnames[j], j, std_l[j], float(agg[j]), scaled[j],
+                          [float(mean_abs[k, j]) for k in range(mean_abs.shape[0])],
+                          [float(mean_abs[k, j]) * std_l[j] for k in range(mean_abs.shape[0])], rank[j])
+             for j in order]
+    raw = [fnames[j] for j in sorted(range(F), key=lambda j: (-float(agg[j]), j))]
+    method = "exact per-sample gradients: one reverse pass per output per batch"
+    return InputSensitivity(kind, outs, rule, method, n, feats, raw), preds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Intermediate features
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class LayerStats:
+    """Raw per-feature statistics of one layer over one dataset (float64, CPU)."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    axis: int
+    mean: torch.Tensor            # (C,)
+    std: torch.Tensor             # (C,)
+    grad_sq: torch.Tensor         # (C,) E_x ||dh_k/dx||_F^2 / m_k
+    grad_sq_se: torch.Tensor      # (C,) its standard error
+    influence: torch.Tensor       # (C,) E_x sum_e |dy/dh_e|
+    m: int
+    method: str
+    probes: int
+
+
+def _features(h: torch.Tensor, axis: int) -> torch.Tensor:
+    """(N, ...) -> (N, C, m): the features along ``axis`` and their elements."""
+    return h.movedim(axis, 1).reshape(h.shape[0], h.shape[axis], -1)
+
+
+def _jvp(f: Callable, x: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+    """J v for every output of ``f`` (forward mode; the double-vjp trick where forward mode is not supported)."""
+    try:
+        return list(torch.func.jvp(f, (x,), (v,))[1])
+    except Exception:
+        xr = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            ys = f(xr)
+            us = [torch.zeros_like(y, requires_grad=True) for y in ys]
+            (g,) = torch.autograd.grad(ys, xr, us, create_graph=True, allow_unused=True)
+            if g is None:
+                return [torch.zeros_like(y) for y in ys]
+            ts = torch.autograd.grad(g, us, v, allow_unused=True)
+        return [torch.zeros_like(y) if t is None else t.detach() for t, y in zip(ts, ys)]
+
+
+def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor], layers: Sequence[str],
+                     preds: torch.Tensor, *, input_name: str, output: str | None, use_logits: bool,
+                     feature_axis: int, probes: int, seed: int, batch: int,
+                     progress: Callable[[int], None] | None = None) -> list[LayerStats]:
+    """Per-feature mean, std, input-gradient energy (Hutchinson or exact) and influence for each layer."""
+    from ..engine.gradients import grouped_gradients, make_scorer
+
+    n = x.shape[0]
+    n_in = int(np.prod(x.shape[1:]))
+    exact = n_in <= probes
+    P = n_in if exact else probes
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    L = len(layers)
+    sums: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    sumsq: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    q_sum: list[torch.Tensor] = [None] * L  # type: ignore[list-item]   # per feature: sum over rows of mean_p q
+    q_var: list[torch.Tensor] = [None] * L  # type: ignore[list-item]   # sum over rows of var_p(q) / P
+    infl: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    shapes: list[tuple[int, ...]] = []
+    axes: list[int] = []
+    scorers = [make_scorer(model, input_name, output, use_logits=use_logits, wrt=t) for t in layers]
+    for s, e in _batches(n, batch):
+        xb = x[s:e].detach()
+        ex = {k: v[s:e] for k, v in extra.items()}
+        feeds = {input_name: xb, **ex}
+        with torch.no_grad():
+            hs = model.run(feeds, outputs=list(layers))
+        if not shapes:
+            for t, h in zip(layers, hs):
+                if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+                    raise InputError(f"layer {t!r} is {getattr(h, 'dtype', type(h).__name__)}, not a float tensor")
+                if h.dim() < 2 or h.shape[0] != xb.shape[0]:
+                    raise InputError(f"layer {t!r} has shape {tuple(h.shape)}: not (batch, features, ...) with "
+                                     f"the batch axis first (a batch of {xb.shape[0]} gave {h.shape[0] if h.dim() else 0})")
+                ax = feature_axis if feature_axis >= 0 else h.dim() + feature_axis
+                if not 1 <= ax < h.dim():
+                    raise InputError(f"feature axis {feature_axis} is not an axis after the batch axis of layer "
+                                     f"{t!r} (shape {tuple(h.shape)})")
+                shapes.append(tuple(int(d) for d in h.shape[1:]))
+                axes.append(ax)
+            for i in range(L):
+                C = shapes[i][axes[i] - 1]
+                sums[i], sumsq[i], q_sum[i], q_var[i], infl[i] = (torch.zeros(C, dtype=torch.float64)
+                                                                   for _ in range(5))
+        for i, h in enumerate(hs):
+            hf = _features(h.detach(), axes[i]).double().cpu()
+            sums[i] += hf.sum(dim=(0, 2))
+            sumsq[i] += hf.pow(2).sum(dim=(0, 2))
+
+        def f(xi: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(model.run({input_name: xi, **ex}, outputs=list(layers)))
+
+        qs: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer: P tensors (B, C)
+        for p in range(P):
+            if exact:
+                v = torch.zeros(n_in, dtype=xb.dtype)
+                v[p] = 1
+                v = v.reshape(xb.shape[1:]).expand_as(xb).contiguous().to(xb.device)
+            else:
+                v = (torch.randint(0, 2, xb.shape, generator=gen, dtype=torch.int8) * 2 - 1).to(xb.dtype).to(xb.device)
+            ts = _jvp(f, xb, v)
+            for i, t in enumerate(ts):
+                qs[i].append(_features(t.detach(), axes[i]).double().cpu().pow(2).sum(dim=2))
+        for i in range(L):
+            Q = torch.stack(qs[i], dim=1)  # (B, P, C)
+            if exact:
+                q_sum[i] += Q.sum(dim=1).sum(dim=0)
+            else:
+                q_sum[i] += Q.mean(dim=1).sum(dim=0)
+                q_var[i] += (Q.var(dim=1, unbiased=True) / P).sum(dim=0)
+        for i, t in enumerate(layers):
+            gg = grouped_gradients(scorers[i], hs[i].detach(), 1, targets=preds[s:e], chunk_rows=max(1, e - s),
+                                   extra=feeds)
+            infl[i] += _features(gg.grads.detach(), axes[i]).double().cpu().abs().sum(dim=2).sum(dim=0)
+        if progress:
+            progress(e - s)
+    out = []
+    for i, t in enumerate(layers):
+        C = shapes[i][axes[i] - 1]
+        m = int(np.prod(shapes[i])) // C
+        cnt = n * m
+        mean = sums[i] / cnt
+        var = (sumsq[i] - cnt * mean.pow(2)) / max(1, cnt - 1)
+        std = var.clamp_min(0).sqrt()
+        out.append(LayerStats(t, shapes[i], axes[i], mean, std, q_sum[i] / (n * m), q_var[i].sqrt() / (n * m),
+                              infl[i] / n, m, "exact" if exact else "hutchinson", P))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verdicts
+# ---------------------------------------------------------------------------------------------------------
+def _median(vals: list[float]) -> float:
+    return float(np.median(vals)) if vals else 0.0
+
+
+def _scores(st: LayerStats, sigma: float, n: int, data: str, o: TransferOptions) -> LayerScores:
+    C = st.mean.shape[0]
+    std = [float(v) for v in st.std]
+    mean = [float(v) for v in st.mean]
+    grad = [math.sqrt(max(0.0, float(v))) for v in st.grad_sq]
+    grad_se = [float(se) / (2 * g) if g > 0 else 0.0 for se, g in zip(st.grad_sq_se, grad)]
+    ref_std = _median([v for v in std if v > 0]) or 0.0
+    ref_grad = _median([v for v in grad if v > 0]) or 0.0
+    tol = o.dead_tolerance
+    T = o.overspecialised_above
+    feats: list[FeatureScore] = []
+    for k in range(C):
+        infl = float(st.influence[k])
+        if std[k] <= tol * max(abs(mean[k]), ref_std) or std[k] == 0:
+            feats.append(FeatureScore(k, mean[k], std[k], grad[k], grad_se[k], None, None, infl, infl * std[k],
+                                      "dead", False, "no variance over the data"))
+            continue
+        if grad[k] <= tol * ref_grad or grad[k] == 0:
+            feats.append(FeatureScore(k, mean[k], std[k], grad[k], grad_se[k], None, None, infl, infl * std[k],
+                                      "dead", False, "zero input gradient"))
+            continue
+        s = grad[k] * sigma / std[k]
+        se = grad_se[k] * sigma / std[k]
+        v = "over-specialised" if s > T else "reusable"
+        feats.append(FeatureScore(k, mean[k], std[k], grad[k], grad_se[k], s, se, infl, infl * std[k], v,
+                                  abs(s - T) < 2 * se, ""))
+    cnt = {v: sum(1 for f in feats if f.verdict == v) for v in ("reusable", "over-specialised", "dead")}
+    tot_inf = sum(f.influence_scaled for f in feats)
+    over_inf = sum(f.influence_scaled for f in feats if f.verdict == "over-specialised")
+    sens = [f.sensitivity for f in feats if f.sensitivity is not None]
+    return LayerScores(data, n, sigma, feats, cnt["reusable"] / C, cnt["over-specialised"] / C, cnt["dead"] / C,
+                       over_inf / tot_inf if tot_inf > 0 else None,
+                       float(np.median(sens)) if sens else None, float(np.quantile(sens, 0.9)) if sens else None)
+
+
+def _shift(src: LayerScores, tgt: LayerScores, o: TransferOptions) -> LayerShift:
+    rows = []
+    for a, b in zip(src.features, tgt.features):
+        ms = (b.mean - a.mean) / a.std if a.std > 0 else (0.0 if b.mean == a.mean else float("inf"))
+        sl = math.log(b.std / a.std) if a.std > 0 and b.std > 0 else None
+        kl = math.log(b.sensitivity / a.sensitivity) if a.sensitivity and b.sensitivity else None
+        sh = max([abs(ms)] + [abs(v) for v in (sl, kl) if v is not None])
+        rows.append(FeatureShift(a.index, ms, sl, kl, sh, a.verdict, b.verdict))
+    rows.sort(key=lambda r: (-r.shift, r.index))
+    vals = [r.shift for r in rows]
+    return LayerShift(rows, float(np.median(vals)), float(max(vals)),
+                      sum(1 for v in vals if v > o.shift_above) / len(vals),
+                      sum(1 for r in rows if r.verdict_source != r.verdict_target),
+                      sum(1 for r in rows if r.verdict_source == "reusable" and r.verdict_target == "over-specialised"))
+
+
+def _suggest(sc: LayerScores, shift: LayerShift | None, o: TransferOptions) -> tuple[str, str]:
+    on = "on the target data" if sc.data == "target" else "on the source data"
+    sh = shift.shifted_fraction if shift is not None else 0.0
+    if sc.dead_fraction >= o.retrain_dead - 1e-12:
+        return "re-train", (f"{100 * sc.dead_fraction:.0f}% of the features are dead {on} (>= "
+                            f"{100 * o.retrain_dead:.0f}%): re-initialise or prune the layer")
+    ft = o.finetune_overspecialised - 1e-12
+    if sc.overspecialised_fraction >= ft or sh >= ft:
+        why = []
+        if sc.overspecialised_fraction >= ft:
+            why.append(f"{100 * sc.overspecialised_fraction:.0f}% over-specialised {on}")
+        if sh >= ft:
+            why.append(f"{100 * sh:.0f}% of the features shifted")
+        return "fine-tune", " and ".join(why) + f" (>= {100 * o.finetune_overspecialised:.0f}%)"
+    live = sum(1 for f in sc.features if f.verdict != "dead")
+    reuse = sum(1 for f in sc.features if f.verdict == "reusable") / live if live else 0.0
+    if reuse >= o.freeze_reusable - 1e-12:
+        return "freeze", (f"{100 * reuse:.0f}% of the live features are reusable {on} (>= "
+                          f"{100 * o.freeze_reusable:.0f}%)" + (", few shifted" if shift is not None else ""))
+    return "fine-tune (low learning rate)", (f"{100 * reuse:.0f}% of the live features reusable {on}: between the "
+                                             "freeze and fine-tune rules")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The analysis
+# ---------------------------------------------------------------------------------------------------------
+def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any = None, preprocess: Any = None,
+             image: bool = False, fixed: dict[str, torch.Tensor] | None = None, source_name: str = "",
+             target_name: str | None = None, progress: Callable[[int, int], None] | None = None,
+             timings: dict[str, float] | None = None) -> AnalysisOutput:
+    """Input-feature and intermediate-feature sensitivity on ``source`` (and ``target``); see the docstring."""
+    from ..engine.gradients import TargetNeeded, make_scorer
+
+    o = options
+    timings = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    warnings: list[str] = list(source.warnings) + (list(target.warnings) if target is not None else [])
+    spec = model.input_spec(o.input_name)
+    if o.layers:
+        known = set(model.internal_tensors())
+        if not known:
+            raise InputError("this model exposes no internal tensors (an ONNX graph does): intermediate features "
+                             "cannot be scored; leave out the layers for the input-feature scores")
+        from ..models.base import did_you_mean
+        for t in o.layers:
+            if t not in known:
+                raise InputError(f"no tensor named {t!r} in the graph{did_you_mean(t, list(known))} (inspect "
+                                 "--tensors lists the candidates)")
+        if len(set(o.layers)) != len(o.layers):
+            raise InputError("a layer is named twice")
+    if o.probes < 2:
+        raise InputError("probes must be at least 2 (the standard error needs two)")
+    scorer = make_scorer(model, spec.name, o.output, use_logits=o.use_logits)
+    channel_axis = None
+    if image and preprocess is not None:
+        channel_axis = 1 if preprocess.layout == "NCHW" else -1
+    names = list(o.feature_names) if o.feature_names else None
+    if names is None and image and preprocess is not None:
+        names = list(preprocess.channels) if preprocess.channels != "L" else ["L"]
+
+    sets = [("source", source)] + ([("target", target)] if target is not None else [])
+    total = sum(len(d.samples) for _, d in sets) * (1 + (1 if o.layers else 0))
+    done = 0
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress:
+            progress(done, total)
+
+    ins: dict[str, InputSensitivity] = {}
+    stats: dict[str, list[LayerStats]] = {}
+    sigmas: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    kind = "image" if image else None
+    for which, data in sets:
+        t1 = time.perf_counter()
+        x, extra = _feeds(model, data, spec.name, fixed)
+        if kind is None:
+            kind = "features" if x.dim() == 2 else "tensor"
+        counts[which] = x.shape[0]
+        sigmas[which] = input_scale(x)
+        try:
+            ins[which], preds = input_sensitivity(scorer, x, extra, names=names, classes=o.classes,
+                                                  max_outputs=o.max_outputs, batch=o.batch_size,
+                                                  channel_axis=channel_axis)
+        except TargetNeeded as e:
+            raise InputError(f"transfer scores a classifier's outputs: output {e.output!r} has shape (batch, "
+                             f"{', '.join(map(str, e.shape))}); choose a class-score output") from None
+        tick(x.shape[0])
+        timings[f"inputs_{which}"] = round(time.perf_counter() - t1, 4)
+        if o.layers:
+            t2 = time.perf_counter()
+            stats[which] = layer_statistics(model, x, extra, o.layers, preds, input_name=spec.name,
+                                            output=o.output, use_logits=o.use_logits, feature_axis=o.feature_axis,
+                                            probes=o.probes, seed=o.seed + (0 if which == "source" else 1),
+                                            batch=o.batch_size, progress=tick)
+            timings[f"layers_{which}"] = round(time.perf_counter() - t2, 4)
+    warnings += [w for w in scorer.warnings if w not in warnings]
+
+    layers: list[LayerResult] = []
+    for i, t in enumerate(o.layers):
+        st = stats["source"][i]
+        src = _scores(st, sigmas["source"], counts["source"], "source", o)
+        tgt = shift = None
+        if target is not None:
+            st_t = stats["target"][i]
+            if st_t.shape != st.shape:
+                raise InputError(f"layer {t!r} has shape {list(st.shape)} on the source data and {list(st_t.shape)} "
+                                 "on the target data: the features cannot be matched")
+            tgt = _scores(st_t, sigmas["target"], counts["target"], "target", o)
+            shift = _shift(src, tgt, o)
+        use = tgt or src
+        sug, why = _suggest(use, shift, o)
+        C = len(src.features)
+        summary = (f"{t}: {100 * use.reusable_fraction:.0f}% reusable, {100 * use.overspecialised_fraction:.0f}% "
+                   f"over-specialised, {100 * use.dead_fraction:.0f}% dead of {C} features"
+                   + (" (target data)" if tgt is not None else "")
+                   + (f"; {100 * shift.shifted_fraction:.0f}% shifted" if shift is not None else "")
+                   + f" -> {sug}")
+        layers.append(LayerResult(t, list(st.shape), st.axis, C, st.m, st.method, st.probes, src, tgt, shift,
+                                  summary, sug, why))
+        if all(f.verdict == "dead" for f in use.features):
+            warnings.append(f"layer {t!r}: every feature is dead on the {use.data} data")
+
+    rule = VerdictRule(
+        text=(f"dead: std(h_k) <= {o.dead_tolerance:g} x max(|mean(h_k)|, the layer's median std), or the input "
+              f"gradient <= {o.dead_tolerance:g} x the layer's median; over-specialised: normalised sensitivity > "
+              f"{o.overspecialised_above:g}; reusable: otherwise. A feature is shifted when its shift > "
+              f"{o.shift_above:g}. Per layer (on the target data when given): re-train when >= "
+              f"{100 * o.retrain_dead:.0f}% dead; fine-tune when >= {100 * o.finetune_overspecialised:.0f}% "
+              f"over-specialised or shifted; freeze when >= {100 * o.freeze_reusable:.0f}% of the live features "
+              "are reusable; else fine-tune with a low learning rate."),
+        overspecialised_above=o.overspecialised_above, dead_tolerance=o.dead_tolerance, shift_above=o.shift_above,
+        freeze_reusable=o.freeze_reusable, finetune_overspecialised=o.finetune_overspecialised,
+        retrain_dead=o.retrain_dead)
+    methods = sorted({lr.method for lr in layers})
+    est = EstimatorNote(
+        method=", ".join(methods) if methods else "none",
+        probes=max([lr.probes for lr in layers], default=0),
+        description=("||dh_k/dx||_F^2 = E_v ||(J v)_k||^2 over Rademacher input probes v: one forward-mode jvp per "
+                     "probe and batch gives every feature of every layer; unbiased for the squared norm, the "
+                     "standard error is over the probes (the data is fixed). Exact (the input basis, one jvp per "
+                     "input element) when the input has no more elements than the probe count."))
+    classes = list(o.classes) if o.classes else None
+    result = TransferResult(
+        input_name=spec.name, score_tensor=scorer.score_tensor, score="logit" if scorer.score == "logit" else "output",
+        classes=classes, source_data=source_name, target_data=target_name, n_source=counts["source"],
+        n_target=counts.get("target"), input_kind=kind or "tensor", inputs=ins["source"], inputs_target=ins.get("target"),
+        layers=layers, rule=rule, estimator=est)
+    metrics = _metrics(result, o)
+    timings["analysis"] = round(time.perf_counter() - t0, 4)
+    return AnalysisOutput(result=result, metrics=metrics, warnings=warnings,
+                          partial=bool(source.failures) or bool(target is not None and target.failures))
+
+
+def _metrics(r: TransferResult, o: TransferOptions) -> list[Metric]:
+    ms: list[Metric] = []
+    if r.inputs is not None:
+        for f in r.inputs.features:
+            ms.append(Metric("input_sensitivity", f.name, f.scaled, ">",
+                             description="mean |dy/dx_j| x std(x_j) on the source data (L2 over the outputs)"))
+    if r.inputs_target is not None:
+        for f in r.inputs_target.features:
+            ms.append(Metric("target_input_sensitivity", f.name, f.scaled, ">",
+                             description="mean |dy/dx_j| x std(x_j) on the target data"))
+    for lr in r.layers:
+        s = lr.source
+        ms += [Metric("overspecialised_fraction", lr.tensor, s.overspecialised_fraction, ">", warn=0.5,
+                      description=f"share of the layer's features with normalised sensitivity > "
+                                  f"{o.overspecialised_above:g} (source data)"),
+               Metric("dead_fraction", lr.tensor, s.dead_fraction, ">", warn=0.5,
+                      description="share of the layer's features with no variance or no input gradient (source)"),
+               Metric("reusable_fraction", lr.tensor, s.reusable_fraction, "<",
+                      description="share of the layer's features judged reusable (source data)"),
+               Metric("sensitivity_median", lr.tensor, s.sensitivity_median, ">",
+                      status="skipped" if s.sensitivity_median is None else None,
+                      note="every feature is dead" if s.sensitivity_median is None else "",
+                      description="median normalised sensitivity of the live features (source data)")]
+        if lr.target is not None and lr.shift is not None:
+            t = lr.target
+            ms += [Metric("target_overspecialised_fraction", lr.tensor, t.overspecialised_fraction, ">", warn=0.5,
+                          description="share of the layer's features over-specialised on the target data"),
+                   Metric("target_dead_fraction", lr.tensor, t.dead_fraction, ">", warn=0.5,
+                          description="share of the layer's features dead on the target data"),
+                   Metric("shift_fraction", lr.tensor, lr.shift.shifted_fraction, ">", warn=0.5,
+                          description=f"share of the features whose shift exceeds {o.shift_above:g}"),
+                   Metric("shift_median", lr.tensor, lr.shift.median_shift, ">",
+                          description="median per-feature shift (max of |standardised mean difference|, |ln std "
+                                      "ratio|, |ln sensitivity ratio|)"),
+                   Metric("shift_newly_overspecialised", lr.tensor, float(lr.shift.newly_overspecialised), ">",
+                          description="features reusable on the source and over-specialised on the target")]
+    return ms

@@ -1,0 +1,286 @@
+"""``jacaudit transfer``: input-feature and intermediate-feature sensitivity scores against truths that share no code
+with the analysis -- brute-force full Jacobians (torch.func.jacrev) of torch re-implementations of the ONNX graphs
+(checked against onnxruntime), closed forms on linear features, and the sample model's card."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from jacaudit.analyses.transfer import TransferOptions, transfer
+from jacaudit.cli.main import app
+from jacaudit.data import Sample
+from jacaudit.data.dataset import LabelledData
+from jacaudit.models import load
+
+ROOT = Path(__file__).resolve().parents[1]
+TAB = ROOT / "sample_models" / "tabular"
+
+
+def _data(x: np.ndarray) -> LabelledData:
+    x = np.asarray(x, np.float32)
+    return LabelledData([Sample(name=f"s{i}", source="mem", array=x[i]) for i in range(len(x))], None, "none",
+                        total=len(x))
+
+
+def _ort(path: Path, x: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    have = {o.name for o in proto.graph.output}
+    for name in outputs or []:
+        if name not in have:
+            proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(outputs, {sess.get_inputs()[0].name: x.astype(np.float32)})
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input features: the tabular sample
+# ---------------------------------------------------------------------------------------------------------
+def _tabular():
+    card = json.loads((TAB / "tabular.json").read_text())
+    rows = np.loadtxt(TAB / "tabular_heldout.csv", delimiter=",", skiprows=1, dtype=np.float64)
+    return card, rows[:, :12]
+
+
+def _torch_mlp(path: Path):
+    """The tabular MLP rebuilt from the ONNX initializers (Gemm chain with ReLUs), float64."""
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
+    layers = []
+    for node in proto.graph.node:
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            W = inits[node.input[1]]
+            W = W if attrs.get("transB", 0) else W.T  # -> (out, in)
+            layers.append((torch.tensor(W), torch.tensor(inits[node.input[2]])))
+    assert len(layers) == 3
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        for i, (W, b) in enumerate(layers):
+            x = x @ W.T + b
+            if i < 2:
+                x = torch.relu(x)
+        return x
+    return f
+
+
+def test_tabular_relevant_features_rank_first_and_equal_brute_force():
+    card, x = _tabular()
+    x = x[:300]
+    path = TAB / "tabular_mlp.onnx"
+    f = _torch_mlp(path)
+    np.testing.assert_allclose(f(torch.tensor(x)).numpy(), _ort(path, x)[0], rtol=1e-4, atol=1e-4)
+    out = transfer(load(str(path)), _data(x), TransferOptions(feature_names=tuple(card["features"])))
+    ins = out.result.inputs
+    top3 = [ft.name for ft in ins.features[:3]]
+    assert set(top3) == set(card["relevant_features"])
+    assert ins.features[2].scaled > 3 * ins.features[3].scaled  # far above the noise features
+    # brute force: full Jacobian per row (2 x 12), float64
+    J = torch.func.vmap(torch.func.jacrev(f))(torch.tensor(x)).numpy()       # (N, 2, 12)
+    std = x.std(axis=0, ddof=1)
+    per_out = np.abs(J).mean(axis=0)                                         # (2, 12)
+    agg = np.sqrt((J ** 2).sum(axis=1)).mean(axis=0)                         # (12,)
+    by = {ft.index: ft for ft in ins.features}
+    assert _rel([by[j].mean_abs_gradient for j in range(12)], agg) < 1e-5
+    assert _rel([by[j].scaled for j in range(12)], agg * std) < 1e-5
+    assert _rel([by[j].per_output for j in range(12)], per_out.T) < 1e-5
+    assert _rel([by[j].per_output_scaled for j in range(12)], (per_out * std).T) < 1e-5
+    assert _rel([by[j].std for j in range(12)], std) < 1e-5
+    assert [ft.rank for ft in ins.features] == list(range(1, 13))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A constructed conv model: h1 = tanh(conv(x)), p = mean_hw conv(h1), logits = p A + c
+# ---------------------------------------------------------------------------------------------------------
+def _conv_model(tmp: Path, seed: int = 0):
+    g = np.random.default_rng(seed)
+    W1 = g.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+    b1 = g.normal(0, 0.1, 4).astype(np.float32)
+    W2 = g.normal(0, 0.5, (2, 4, 3, 3)).astype(np.float32)
+    b2 = g.normal(0, 0.1, 2).astype(np.float32)
+    A = g.normal(0, 1.0, (2, 3)).astype(np.float32)
+    c = g.normal(0, 0.1, 3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Tanh", ["c1"], ["h1"]),
+             helper.make_node("Conv", ["h1", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["gp"]),
+             helper.make_node("Flatten", ["gp"], ["p"]),
+             helper.make_node("Gemm", ["p", "A", "c"], ["logits"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in dict(W1=W1, b1=b1, W2=W2, b2=b2, A=A, c=c).items()]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp / "conv.onnx"
+    onnx.save(model, str(path))
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in dict(W1=W1, b1=b1, W2=W2, b2=b2, A=A, c=c).items()}
+
+    def h1(x):
+        return torch.tanh(torch.nn.functional.conv2d(x, t["W1"], t["b1"], padding=1))
+
+    def head(h):  # p and the logits from h1
+        p = torch.nn.functional.conv2d(h, t["W2"], t["b2"], padding=1).mean(dim=(-2, -1))
+        return p, p @ t["A"] + t["c"]
+
+    return path, h1, head
+
+
+def _conv_truth(x: np.ndarray, h1, head):
+    """Brute force per sample (float64): the scores of h1 (channels) and p (units) by full Jacobians."""
+    X = torch.tensor(x, dtype=torch.float64)
+    sigma = math.sqrt(float(X.reshape(len(x), -1).var(dim=0, unbiased=True).mean()))
+    logits = head(h1(X))[1]
+    pred = logits.argmax(1)
+    out = {}
+    one = lambda xi: h1(xi[None])[0]                                            # noqa: E731
+    Jh = torch.func.vmap(torch.func.jacrev(one))(X)                             # (N, 4,6,6, 3,6,6)
+    H = h1(X)
+    Jy = torch.stack([torch.func.jacrev(lambda h: head(h[None])[1][0, pred[i]])(H[i]) for i in range(len(x))])
+    out["h1"] = dict(
+        grad_rms=np.sqrt((Jh.reshape(len(x), 4, 36, -1) ** 2).sum(dim=(2, 3)).mean(0).numpy() / 36),
+        std=H.transpose(0, 1).reshape(4, -1).std(dim=1, unbiased=True).numpy(),
+        mean=H.transpose(0, 1).reshape(4, -1).mean(dim=1).numpy(),
+        influence=Jy.abs().reshape(len(x), 4, 36).sum(2).mean(0).numpy())
+    P = head(H)[0]
+    onep = lambda xi: head(h1(xi[None]))[0][0]                                  # noqa: E731
+    Jp = torch.func.vmap(torch.func.jacrev(onep))(X)                            # (N, 2, 3,6,6)
+    out["p"] = dict(grad_rms=np.sqrt((Jp.reshape(len(x), 2, -1) ** 2).sum(2).mean(0).numpy()),
+                    std=P.std(dim=0, unbiased=True).numpy(), mean=P.mean(0).numpy())
+    return sigma, pred.numpy(), out
+
+
+def test_layer_scores_exact_equal_brute_force(tmp_path):
+    path, h1, head = _conv_model(tmp_path)
+    x = np.random.default_rng(1).uniform(-1, 1, (6, 3, 6, 6)).astype(np.float32)
+    ref_h1, ref_logits = _ort(path, x, ["h1", "logits"])
+    np.testing.assert_allclose(h1(torch.tensor(x, dtype=torch.float64)).numpy(), ref_h1, atol=1e-5)
+    sigma, pred, truth = _conv_truth(x, h1, head)
+    # probes >= the input size (108): the input basis, exact
+    out = transfer(load(str(path)), _data(x), TransferOptions(layers=("h1", "p"), probes=108, batch_size=4))
+    r = out.result
+    assert r.inputs.kind == "channels" and len(r.inputs.features) == 3
+    for lr in r.layers:
+        assert lr.method == "exact" and lr.probes == 108
+        t = truth[lr.tensor]
+        fs = lr.source.features
+        assert _rel([f.gradient_rms for f in fs], t["grad_rms"]) < 1e-5
+        assert _rel([f.std for f in fs], t["std"]) < 1e-5
+        assert _rel([f.sensitivity for f in fs], t["grad_rms"] * sigma / t["std"]) < 1e-5
+        assert all(f.gradient_rms_stderr == 0 for f in fs)
+        assert lr.source.input_scale == pytest.approx(sigma, rel=1e-6)
+    h = r.layers[0]
+    assert h.shape == [4, 6, 6] and h.elements_per_feature == 36 and h.n_features == 4
+    assert _rel([f.influence for f in h.source.features], truth["h1"]["influence"]) < 1e-5
+    # the influence of the pooled units p on logits = p A + c is |A[k, pred]| (closed form)
+    A = numpy_helper.to_array(next(t for t in onnx.load(str(path)).graph.initializer if t.name == "A"))
+    want = np.abs(A[:, pred]).mean(axis=1)
+    assert _rel([f.influence for f in r.layers[1].source.features], want) < 1e-5
+
+
+def test_layer_hutchinson_error_against_brute_force(tmp_path):
+    path, h1, head = _conv_model(tmp_path)
+    x = np.random.default_rng(2).uniform(-1, 1, (16, 3, 6, 6)).astype(np.float32)
+    sigma, _, truth = _conv_truth(x, h1, head)
+    errs, zs = [], []
+    for seed in range(3):
+        out = transfer(load(str(path)), _data(x), TransferOptions(layers=("h1", "p"), probes=16, seed=seed))
+        for lr in out.result.layers:
+            assert lr.method == "hutchinson" and lr.probes == 16
+            for f, g in zip(lr.source.features, truth[lr.tensor]["grad_rms"]):
+                assert f.gradient_rms_stderr > 0
+                errs.append(abs(f.gradient_rms - g) / g)
+                zs.append((f.gradient_rms - g) / f.gradient_rms_stderr)
+    # 16 probes x 16 samples: a few percent, and the standard errors are honest
+    assert max(errs) < 0.1, max(errs)
+    assert max(abs(z) for z in zs) < 4.5
+    assert 0.2 < float(np.mean(np.square(zs))) < 3.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The verdict rule on a constructed model with known sensitivities
+# ---------------------------------------------------------------------------------------------------------
+def _units_model(tmp: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """x (N, 4) -> h = relu-free linear units except a dead one -> logits = h A.
+
+    unit 0: dead (relu(x0 - 1000): always 0); unit 1: x0 (the data's high-variance direction: stable);
+    unit 2: 1000 x0 (the same feature scaled: the same verdict); unit 3: x3 (a direction the data barely varies
+    in: over-specialised); unit 4: x1 + x2."""
+    W = np.zeros((4, 5), np.float32)
+    W[0, 1], W[0, 2], W[3, 3], W[1, 4], W[2, 4] = 1.0, 1000.0, 1.0, 1.0, 1.0
+    A = np.random.default_rng(0).normal(0, 1, (5, 2)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["lin"]),
+             helper.make_node("Slice", ["lin", "s0", "e0", "ax"], ["rest"]),
+             helper.make_node("Slice", ["x", "s1", "e1", "ax"], ["x0"]),
+             helper.make_node("Sub", ["x0", "big"], ["x0m"]),
+             helper.make_node("Relu", ["x0m"], ["dead"]),
+             helper.make_node("Concat", ["dead", "rest"], ["h"], axis=1),
+             helper.make_node("MatMul", ["h", "A"], ["logits"])]
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(A, "A"),
+             numpy_helper.from_array(np.array([1], np.int64), "s0"), numpy_helper.from_array(np.array([5], np.int64), "e0"),
+             numpy_helper.from_array(np.array([0], np.int64), "s1"), numpy_helper.from_array(np.array([1], np.int64), "e1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax"),
+             numpy_helper.from_array(np.array(1000.0, np.float32), "big")]
+    graph = helper.make_graph(nodes, "units", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
+    path = tmp / "units.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    Wh = np.zeros((4, 5))
+    Wh[:, 1:] = W[:, 1:]
+    return path, Wh, A
+
+
+def _source(n: int = 400, seed: int = 0) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    return g.normal(0, 1, (n, 4)) * np.array([2.0, 1.0, 1.0, 0.01])
+
+
+def test_verdict_rule_on_known_sensitivities(tmp_path):
+    path, Wh, A = _units_model(tmp_path)
+    x = _source().astype(np.float32)
+    np.testing.assert_allclose(_ort(path, x, ["h"])[0][:, 1:], x @ Wh[:, 1:], rtol=1e-5, atol=1e-3)
+    out = transfer(load(str(path)), _data(x), TransferOptions(layers=("h",), overspecialised_above=2.0))
+    lr = out.result.layers[0]
+    assert lr.method == "exact"  # 4 input elements <= 16 probes
+    fs = lr.source.features
+    assert [f.verdict for f in fs] == ["dead", "reusable", "reusable", "over-specialised", "reusable"]
+    assert fs[0].reason == "no variance over the data" and fs[0].sensitivity is None
+    # closed form for linear units: sensitivity = ||w_k|| sigma_x / std(x w_k)
+    xd = x.astype(np.float64)
+    sigma = math.sqrt(xd.var(axis=0, ddof=1).mean())
+    for k in range(1, 5):
+        w = Wh[:, k]
+        want = np.linalg.norm(w) * sigma / (xd @ w).std(ddof=1)
+        assert fs[k].sensitivity == pytest.approx(want, rel=1e-5)
+        assert fs[k].gradient_rms == pytest.approx(np.linalg.norm(w), rel=1e-6)
+    assert fs[1].sensitivity == pytest.approx(fs[2].sensitivity, rel=1e-5)  # scale-free
+    assert fs[2].gradient_rms == pytest.approx(1000 * fs[1].gradient_rms, rel=1e-6)
+    assert fs[3].sensitivity > 50
+    # influence: |dy/dh_k| = |A[k, predicted class]|
+    pred = (xd @ Wh @ A).argmax(1)
+    for k in range(5):
+        assert fs[k].influence == pytest.approx(np.abs(A[k, pred]).mean(), rel=1e-5)
+    s = lr.source
+    assert (s.reusable_fraction, s.overspecialised_fraction, s.dead_fraction) == (0.6, 0.2, 0.2)
+    # 75% of the live features reusable, 20% over-specialised (< 25%): freeze; the thresholds are in the report
+    assert lr.suggestion == "freeze", lr.suggestion_reason
+    assert out.result.rule.overspecialised_above == 2.0 and "> 2" in out.result.rule.text
+    assert lr.summary.startswith("h: 60% reusable, 20% over-specialised, 20% dead")
+    # a stricter rule: unit 4 (x1 + x2, sensitivity ~1.1) is over-specialised too -> fine-tune
+    out = transfer(load(str(path)), _data(x), TransferOptions(layers=("h",), overspecialised_above=1.0))
+    lr = out.result.layers[0]
+    assert [f.verdict for f in lr.source.features] == ["dead", "reusable", "reusable", "over-specialised",
+                                                       "over-specialised"]
+    assert lr.suggestion == "fine-tune"
