@@ -65,6 +65,17 @@ def load_model(path: str, device: str | None = "cpu", dtype: str | None = None):
     return load(path, device=device, dtype=dtype, extra_args=state.model_args)
 
 
+def labels_file(model_path, labels) -> str | None:
+    """The class-labels file: the one given, else a labels.txt beside the model (said on stderr), else None."""
+    if labels:
+        return str(labels)
+    cand = os.path.join(os.path.dirname(os.path.abspath(str(model_path))), "labels.txt")
+    if os.path.isfile(cand):
+        info(f"labels: {cand}")
+        return cand
+    return None
+
+
 def setup_runtime(threads: int | None = None) -> None:
     """Torch threads and allocator settings, applied once per command that computes."""
     import torch

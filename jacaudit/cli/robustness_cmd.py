@@ -3,13 +3,12 @@ norms and sensitivity directions, gradient-masking checks; the CI gate on all of
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import info, load_model, out
+from .common import labels_file, load_model, out
 from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
                       OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt)
 from .runner import Outcome, audit_command
@@ -151,12 +150,7 @@ def register(app: typer.Typer) -> None:
         spec = model.input_spec(input_name)
         pp = D.Preprocess.infer(spec.shape, preset=preset, size=size, mean=mean, std=std, scale=scale,
                                 layout=layout, channels=channels, resize=resize)
-        label_path = str(labels) if labels else None
-        if label_path is None:
-            cand = os.path.join(os.path.dirname(os.path.abspath(str(model_path))), "labels.txt")
-            if os.path.isfile(cand):
-                label_path = cand
-                info(f"labels: {cand}")
+        label_path = labels_file(model_path, labels)
         classes = read_labels(label_path)
         with ctx.timed("data"):
             data = load_dataset(str(data_path), pp, spec, classes=classes,

@@ -1,14 +1,13 @@
 """``jacaudit saliency MODEL [INPUTS...]``: gradient saliency maps, a ranked summary on stdout, reports in --out."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..data.collect import read_feature_names, read_inputs
-from .common import info, load_model, out
+from .common import labels_file, load_model, out
 from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
                       OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt, WrtOpt)
 from .runner import Outcome, audit_command
@@ -115,12 +114,7 @@ def register(app: typer.Typer) -> None:
         spec = model.input_spec(input_name)
         pp = D.Preprocess.infer(spec.shape, preset=preset, size=size, mean=mean, std=std, scale=scale,
                                 layout=layout, channels=channels, resize=resize)
-        label_path = str(labels) if labels else None
-        if label_path is None:
-            cand = os.path.join(os.path.dirname(os.path.abspath(str(model_path))), "labels.txt")
-            if os.path.isfile(cand):
-                label_path = cand
-                info(f"labels: {cand}")
+        label_path = labels_file(model_path, labels)
         label_list = read_labels(label_path)
         paths = [str(p) for p in inputs or []]
         if paths:
