@@ -1,0 +1,362 @@
+"""FGSM / PGD (issue 11) against a short hand-written torch reference, bit for bit, and flip rates against
+torchattacks' FGSM / PGD and ART's FastGradientMethod on the same TorchScript module.
+
+The reference below is plain torch on ``torch.jit.load`` of the sample CNN and shares no code with jacaudit; it
+follows the recipe documented in ``jacaudit/engine/attacks.py`` (loss: cross-entropy summed over the batch;
+FGSM ``clip(u + eps * sign(g))``; PGD L-inf random start ``clip(u + (2 * rand - 1) * eps)``, steps
+``delta = clamp(u' + alpha * sign(g) - u, -eps, eps)``, ``u' = clip(u + delta)``; PGD L2 as torchattacks'
+PGDL2; one ``torch.Generator`` seeded with the seed, drawn on the CPU batch after batch). The shapes model takes
+pixel / 255 unnormalised, so the attack space is the model input and the valid range is [0, 1].
+
+Why these comparisons can fail (no vacuous test):
+
+* every adversarial tensor is compared with ``torch.equal``: a wrong epsilon, alpha, clip, projection, step
+  count, seed or generator order changes bits (``test_fgsm_*`` also checks that a 0.1% wrong epsilon is caught);
+* a loss *averaged* instead of summed does not change a sign-based attack at all when the batch is a power of
+  two (the gradient is scaled by 2**-k exactly, and the L2 step is normalised), so it is caught where it shows:
+  the loss gradient itself (``torch.equal`` with the summed-loss reference; the mean gradient is checked to
+  differ) and the per-input gradient norms of the analysis;
+* sweep numbers are compared exactly (counts / n in float64, margins in float32), at epsilons whose flip rates
+  differ from each other, so swapping or mis-scaling an epsilon moves them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "sample_models/shapes/shapes_cnn.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hand-written reference (plain torch)
+# ---------------------------------------------------------------------------------------------------------
+def ref_grad(net, u, y):
+    """Gradient of the cross-entropy summed over the batch."""
+    u = u.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(net(u), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, u)
+    return g
+
+
+def ref_grads(net, u, y, B):
+    return torch.cat([ref_grad(net, u[s:s + B], y[s:s + B]) for s in range(0, len(u), B)])
+
+
+def ref_scores(net, u, B):
+    with torch.no_grad():
+        return torch.cat([net(u[s:s + B]) for s in range(0, len(u), B)])
+
+
+def l2(t):
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).reshape(-1, 1, 1, 1)
+
+
+def ref_pgd(net, u, y, eps, alpha, steps, norm, random_start, gen):
+    """One batch."""
+    adv = u.clone()
+    if random_start:
+        if norm == "linf":
+            adv = (adv + (2 * torch.rand(u.shape, generator=gen, dtype=u.dtype) - 1) * eps).clamp(0, 1)
+        else:
+            n = torch.randn(u.shape, generator=gen, dtype=u.dtype)
+            r = torch.rand((u.shape[0], 1, 1, 1), generator=gen, dtype=u.dtype)
+            # grouped as the engine computes it: n * (r / ||n||) * eps. The docstring's ``r * eps * n / ||n||``
+            # rounds differently (about a third of the elements differ in the last bit).
+            adv = (adv + n * (r / l2(n)) * eps).clamp(0, 1)
+    for _ in range(steps):
+        g = ref_grad(net, adv, y)
+        if norm == "linf":
+            delta = torch.clamp(adv + alpha * g.sign() - u, -eps, eps)
+        else:
+            delta = adv + alpha * g / (l2(g) + 1e-10) - u
+            delta = delta * torch.clamp(eps / l2(delta), max=1.0)
+        adv = (u + delta).clamp(0, 1)
+    return adv
+
+
+def ref_pgd_all(net, u, y, eps, steps, norm, B, gen, random_start=True):
+    alpha = eps * (2.5 / steps)   # the default step: eps * 2.5 / steps (Madry et al.)
+    return torch.cat([ref_pgd(net, u[s:s + B], y[s:s + B], eps, alpha, steps, norm, random_start, gen)
+                      for s in range(0, len(u), B)])
+
+
+def ref_margin(z, y):
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    other = z.clone()
+    other[torch.arange(len(y)), y] = float("-inf")
+    return zy - other.max(1).values
+
+
+def ref_analysis(net, u, y, eps, eps_l2, steps, B, seed, worst):
+    """The sweep (FGSM, PGD L-inf, PGD L2) and the adversarial examples of the most fragile inputs."""
+    n = len(u)
+    z0 = ref_scores(net, u, B)
+    pred0, m0 = z0.argmax(1), ref_margin(z0, y)
+    g0 = ref_grads(net, u, y, B)
+    sweep, first, first_adv = [], {}, torch.zeros_like(u)
+
+    def point(attack, e, adv):
+        z = ref_scores(net, adv, B)
+        pred = z.argmax(1)
+        drop = m0 - ref_margin(z, y)
+        flipped = pred != pred0
+        sweep.append((attack, float(e), int((pred == y).sum()) / n, int(flipped.sum()) / n, float(drop.mean()),
+                      float(drop.max())))
+        if attack != "pgd-l2":
+            for i in torch.nonzero(flipped).flatten().tolist():
+                if i not in first or e < first[i][1]:
+                    first[i] = (attack, e)
+                    first_adv[i] = adv[i]
+
+    for e in eps:
+        point("fgsm", e, (u + e * g0.sign()).clamp(0, 1))
+    gen = torch.Generator().manual_seed(seed)
+    for e in eps:
+        point("pgd-linf", e, ref_pgd_all(net, u, y, e, steps, "linf", B, gen))
+    for e in eps_l2:
+        point("pgd-l2", e, ref_pgd_all(net, u, y, e, steps, "l2", B, gen))
+    order = sorted(first, key=lambda i: (first[i][1], float(m0[i])))[:worst]
+    arts = {f"adversarial/{i:04d}_{first[i][0]}_eps{first[i][1]:.6g}.npy": first_adv[i].numpy() for i in order}
+    return sweep, arts, l2(g0).flatten()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _eager_torchscript():
+    """Run TorchScript without the profiling executor's optimisation, for the reference and jacaudit alike.
+
+    With it on (torch's default), a scripted module's first call per input shape runs the aten kernels and later
+    calls a DifferentiableGraph whose backward uses TorchScript's own derivative formulas (here SiLU's): the
+    loss gradient at the *same* input changes in ~86% of its elements by up to ~2e-7 relative between call 1
+    and call 2. Bits then depend on how often, and with which batch shapes, each module instance was called
+    before -- not on jacaudit vs the reference -- so PGD-L2 (which uses gradient values, not signs) differed in
+    the last bit between two module instances with different histories. Signs (FGSM, PGD L-inf) agreed either
+    way. Must be active before a module's first call (an optimised plan, once made, stays)."""
+    with torch.jit.optimized_execution(False):
+        yield
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    """64 regenerated held-out images of the model card (make_images(..., seed=0, split='heldout'))."""
+    from jacaudit.samples.shapes import make_images, to_tensor
+
+    d = make_images(64, 0, "heldout")
+    return d["images"], torch.from_numpy(to_tensor(d["images"])), torch.from_numpy(d["labels"])
+
+
+@pytest.fixture(scope="module")
+def net():
+    return torch.jit.load(str(MODEL)).eval()
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """jacaudit's objective on the model file as jacaudit loads it (TorchScript wrapper, scorer, image box)."""
+    from jacaudit import data as D
+    from jacaudit import models
+    from jacaudit.analyses.robustness import image_box
+    from jacaudit.engine.attacks import Objective
+    from jacaudit.engine.gradients import make_scorer
+
+    m = models.load(str(MODEL))
+    spec = m.input_spec(None)
+    box = image_box(D.Preprocess.infer(spec.shape)).to(m.device, torch.float32)
+    return Objective(make_scorer(m, spec.name), box), box
+
+
+def _engine_loss_grad(obj, u, y, B):
+    from jacaudit.engine.attacks import loss_and_grad
+
+    return torch.cat([loss_and_grad(obj, u[s:s + B], y[s:s + B])[0] for s in range(0, len(u), B)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bit for bit: engine functions
+# ---------------------------------------------------------------------------------------------------------
+def test_fgsm_and_loss_gradient_bit_identical(heldout, net, ours):
+    from jacaudit.engine.attacks import fgsm
+
+    _, x, y = heldout
+    obj, box = ours
+    B = 32
+    u = box.attack_point(x)
+    assert torch.equal(u, x)                     # pixel / 255 unnormalised: the attack space is the input
+    g = _engine_loss_grad(obj, u, y, B)
+    g_ref = ref_grads(net, x, y, B)
+    assert torch.equal(g, g_ref)                 # the summed loss ...
+    g_mean = torch.cat([_mean_grad(net, x[s:s + B], y[s:s + B]) for s in range(0, len(x), B)])
+    assert not torch.equal(g, g_mean)            # ... which an averaged loss would not give
+    assert torch.equal(g_mean.sign(), g.sign())  # (its signs agree: what torchattacks' equality relies on)
+    for eps in (1 / 255, 0.01, 0.03):
+        adv = fgsm(u, g, eps, box)
+        ref = (x + eps * g_ref.sign()).clamp(0, 1)
+        assert torch.equal(adv, ref), eps
+        assert not torch.equal(adv, (x + eps * 1.001 * g_ref.sign()).clamp(0, 1))  # a wrong eps is caught
+
+
+def _mean_grad(net, u, y):
+    u = u.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(net(u), y), u)
+    return g
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.01), ("l2", 0.5)])
+def test_pgd_random_start_bit_identical(heldout, net, ours, norm, eps):
+    """Seeded random start, batches of 16, 16, 8 drawn from one generator in order."""
+    from jacaudit.engine.attacks import pgd
+
+    _, x, y = heldout
+    obj, box = ours
+    x, y, B, steps = x[:40], y[:40], 16, 4
+    gen = torch.Generator().manual_seed(0)
+    adv = torch.cat([pgd(obj, x[s:s + B], y[s:s + B], eps, box, steps=steps, alpha=eps * (2.5 / steps), norm=norm,
+                         random_start=True, generator=gen) for s in range(0, len(x), B)])
+    ref = ref_pgd_all(net, x, y, eps, steps, norm, B, torch.Generator().manual_seed(0))
+    assert torch.equal(adv, ref)
+    d = (adv - x).reshape(len(x), -1)
+    if norm == "linf":
+        assert float(d.abs().max()) <= eps + 1e-7 and float((d.abs() > 0.9 * eps).float().mean()) > 0.5
+    else:
+        assert float(d.norm(dim=1).max()) <= eps * (1 + 1e-5) and float(d.norm(dim=1).min()) > 0.5 * eps
+    # the seed matters: one step from another seed's random start differs (so equality above is not vacuous)
+    one = ref_pgd_all(net, x[:B], y[:B], eps, 1, norm, B, torch.Generator().manual_seed(1))
+    assert not torch.equal(one, ref_pgd_all(net, x[:B], y[:B], eps, 1, norm, B, torch.Generator().manual_seed(0)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bit for bit: the whole command (images in class folders -> --json and the saved .npy artifacts)
+# ---------------------------------------------------------------------------------------------------------
+def test_cli_sweep_and_artifacts_equal_reference(heldout, net, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from jacaudit.cli.main import app
+    from jacaudit.samples.shapes import CLASSES
+
+    images, x, y = heldout
+    N, B, steps = 24, 10, 3                       # batches of 10, 10, 4
+    root = tmp_path / "imgs"
+    for i in range(N):
+        (root / CLASSES[int(y[i])]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(root / CLASSES[int(y[i])] / f"{i:03d}.png")
+    out = tmp_path / "out"
+    eps = (0.002, 0.006, 0.02)
+    r = CliRunner().invoke(app, ["robustness", str(MODEL), str(root), "--json", "--out", str(out),
+                                 "--eps", ",".join(map(str, eps)), "--pgd-norm", "linf,l2", "--pgd-steps", str(steps),
+                                 "--bisect", "0", "--norm-limit", "0", "--batch-size", str(B), "--worst", "4",
+                                 "--seed", "0", "--format", "json"])
+    assert r.exit_code in (0, 1), r.output
+    res = json.loads(r.stdout)["result"]
+    # the samples in the order jacaudit read them (sorted class folders)
+    order = [int(Path(i["source"]).stem) for i in res["inputs"]]
+    assert sorted(order) == list(range(N)) and [i["label"] for i in res["inputs"]] == y[order].tolist()
+    u, yy = x[order], y[order]
+    eps_l2 = tuple(res["eps_l2"])
+    assert eps_l2 == tuple(e * float(np.sqrt(3 * 64 * 64)) for e in eps)
+    sweep, arts, gnorm = ref_analysis(net, u, yy, eps, eps_l2, steps, B, 0, 4)
+    got = [(p["attack"], p["eps"], p["robust_accuracy"], p["flip_rate"], p["mean_margin_drop"],
+            p["worst_margin_drop"]) for p in res["sweep"]]
+    assert got == sweep
+    flips = [p[3] for p in sweep]
+    assert len(set(flips[:3])) == 3 and len(set(flips[3:6])) == 3     # every epsilon is told apart
+    # per-input gradient norms (the summed loss: an averaged one would be 1/10 or 1/4 of these)
+    assert [i["gradient_norm"] for i in res["inputs"]] == gnorm.tolist()
+    # the adversarial examples saved for the most fragile inputs
+    saved = {str(p.relative_to(out)): np.load(p) for p in (out / "adversarial").glob("*.npy")}
+    assert sorted(saved) == sorted(arts) and len(arts) == 4
+    for k in arts:
+        assert saved[k].dtype == arts[k].dtype and np.array_equal(saved[k], arts[k]), k
+    assert sorted(e["npy"] for e in res["examples"]) == sorted(arts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flip rates against torchattacks and ART (same TorchScript module, 64 held-out images, batches of 32)
+# ---------------------------------------------------------------------------------------------------------
+EPS = (1 / 255, 0.01, 0.03)
+PGD_EPS, PGD_STEPS = (1 / 255, 0.01), 5
+
+
+@pytest.fixture(scope="module")
+def analysis64(heldout, tmp_path_factory):
+    """jacaudit's analysis on the 64 images (an .npz), PGD without random start (comparable to torchattacks)."""
+    from jacaudit import data as D
+    from jacaudit import models
+    from jacaudit.analyses.robustness import RobustnessOptions, array_box, robustness
+    from jacaudit.data.dataset import load_dataset
+
+    _, x, y = heldout
+    p = tmp_path_factory.mktemp("npz") / "heldout.npz"
+    np.savez(p, x=x.numpy(), y=y.numpy())
+    m = models.load(str(MODEL))
+    spec = m.input_spec(None)
+    data = load_dataset(str(p), D.Preprocess.infer(spec.shape), spec, input_names=[s.name for s in m.inputs])
+    box, _ = array_box(np.stack([s.array for s in data.samples]), None)
+    opts = RobustnessOptions(eps=EPS, pgd_steps=PGD_STEPS, random_start=False, bisect_steps=0, norm_limit=0,
+                             fd_inputs=0, batch_size=32, worst=0)
+    res = robustness(m, data, box, opts).result
+    return {(p.attack, p.eps): (p.robust_accuracy, p.flip_rate) for p in res.sweep}
+
+
+def _rates(net, x, y, adv):
+    p0 = ref_scores(net, x, 64).argmax(1)
+    p = ref_scores(net, adv, 64).argmax(1)
+    return int((p == y).sum()) / len(y), int((p != p0).sum()) / len(y)
+
+
+# Tolerance: none. torchattacks and ART average the loss over the batch where we sum it; with batches of 32 the
+# mean's gradient is the sum's times 2**-5 *exactly* (a power-of-two scaling commutes with every rounding, no
+# gradient here is near the subnormal range), so every sign -- hence every adversarial pixel -- is identical and
+# the flip rates are equal, not just close. (With a batch size that is not a power of two, a sign could only
+# differ where a gradient element rounds to exactly zero in one and not the other; the tolerance would then be
+# one input per such element, 1/64 -- not needed here.) Each rate is a count over 64 inputs, and the rates at the
+# three epsilons differ, so a wrong epsilon or a different attack moves them.
+def test_flip_rates_match_torchattacks(heldout, net, ours, analysis64):
+    ta = pytest.importorskip("torchattacks")
+    from jacaudit.engine.attacks import fgsm, pgd
+
+    _, x, y = heldout
+    obj, box = ours
+    B = 32
+    seen = []
+    g = _engine_loss_grad(obj, x, y, B)
+    for eps in EPS:
+        atk = ta.FGSM(net, eps=eps)
+        adv = torch.cat([atk(x[s:s + B], y[s:s + B]) for s in range(0, 64, B)])
+        assert torch.equal(adv, fgsm(x, g, eps, box)), eps        # the examples themselves, not only the rates
+        assert _rates(net, x, y, adv) == analysis64[("fgsm", eps)], eps
+        seen.append(analysis64[("fgsm", eps)][1])
+    for eps in PGD_EPS:
+        alpha = eps * (2.5 / PGD_STEPS)
+        atk = ta.PGD(net, eps=eps, alpha=alpha, steps=PGD_STEPS, random_start=False)
+        adv = torch.cat([atk(x[s:s + B], y[s:s + B]) for s in range(0, 64, B)])
+        mine = torch.cat([pgd(obj, x[s:s + B], y[s:s + B], eps, box, steps=PGD_STEPS, alpha=alpha,
+                              random_start=False) for s in range(0, 64, B)])
+        assert torch.equal(adv, mine), eps
+        assert _rates(net, x, y, adv) == analysis64[("pgd-linf", eps)], eps
+        seen.append(analysis64[("pgd-linf", eps)][1])
+    assert len(set(seen[:3])) == 3 and 0 < min(seen) and max(seen) < 1
+
+
+def test_flip_rates_match_art_fgm(heldout, net, analysis64):
+    pytest.importorskip("art")
+    from art.attacks.evasion import FastGradientMethod
+    from art.estimators.classification import PyTorchClassifier
+
+    _, x, y = heldout
+    clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 64, 64), nb_classes=4,
+                            clip_values=(0.0, 1.0))
+    g = ref_grads(net, x, y, 32)
+    for eps in EPS:
+        adv = FastGradientMethod(clf, norm=np.inf, eps=eps, batch_size=32).generate(x.numpy(), y=y.numpy())
+        assert adv.dtype == np.float32 and np.array_equal(adv, (x + eps * g.sign()).clamp(0, 1).numpy()), eps
+        assert _rates(net, x, y, torch.from_numpy(adv)) == analysis64[("fgsm", eps)], eps
