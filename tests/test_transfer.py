@@ -284,3 +284,89 @@ def test_verdict_rule_on_known_sensitivities(tmp_path):
     assert [f.verdict for f in lr.source.features] == ["dead", "reusable", "reusable", "over-specialised",
                                                        "over-specialised"]
     assert lr.suggestion == "fine-tune"
+
+
+def test_domain_shift_per_feature_closed_form(tmp_path):
+    path, Wh, _ = _units_model(tmp_path)
+    xs = _source(400, 0)
+    xt = _source(300, 1)
+    xt[:, 0] += 2.0      # units 1, 2 (x0): mean shift of one source std
+    xt[:, 3] *= 10.0     # unit 3 (x3): ten times the spread -> std and sensitivity move by ln 10
+    out = transfer(load(str(path)), _data(xs), TransferOptions(layers=("h",), overspecialised_above=2.0),
+                   target=_data(xt))
+    r = out.result
+    lr = r.layers[0]
+    assert r.n_source == 400 and r.n_target == 300 and lr.target is not None
+    xs32, xt32 = xs.astype(np.float32).astype(np.float64), xt.astype(np.float32).astype(np.float64)
+    sig_s = math.sqrt(xs32.var(axis=0, ddof=1).mean())
+    sig_t = math.sqrt(xt32.var(axis=0, ddof=1).mean())
+    by = {f.index: f for f in lr.shift.features}
+    for k in range(1, 5):
+        w = Wh[:, k]
+        hs, ht = xs32 @ w, xt32 @ w
+        assert by[k].mean_shift == pytest.approx((ht.mean() - hs.mean()) / hs.std(ddof=1), rel=1e-4, abs=1e-5)
+        assert by[k].std_log_ratio == pytest.approx(math.log(ht.std(ddof=1) / hs.std(ddof=1)), abs=1e-5)
+        s_s = np.linalg.norm(w) * sig_s / hs.std(ddof=1)
+        s_t = np.linalg.norm(w) * sig_t / ht.std(ddof=1)
+        assert by[k].sensitivity_log_ratio == pytest.approx(math.log(s_t / s_s), abs=1e-5)
+    assert by[0].shift == 0 and by[0].verdict_source == by[0].verdict_target == "dead"
+    assert [f.index for f in lr.shift.features[:3]] == [3, 1, 2] or [f.index for f in lr.shift.features[:3]] == [3, 2, 1]
+    assert lr.shift.features[0].shift == pytest.approx(math.log(10), rel=0.05)
+    assert lr.shift.shifted_fraction == pytest.approx(3 / 5)  # units 1, 2, 3 shift by more than 0.5
+    assert lr.suggestion == "fine-tune" and "shifted" in lr.suggestion_reason
+    names = {(m.name, m.subject): m for m in out.metrics}
+    assert names[("shift_fraction", "h")].value == pytest.approx(0.6)
+    assert names[("target_overspecialised_fraction", "h")].value == lr.target.overspecialised_fraction
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command: gate, formats, exit codes
+# ---------------------------------------------------------------------------------------------------------
+def _cli(args, code=0):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, (r.exit_code, r.output)
+    return r
+
+
+def test_cli_gate_formats_and_exit_codes(tmp_path):
+    from jacaudit import results as R
+
+    csv = TAB / "tabular_heldout.csv"
+    rows = csv.read_text().splitlines()
+    tgt = tmp_path / "target.csv"
+    # the target: income doubled in spread
+    head, body = rows[0], [r.split(",") for r in rows[1:201]]
+    for r in body:
+        r[1] = f"{2 * float(r[1]):.5f}"
+    tgt.write_text("\n".join([head] + [",".join(r) for r in body]) + "\n")
+    model = TAB / "tabular_mlp.onnx"
+    out = tmp_path / "a"
+    base = ["transfer", model, csv, "--limit", "200", "--layer", "relu", "--layer", "relu_1", "--out", out]
+    _cli(base + ["--format", "json,html,md", "--junit", tmp_path / "j.xml"])
+    d = json.loads((out / "report.json").read_text())
+    R.validate(d)
+    assert d["kind"] == "transfer" and d["exit_code"] == 0
+    res = d["result"]
+    assert [f["name"] for f in res["inputs"]["features"][:3]] in (
+        ["income", "debt_ratio", "late_payments"], ["income", "late_payments", "debt_ratio"])
+    assert [lr["tensor"] for lr in res["layers"]] == ["relu", "relu_1"]
+    html = (out / "report.html").read_text()
+    assert "relu_1" in html and "income" in html and "<svg" in html
+    assert "transfer" in (out / "report.md").read_text()
+    junit = (tmp_path / "j.xml").read_text()
+    assert "overspecialised_fraction" in junit
+    # a check that fails -> exit 1; --exit-zero -> 0
+    _cli(base + ["--fail-on", "reusable_fraction[relu]<1.01", "--format", "json"], code=1)
+    _cli(base + ["--fail-on", "reusable_fraction[relu]<1.01", "--format", "json", "--exit-zero"], code=0)
+    # target data: the shift metrics exist and gate; income's sensitivity x std grows on the target
+    r = _cli(base + ["--target-data", tgt, "--json", "--fail-on", "shift_median>1000"])
+    rep = json.loads(r.stdout)
+    R.validate(rep)
+    names = {(m["name"], m["subject"]) for m in rep["metrics"]}
+    assert ("shift_fraction", "relu") in names and ("target_input_sensitivity", "income") in names
+    src = {f["name"]: f for f in rep["result"]["inputs"]["features"]}
+    tg = {f["name"]: f for f in rep["result"]["inputs_target"]["features"]}
+    assert tg["income"]["std"] == pytest.approx(2 * src["income"]["std"], rel=0.15)
+    # usage errors -> exit 2
+    _cli(["transfer", model, csv, "--layer", "no_such_tensor", "--out", out], code=2)
+    _cli(["transfer", model, csv, "--fail-on", "no_such_metric>1", "--out", out], code=2)

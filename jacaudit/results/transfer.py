@@ -162,3 +162,33 @@ class TransferResult:
     layers: list[LayerResult]
     rule: VerdictRule
     estimator: EstimatorNote
+
+
+def markdown_lines(report) -> list[str]:
+    """The Markdown summary section of a transfer report (registered in ``report/formats/markdown.py``'s
+    ``SECTIONS``; kept beside the result so the shared format module only holds the registration)."""
+    from ..report.formats.markdown import esc, num, pct
+
+    r = report.result
+    lines = [f"{r.n_source} source sample(s)" + (f", {r.n_target} target sample(s)" if r.n_target else "")
+             + f"; differentiated: {esc(r.score)} {esc(r.score_tensor)} w.r.t. {esc(r.input_name)}.", ""]
+    if r.inputs is not None:
+        top = r.inputs.features[:10]
+        lines += [f"**Input {esc(r.inputs.kind)}** (mean \\|dy/dx\\| x std, source data):", "",
+                  "| rank | feature | score | mean \\|dy/dx\\| | std |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {f.rank} | {esc(f.name)} | {num(f.scaled)} | {num(f.mean_abs_gradient)} | {num(f.std)} |"
+                  for f in top]
+        lines.append("")
+    if r.layers:
+        tgt = any(lr.target is not None for lr in r.layers)
+        lines += [f"**Layers** ({'target' if tgt else 'source'} data; over-specialised: normalised sensitivity > "
+                  f"{num(r.rule.overspecialised_above)}):", "",
+                  "| layer | features | reusable | over-specialised | dead | median sensitivity | shifted | suggestion |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for lr in r.layers:
+            s = lr.target or lr.source
+            lines.append(f"| {esc(lr.tensor)} | {lr.n_features} | {pct(s.reusable_fraction)} | "
+                         f"{pct(s.overspecialised_fraction)} | {pct(s.dead_fraction)} | {num(s.sensitivity_median, 3)} | "
+                         f"{pct(lr.shift.shifted_fraction) if lr.shift else '–'} | {esc(lr.suggestion)} |")
+        lines += ["", f"Rule: {esc(r.rule.text)}"]
+    return lines

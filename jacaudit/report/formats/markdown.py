@@ -187,7 +187,9 @@ def _robustness(report: Any) -> list[str]:
 
 SECTIONS: dict[str, Callable[[Any], list[str]]] = {"saliency": _saliency, "jacobian": _jacobian,
                                                    "verify": _verify, "inspect": _inspect,
-                                                   "robustness": _robustness}
+                                                   "robustness": _robustness,
+                                                   "transfer": lambda rep: __import__(
+                                                       "jacaudit.results.transfer", fromlist=["_"]).markdown_lines(rep)}
 
 
 def _generic(report: Any) -> list[str]:
