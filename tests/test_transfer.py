@@ -370,3 +370,33 @@ def test_cli_gate_formats_and_exit_codes(tmp_path):
     # usage errors -> exit 2
     _cli(["transfer", model, csv, "--layer", "no_such_tensor", "--out", out], code=2)
     _cli(["transfer", model, csv, "--fail-on", "no_such_metric>1", "--out", out], code=2)
+
+
+def test_layer_all_finds_the_main_path_stage_outputs(tmp_path):
+    """A residual block: a = relu(conv0 x); r = a + conv2(relu(conv1 a)); p = GAP(conv3 r) -> logits. The branch
+    tensors (b1, b2, c2) are not on the main path; a and r are; conv3's output changes the width (a new stage)."""
+    g = np.random.default_rng(0)
+    w = {k: g.normal(0, 0.4, s).astype(np.float32) for k, s in
+         dict(W0=(4, 3, 3, 3), W1=(4, 4, 3, 3), W2=(4, 4, 3, 3), W3=(6, 4, 1, 1), A=(6, 2)).items()}
+    nodes = [helper.make_node("Conv", ["x", "W0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["a"]),
+             helper.make_node("Conv", ["a", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["b1"]),
+             helper.make_node("Conv", ["b1", "W2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "c2"], ["r"]),
+             helper.make_node("Conv", ["r", "W3"], ["c3"]),
+             helper.make_node("Tanh", ["c3"], ["t3"]),
+             helper.make_node("GlobalAveragePool", ["t3"], ["gp"]),
+             helper.make_node("Flatten", ["gp"], ["p"]),
+             helper.make_node("MatMul", ["p", "A"], ["logits"])]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(v, k) for k, v in w.items()])
+    path = tmp_path / "res.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(1).uniform(0, 1, (8, 3, 5, 5)).astype(np.float32)
+    out = transfer(load(str(path)), _data(x), TransferOptions(layers=("all",), probes=8))
+    got = [lr.tensor for lr in out.result.layers]
+    # main path: c0, a, r (4x5x5) | c3, t3 (6x5x5) | gp (6x1x1) | p (6): the last of each same-shaped run
+    assert got == ["r", "t3", "gp", "p"], got
+    assert "main-path" in out.result.layer_selection

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -306,8 +306,14 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
                 q_sum[i] += Q.mean(dim=1).sum(dim=0)
                 q_var[i] += (Q.var(dim=1, unbiased=True) / P).sum(dim=0)
         for i, t in enumerate(layers):
-            gg = grouped_gradients(scorers[i], hs[i].detach(), 1, targets=preds[s:e], chunk_rows=max(1, e - s),
-                                   extra=feeds)
+            try:
+                gg = grouped_gradients(scorers[i], hs[i].detach(), 1, targets=preds[s:e], chunk_rows=max(1, e - s),
+                                       extra=feeds)
+            except RuntimeError as err:
+                if "does not require grad" not in str(err):
+                    raise
+                raise InputError(f"layer {t!r} does not feed the scored tensor {scorers[i].score_tensor!r} (it comes "
+                                 "after it, or off the path to it): its influence is undefined") from None
             infl[i] += _features(gg.grads.detach(), axes[i]).double().cpu().abs().sum(dim=2).sum(dim=0)
         if progress:
             progress(e - s)
@@ -322,6 +328,67 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
         out.append(LayerStats(t, shapes[i], axes[i], mean, std, q_sum[i] / (n * m), q_var[i].sqrt() / (n * m),
                               infl[i] / n, m, "exact" if exact else "hutchinson", P))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --layer all: the main path's stage outputs
+# ---------------------------------------------------------------------------------------------------------
+def main_path_layers(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor], input_name: str,
+                     score_tensor: str, max_layers: int = 16) -> tuple[list[str], str]:
+    """The main path's stage outputs, found by evaluation alone (no knowledge of the file format):
+
+    1. candidates: the internal float tensors of shape (batch, features, ...) on two distinct inputs ``a``, ``b``;
+    2. main path: a candidate ``t`` every path from the input to the output passes through -- checked by
+       overriding ``t`` with its value at ``b`` while feeding ``a``: the scored tensor (the logits, or the
+       output) must be its value at ``b`` (tensors after the scored one never pass);
+    3. stage outputs: of each run of consecutive main-path tensors with the same shape, the last one (a block's
+       output before the resolution or the width changes); at most ``max_layers``, evenly spaced.
+
+    Returns the tensor names (in graph order) and a note saying how they were found."""
+    skip = {score_tensor} | {o.name for o in model.outputs} | {i.name for i in model.inputs}
+    names = [t for t in model.internal_tensors() if t not in skip]
+    if not names:
+        raise InputError("this model exposes no internal tensors (an ONNX graph does): --layer all needs them")
+    if x.shape[0] >= 2 and not torch.equal(x[0], x[1]):
+        a, b = x[0:1], x[1:2]
+        ea, eb = ({k: v[0:1] for k, v in extra.items()}, {k: v[1:2] for k, v in extra.items()})
+    else:
+        g = torch.Generator(device="cpu").manual_seed(7)
+        a = x[0:1]
+        b = a + (torch.randn(a.shape, generator=g, dtype=torch.float64) * (float(a.double().std()) or 1.0) * 0.5
+                 ).to(a.dtype).to(a.device)
+        ea = eb = {k: v[0:1] for k, v in extra.items()}
+    out_name = score_tensor
+    with torch.no_grad():
+        va = model.run({input_name: a, **ea}, outputs=names)
+        vb = model.run({input_name: b, **eb}, outputs=names)
+        ya = model.run({input_name: a, **ea}, outputs=[out_name])[0]
+        yb = model.run({input_name: b, **eb}, outputs=[out_name])[0]
+    if torch.allclose(ya, yb, rtol=1e-5, atol=1e-7):
+        raise InputError("--layer all: two different inputs give the same output, so the main path cannot be told")
+    cands = [(t, ta, tb) for t, ta, tb in zip(names, va, vb)
+             if isinstance(ta, torch.Tensor) and ta.is_floating_point() and ta.dim() >= 2 and ta.shape[0] == 1
+             and ta.shape == tb.shape and not torch.equal(ta, tb)]
+    main: list[tuple[str, tuple[int, ...]]] = []
+    tol = 1e-4 * (float(yb.abs().max()) + 1e-6)
+    for t, _ta, tb in cands:
+        try:
+            with torch.no_grad():
+                y = model.run({input_name: a, **ea}, outputs=[out_name], overrides={t: tb})[0]
+        except Exception:
+            continue
+        if y.shape == yb.shape and float((y - yb).abs().max()) <= tol:
+            main.append((t, tuple(int(d) for d in tb.shape[1:])))
+    stages = [t for i, (t, sh) in enumerate(main) if i + 1 == len(main) or main[i + 1][1] != sh]
+    if len(stages) > max_layers:
+        idx = sorted({round(k * (len(stages) - 1) / (max_layers - 1)) for k in range(max_layers)})
+        stages = [stages[i] for i in idx]
+    if not stages:
+        raise InputError("--layer all found no main-path tensor of shape (batch, features, ...); name the layers")
+    note = (f"--layer all: {len(stages)} stage output(s) of {len(main)} main-path tensor(s) among {len(cands)} "
+            "candidate(s) (a tensor is on the main path when overriding it with its value at another input gives "
+            "that input's output; of each run of same-shaped main-path tensors the last is kept)")
+    return stages, note
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,6 +487,13 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
     t0 = time.perf_counter()
     warnings: list[str] = list(source.warnings) + (list(target.warnings) if target is not None else [])
     spec = model.input_spec(o.input_name)
+    scorer = make_scorer(model, spec.name, o.output, use_logits=o.use_logits)
+    layer_note = None
+    if "all" in o.layers and "all" not in set(model.internal_tensors()):
+        x0, extra0 = _feeds(model, source, spec.name, fixed)
+        found, layer_note = main_path_layers(model, x0, extra0, spec.name, scorer.score_tensor)
+        named = [t for t in o.layers if t != "all"]
+        o = replace(o, layers=tuple(named + [t for t in found if t not in named]))
     if o.layers:
         known = set(model.internal_tensors())
         if not known:
@@ -434,7 +508,6 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
             raise InputError("a layer is named twice")
     if o.probes < 2:
         raise InputError("probes must be at least 2 (the standard error needs two)")
-    scorer = make_scorer(model, spec.name, o.output, use_logits=o.use_logits)
     channel_axis = None
     if image and preprocess is not None:
         channel_axis = 1 if preprocess.layout == "NCHW" else -1
@@ -531,7 +604,7 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
         input_name=spec.name, score_tensor=scorer.score_tensor, score="logit" if scorer.score == "logit" else "output",
         classes=classes, source_data=source_name, target_data=target_name, n_source=counts["source"],
         n_target=counts.get("target"), input_kind=kind or "tensor", inputs=ins["source"], inputs_target=ins.get("target"),
-        layers=layers, rule=rule, estimator=est)
+        layers=layers, rule=rule, estimator=est, layer_selection=layer_note)
     metrics = _metrics(result, o)
     timings["analysis"] = round(time.perf_counter() - t0, 4)
     return AnalysisOutput(result=result, metrics=metrics, warnings=warnings,

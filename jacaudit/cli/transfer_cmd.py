@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
             rich_help_panel=DAT)] = None,
         layers: Annotated[Optional[list[str]], typer.Option(
             "--layer", help="An internal tensor whose features (channels of (N,C,H,W), units of (N,C)) are scored "
-            "(ONNX tensor names; `jacaudit inspect MODEL --tensors` lists them); repeatable.",
+            "(ONNX tensor names; `jacaudit inspect MODEL --tensors` lists them); repeatable. 'all': the main path's "
+            "stage outputs, found automatically (the scores per depth).",
             rich_help_panel=LAY)] = None,
         feature_axis: Annotated[int, typer.Option("--feature-axis", help="Axis of the features in the layer "
                                                   "tensors (batch = 0; -1 for (N, T, D) sequence tensors).",

@@ -162,6 +162,8 @@ class TransferResult:
     layers: list[LayerResult]
     rule: VerdictRule
     estimator: EstimatorNote
+    layer_selection: str | None = field(default=None, metadata={
+        "doc": "how the layers were found when --layer all was given"})
 
 
 def markdown_lines(report) -> list[str]:
