@@ -51,7 +51,7 @@ import torch
 
 from ..errors import InputError
 from ..gate import Metric
-from ..results.transfer import (EstimatorNote, FeatureScore, FeatureShift, InputFeature, InputSensitivity,
+from ..results.transfer import (AttentionMaps, AttentionRow, EstimatorNote, FeatureScore, FeatureShift, InputFeature, InputSensitivity,
                                 LayerResult, LayerScores, LayerShift, TransferResult, VerdictRule)
 from .base import AnalysisOutput
 
@@ -67,6 +67,11 @@ class TransferOptions:
     batch_size: int = 32
     seed: int = 0
     max_outputs: int = 16
+    #: Jacobian attention maps: a [batch, positions, features] tensor to differentiate with respect to, and
+    #: optionally a later [batch, positions', features'] tensor for the position-to-position map
+    attention_wrt: str | None = None
+    attention_out: str | None = None
+    attention_rows: int = 8
     feature_names: tuple[str, ...] | None = None
     classes: tuple[str, ...] | None = None
     use_logits: bool = True
@@ -94,8 +99,6 @@ def _feeds(model: Any, data: Any, main: str, fixed: dict[str, torch.Tensor] | No
     samples = data.samples
     n = len(samples)
     x = D.stack(samples, device=model.device, dtype=model.dtype)
-    if not x.is_floating_point():
-        raise InputError(f"input {main!r} is {x.dtype}, not float: its features have no derivative")
     extra: dict[str, torch.Tensor] = {}
     for k in sorted({k for s in samples for k in s.extra}):
         if any(k not in s.extra for s in samples):
@@ -392,6 +395,94 @@ def main_path_layers(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Jacobian attention maps
+# ---------------------------------------------------------------------------------------------------------
+def _predict(scorer: Any, x: torch.Tensor, extra: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+    out = []
+    for s, e in _batches(x.shape[0], batch):
+        with torch.no_grad():
+            sc, _ = scorer(x[s:e], {k: v[s:e] for k, v in extra.items()})
+        out.append(sc.argmax(1).cpu())
+    return torch.cat(out)
+
+
+def attention_maps(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor], preds: torch.Tensor, *,
+                   input_name: str, output: str | None, use_logits: bool, wrt: str, out_tensor: str | None,
+                   probes: int, seed: int, batch: int, rows: int, names: Sequence[str]) -> AttentionMaps:
+    """Implicit attention through the Jacobian, for a [batch, positions, features] tensor ``e`` (``wrt``):
+
+    * per input position t: ``||dy/de[t]||_2`` over the features, ``y`` the predicted class's score (one vjp per
+      sample, exact);
+    * with ``out_tensor`` h (also [batch, positions', features']): ``A[t', t] = ||dh[t']/de[t]||_F`` -- per output
+      position t', Rademacher probes u on h[t'] (the basis when h has no more features than ``probes``: exact)
+      and one vjp each give ``||u^T J[t', t]||^2`` for every t at once, an unbiased estimate of the square.
+
+    Values are means over the samples; the first ``rows`` samples are kept one by one."""
+    from ..engine.gradients import grouped_gradients, make_scorer
+
+    sc = make_scorer(model, input_name, output, use_logits=use_logits, wrt=wrt)
+    n = x.shape[0]
+    infl = []
+    mats = []
+    method, P = "exact", 0
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    T = Tout = None
+    for s, e in _batches(n, batch):
+        feeds = {input_name: x[s:e], **{k: v[s:e] for k, v in extra.items()}}
+        with torch.no_grad():
+            ev = model.run(feeds, outputs=[wrt])[0].detach()
+        if not ev.is_floating_point() or ev.dim() != 3 or ev.shape[0] != e - s:
+            raise InputError(f"attention maps need a float [batch, positions, features] tensor: {wrt!r} has "
+                             f"shape {tuple(ev.shape)} ({ev.dtype})")
+        T = int(ev.shape[1])
+        gg = grouped_gradients(sc, ev, 1, targets=preds[s:e], chunk_rows=max(1, e - s), extra=feeds)
+        infl.append(gg.grads.detach().double().cpu().pow(2).sum(2).sqrt())       # (B, T)
+        if out_tensor:
+            er = ev.clone().requires_grad_(True)
+            with torch.enable_grad():
+                h = model.run(feeds, outputs=[out_tensor], overrides={wrt: er})[0]
+                if h.dim() != 3 or h.shape[0] != e - s:
+                    raise InputError(f"attention maps need a [batch, positions, features] output tensor: "
+                                     f"{out_tensor!r} has shape {tuple(h.shape)}")
+                if not h.requires_grad:
+                    raise InputError(f"{out_tensor!r} does not depend on {wrt!r}")
+                Tout, D = int(h.shape[1]), int(h.shape[2])
+                exact = D <= probes
+                method, P = ("exact", D) if exact else ("hutchinson", probes)
+                M = torch.zeros(e - s, Tout, T, dtype=torch.float64)
+                for to in range(Tout):
+                    for p in range(P):
+                        u = torch.zeros_like(h)
+                        if exact:
+                            u[:, to, p] = 1
+                        else:
+                            u[:, to] = (torch.randint(0, 2, (e - s, D), generator=gen, dtype=torch.int8) * 2 - 1
+                                        ).to(h.dtype).to(h.device)
+                        (g,) = torch.autograd.grad(h, er, u, retain_graph=True, allow_unused=True)
+                        if g is not None:
+                            M[:, to] += g.detach().double().cpu().pow(2).sum(2)
+                M = M if exact else M / P
+            mats.append(M.sqrt())
+    I = torch.cat(infl)
+    keep = list(range(min(rows, n)))
+    toks = x.detach().cpu() if not x.is_floating_point() and x.dim() == 2 else None
+    row_list = []
+    for i in keep:
+        v = I[i]
+        top = [int(j) for j in torch.argsort(v, descending=True)[:2]]
+        row_list.append(AttentionRow(names[i], [int(t) for t in toks[i]] if toks is not None else None,
+                                     [float(a) for a in v], top, int(preds[i])))
+    share = (I / I.sum(1, keepdim=True).clamp_min(1e-300)).mean(0)
+    Mm = torch.cat(mats) if mats else None
+    return AttentionMaps(
+        wrt=wrt, out_tensor=out_tensor, n_inputs=n, positions_in=int(T or 0), positions_out=Tout,
+        influence_mean=[float(a) for a in I.mean(0)], influence_share_mean=[float(a) for a in share], rows=row_list,
+        matrix_mean=[[float(a) for a in r] for r in Mm.mean(0)] if Mm is not None else None,
+        matrix_first=[[float(a) for a in r] for r in Mm[0]] if Mm is not None else None,
+        method=method if out_tensor else None, probes=P if out_tensor else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Verdicts
 # ---------------------------------------------------------------------------------------------------------
 def _median(vals: list[float]) -> float:
@@ -530,21 +621,40 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
     sigmas: dict[str, float] = {}
     counts: dict[str, int] = {}
     kind = "image" if image else None
+    attention = None
     for which, data in sets:
         t1 = time.perf_counter()
         x, extra = _feeds(model, data, spec.name, fixed)
         if kind is None:
             kind = "features" if x.dim() == 2 else "tensor"
         counts[which] = x.shape[0]
-        sigmas[which] = input_scale(x)
         try:
-            ins[which], preds = input_sensitivity(scorer, x, extra, names=names, classes=o.classes,
-                                                  max_outputs=o.max_outputs, batch=o.batch_size,
-                                                  channel_axis=channel_axis)
+            if x.is_floating_point():
+                sigmas[which] = input_scale(x)
+                ins[which], preds = input_sensitivity(scorer, x, extra, names=names, classes=o.classes,
+                                                      max_outputs=o.max_outputs, batch=o.batch_size,
+                                                      channel_axis=channel_axis)
+            else:
+                if o.layers:
+                    raise InputError(f"input {spec.name!r} is {x.dtype}: layer features are differentiated with "
+                                     "respect to a float input (for token ids, use the attention maps with respect "
+                                     "to the embedding output)")
+                if not o.attention_wrt:
+                    raise InputError(f"input {spec.name!r} is {x.dtype}, not float: it has no derivative; name a "
+                                     "float [batch, positions, features] tensor (e.g. the embedding output) for "
+                                     "the attention maps")
+                preds = _predict(scorer, x, extra, o.batch_size)
         except TargetNeeded as e:
             raise InputError(f"transfer scores a classifier's outputs: output {e.output!r} has shape (batch, "
                              f"{', '.join(map(str, e.shape))}); choose a class-score output") from None
         tick(x.shape[0])
+        if which == "source" and o.attention_wrt:
+            t3 = time.perf_counter()
+            attention = attention_maps(model, x, extra, preds, input_name=spec.name, output=o.output,
+                                       use_logits=o.use_logits, wrt=o.attention_wrt, out_tensor=o.attention_out,
+                                       probes=o.probes, seed=o.seed + 2, batch=o.batch_size, rows=o.attention_rows,
+                                       names=[sm.name for sm in data.samples])
+            timings["attention"] = round(time.perf_counter() - t3, 4)
         timings[f"inputs_{which}"] = round(time.perf_counter() - t1, 4)
         if o.layers:
             t2 = time.perf_counter()
@@ -603,8 +713,9 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
     result = TransferResult(
         input_name=spec.name, score_tensor=scorer.score_tensor, score="logit" if scorer.score == "logit" else "output",
         classes=classes, source_data=source_name, target_data=target_name, n_source=counts["source"],
-        n_target=counts.get("target"), input_kind=kind or "tensor", inputs=ins["source"], inputs_target=ins.get("target"),
-        layers=layers, rule=rule, estimator=est, layer_selection=layer_note)
+        n_target=counts.get("target"), input_kind=kind or "tensor", inputs=ins.get("source"),
+        inputs_target=ins.get("target"), layers=layers, rule=rule, estimator=est, layer_selection=layer_note,
+        attention=attention)
     metrics = _metrics(result, o)
     timings["analysis"] = round(time.perf_counter() - t0, 4)
     return AnalysisOutput(result=result, metrics=metrics, warnings=warnings,

@@ -16,6 +16,7 @@ from .runner import Outcome, audit_command
 LAY = "Layers"
 RUL = "Verdict rule"
 DAT = "Data"
+ATT = "Attention maps"
 
 
 def _load(path: str, pp, spec, input_names, label_column, limit, seed):
@@ -60,6 +61,15 @@ def register(app: typer.Typer) -> None:
         probes: Annotated[int, typer.Option("--probes", min=2, help="Hutchinson input probes per sample for "
                                             "||dh_k/dx||_F (exact when the input has no more elements).",
                                             rich_help_panel=LAY)] = 16,
+        attention_wrt: Annotated[Optional[str], typer.Option(
+            "--attention-wrt", help="Jacobian attention maps: a float [batch, positions, features] tensor to "
+            "differentiate with respect to (e.g. the embedding output when the inputs are token ids).",
+            rich_help_panel=ATT)] = None,
+        attention_out: Annotated[Optional[str], typer.Option(
+            "--attention-out", help="A later [batch, positions, features] tensor: the position-to-position map "
+            "A[t_out, t_in] = ||dh[t_out]/de[t_in]||_F.", rich_help_panel=ATT)] = None,
+        attention_rows: Annotated[int, typer.Option("--attention-rows", min=1, help="Samples shown one by one in "
+                                                    "the attention maps.", rich_help_panel=ATT)] = 8,
         overspecialised_above: Annotated[float, typer.Option(
             "--overspecialised-above", min=0.0, help="Normalised sensitivity above which a feature is "
             "over-specialised (1 = a linear feature of isotropic data).", rich_help_panel=RUL)] = 2.0,
@@ -142,7 +152,9 @@ def register(app: typer.Typer) -> None:
                                feature_names=tuple(names) if names else None,
                                classes=tuple(classes) if classes else None, use_logits=(score == "logit"),
                                input_name=spec.name, output=output_name,
-                               overspecialised_above=overspecialised_above, shift_above=shift_above)
+                               overspecialised_above=overspecialised_above, shift_above=shift_above,
+                               attention_wrt=attention_wrt, attention_out=attention_out,
+                               attention_rows=attention_rows)
         with ctx.progress("transfer", None) as bar:
             res = transfer(model, src, opts, target=tgt, preprocess=pp if is_image else None, image=is_image,
                            fixed=fixed, source_name=str(data_path),
@@ -152,12 +164,14 @@ def register(app: typer.Typer) -> None:
         r = res.result
         settings = {"layers": list(opts.layers), "feature_axis": feature_axis, "probes": probes,
                     "overspecialised_above": overspecialised_above, "shift_above": shift_above,
-                    "max_outputs": max_outputs, "score": score, "limit": limit, "seed": seed,
+                    "max_outputs": max_outputs, "attention_wrt": attention_wrt, "attention_out": attention_out,
+                    "score": score, "limit": limit, "seed": seed,
                     "batch_size": batch_size, "labels": label_path, "feature_names": list(names) if names else None,
                     "dtype": str(model.dtype or "float32").replace("torch.", ""), "device": str(model.device),
                     "preprocess": pp.describe() if is_image else None, "fixed_inputs": sorted(fixed) or None,
                     "data": str(data_path), "target_data": str(target_data) if target_data is not None else None}
-        live = r.inputs is not None and any(f.mean_abs_gradient > 0 for f in r.inputs.features)
+        live = (r.inputs is not None and any(f.mean_abs_gradient > 0 for f in r.inputs.features)) or \
+            (r.attention is not None and any(v > 0 for v in r.attention.influence_mean))
         return Outcome(res, model=model, settings=settings, summary=_summary, inconclusive=not live)
 
 
@@ -167,7 +181,9 @@ def _summary(report) -> None:
 
     r = report.result
     out.print(f"{r.n_source} source sample(s)" + (f", {r.n_target} target sample(s)" if r.n_target else "")
-              + f"; differentiated: {r.score} {r.score_tensor!r} w.r.t. {r.input_name!r}", markup=False)
+              + f"; differentiated: {r.score} {r.score_tensor!r} w.r.t. "
+              + (repr(r.input_name) if r.inputs is not None else
+                 f"{r.attention.wrt!r} (input {r.input_name!r} is not float)" if r.attention else "?"), markup=False)
     for which, ins in (("source", r.inputs), ("target", r.inputs_target)):
         if ins is None:
             continue
@@ -180,6 +196,12 @@ def _summary(report) -> None:
         out.print(t)
         if len(ins.features) > 12:
             out.print(f"... {len(ins.features) - 12} more in the report", markup=False)
+    a = r.attention
+    if a is not None:
+        top = sorted(range(a.positions_in), key=lambda t: -a.influence_mean[t])[:4]
+        out.print(f"attention w.r.t. {a.wrt!r} ({a.positions_in} positions): mean ||dy/de[t]|| largest at positions "
+                  + ", ".join(f"{t} ({a.influence_mean[t]:.3g})" for t in top)
+                  + (f"; position map to {a.out_tensor!r} ({a.method})" if a.out_tensor else ""), markup=False)
     if r.layers:
         t = Table(title=Text(f"layers (normalised sensitivity > {r.rule.overspecialised_above:g}: "
                              "over-specialised)"), title_justify="left")

@@ -143,6 +143,37 @@ class EstimatorNote:
     description: str
 
 
+@dataclass(frozen=True)
+class AttentionRow:
+    """One sample's per-input-position influence on its predicted class's score."""
+
+    sample: str
+    tokens: list[int] | None = field(metadata={"doc": "the token ids when the model input is one id per position"})
+    influence: list[float] = field(metadata={"doc": "||dy/de[t]||_2 over the features, per input position t"})
+    top_positions: list[int] = field(metadata={"doc": "the two positions of largest influence"})
+    predicted: int
+
+
+@dataclass(frozen=True)
+class AttentionMaps:
+    """Implicit attention through the Jacobian, w.r.t. a [batch, positions, features] tensor e."""
+
+    wrt: str
+    out_tensor: str | None
+    n_inputs: int
+    positions_in: int
+    positions_out: int | None
+    influence_mean: list[float] = field(metadata={"doc": "mean over the samples of ||dy/de[t]|| per position"})
+    influence_share_mean: list[float] = field(metadata={
+        "doc": "mean over the samples of each position's share of the sample's total influence"})
+    rows: list[AttentionRow]
+    matrix_mean: list[list[float]] | None = field(metadata={
+        "doc": "A[t_out][t_in] = ||dh[t_out]/de[t_in]||_F, mean over the samples (with an output tensor h)"})
+    matrix_first: list[list[float]] | None = field(metadata={"doc": "A for the first sample"})
+    method: str | None = field(metadata={"doc": "exact (the basis of h's features) or hutchinson"})
+    probes: int | None
+
+
 @result_type("transfer")
 @dataclass(frozen=True)
 class TransferResult:
@@ -164,6 +195,7 @@ class TransferResult:
     estimator: EstimatorNote
     layer_selection: str | None = field(default=None, metadata={
         "doc": "how the layers were found when --layer all was given"})
+    attention: AttentionMaps | None = None
 
 
 def markdown_lines(report) -> list[str]:
@@ -193,4 +225,10 @@ def markdown_lines(report) -> list[str]:
                          f"{pct(s.overspecialised_fraction)} | {pct(s.dead_fraction)} | {num(s.sensitivity_median, 3)} | "
                          f"{pct(lr.shift.shifted_fraction) if lr.shift else '–'} | {esc(lr.suggestion)} |")
         lines += ["", f"Rule: {esc(r.rule.text)}"]
+    a = r.attention
+    if a is not None:
+        top = sorted(range(a.positions_in), key=lambda t: -a.influence_share_mean[t])[:3]
+        hits = ", ".join(f"{esc(row.sample)}: {', '.join(map(str, row.top_positions))}" for row in a.rows[:5])
+        lines += ["", f"**Attention maps** w.r.t. {esc(a.wrt)} ({a.positions_in} positions, {a.n_inputs} samples): "
+                  f"largest mean share at positions {', '.join(map(str, top))}; top-2 positions per sample: {hits}."]
     return lines
