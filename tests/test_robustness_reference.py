@@ -132,17 +132,41 @@ def ref_analysis(net, u, y, eps, eps_l2, steps, B, seed, worst):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def _eager_torchscript():
-    """Run TorchScript without the profiling executor's optimisation, for the reference and jacaudit alike.
+    """Run the reference's (and torchattacks' / ART's) TorchScript module without the profiling executor's
+    optimisation, as jacaudit's TorchScript loader runs its own.
 
     With it on (torch's default), a scripted module's first call per input shape runs the aten kernels and later
     calls a DifferentiableGraph whose backward uses TorchScript's own derivative formulas (here SiLU's): the
     loss gradient at the *same* input changes in ~86% of its elements by up to ~2e-7 relative between call 1
-    and call 2. Bits then depend on how often, and with which batch shapes, each module instance was called
-    before -- not on jacaudit vs the reference -- so PGD-L2 (which uses gradient values, not signs) differed in
-    the last bit between two module instances with different histories. Signs (FGSM, PGD L-inf) agreed either
-    way. Must be active before a module's first call (an optimised plan, once made, stays)."""
+    and call 2. Bits then depend on how often, and with which batch shapes, a module instance was called before,
+    so PGD-L2 (which uses gradient values, not signs) differed in the last bit between two module instances with
+    different histories; signs (FGSM, PGD L-inf) agreed either way. Must be active before a module's first call
+    (an optimised plan, once made, stays). See test_torchscript_gradients_do_not_depend_on_call_history."""
     with torch.jit.optimized_execution(False):
         yield
+
+
+def test_torchscript_gradients_do_not_depend_on_call_history(heldout):
+    """jacaudit's gradient at one input is the same on every call, and equal to torch's eager (first-call)
+    gradient, even with TorchScript's optimiser switched on around it; a plain torch.jit.load module's is not
+    (which is what this test would see if the loader ran the optimised plan)."""
+    from jacaudit import models
+    from jacaudit.engine.attacks import Box, Objective, loss_and_grad
+    from jacaudit.engine.gradients import make_scorer
+
+    _, x, y = heldout
+    x, y = x[:8], y[:8]
+    with torch.jit.optimized_execution(True):
+        m = models.load(str(MODEL))
+        obj = Objective(make_scorer(m, m.input_spec(None).name), Box(torch.ones(()), torch.zeros(()), 0.0, 1.0))
+        ours = [loss_and_grad(obj, x, y)[0] for _ in range(4)]
+        plain = torch.jit.load(str(MODEL)).eval()
+        theirs = [ref_grad(plain, x, y) for _ in range(4)]
+    assert torch.equal(ours[0], theirs[0])                  # call 1: both eager aten derivatives
+    assert all(torch.equal(g, ours[0]) for g in ours[1:])   # jacaudit: every call the same
+    assert not all(torch.equal(g, theirs[0]) for g in theirs[1:]), (
+        "torch's optimised TorchScript plan no longer changes gradient bits between calls: this test no longer "
+        "shows anything (and the loader's optimized_execution(False) may be unnecessary)")
 
 
 @pytest.fixture(scope="module")
