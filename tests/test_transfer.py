@@ -476,3 +476,35 @@ def test_attention_on_the_sequence_sample_finds_the_deciding_positions():
              zip(a.rows, d["pos_a"], d["pos_b"])]
     assert np.median(share) > 2 * 2 / 12   # two of twelve positions hold well over twice their share
     assert a.rows[0].tokens == [int(t) for t in d["tokens"][0]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The source / target sample pair (sample_models/transfer): the planted shift where its card says
+# ---------------------------------------------------------------------------------------------------------
+PAIR = ROOT / "sample_models" / "transfer"
+
+
+def test_sample_pair_shows_the_planted_shift_where_the_card_says(tmp_path):
+    from jacaudit.samples.transfer import _read_pngs, blue_cast, first_conv_truth
+
+    card = json.loads((PAIR / "transfer.json").read_text())
+    model = ROOT / "sample_models" / "shapes" / "shapes_cnn.onnx"
+    src, tgt = _read_pngs(str(PAIR / "source")), _read_pngs(str(PAIR / "target"))
+    assert np.array_equal(blue_cast(src), tgt)              # the target is the documented transform of the source
+    truth = first_conv_truth(str(model), src, tgt)           # float64 conv2d from the weights, no jacaudit code
+    assert truth["shifted_channels"] == card["first_conv"]["shifted_channels"] and truth["shifted_channels"]
+    out = CliRunner().invoke(app, ["transfer", str(model), str(PAIR / "source"), "--target-data", str(PAIR / "target"),
+                                   "--layer", "conv2d", "--json", "--format", "json", "--out", str(tmp_path)])
+    assert out.exit_code in (0, 1), out.output
+    rep = json.loads(out.stdout)
+    lr = rep["result"]["layers"][0]
+    by = {f["index"]: f for f in lr["shift"]["features"]}
+    for row in truth["channels"]:
+        f = by[row["channel"]]
+        assert f["mean_shift"] == pytest.approx(row["mean_shift"], abs=1e-4)
+        assert f["std_log_ratio"] == pytest.approx(row["std_log_ratio"], abs=1e-4)
+        # J is the same on both datasets and so are the probes: the estimator's noise cancels in the ratio
+        assert f["sensitivity_log_ratio"] == pytest.approx(row["sensitivity_log_ratio"], abs=1e-4)
+    shifted = sorted(f["index"] for f in lr["shift"]["features"] if f["shift"] > 0.5)
+    assert shifted == truth["shifted_channels"]
+    assert lr["shift"]["shifted_fraction"] == pytest.approx(len(shifted) / 8)
