@@ -508,3 +508,27 @@ def test_sample_pair_shows_the_planted_shift_where_the_card_says(tmp_path):
     shifted = sorted(f["index"] for f in lr["shift"]["features"] if f["shift"] > 0.5)
     assert shifted == truth["shifted_channels"]
     assert lr["shift"]["shifted_fraction"] == pytest.approx(len(shifted) / 8)
+
+
+def test_fixed_batch_graph_runs_one_sample_per_pass(tmp_path):
+    """A graph that only takes batch 1 (a Reshape to [1, 4]): the scores are the same as in batches."""
+    W = np.random.default_rng(5).normal(0, 1, (4, 3)).astype(np.float32)
+    V = np.random.default_rng(6).normal(0, 1, (3, 2)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["xr"]),
+             helper.make_node("MatMul", ["xr", "W"], ["h0"]),
+             helper.make_node("Tanh", ["h0"], ["h"]),
+             helper.make_node("MatMul", ["h", "V"], ["logits"])]
+    graph = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+                              [numpy_helper.from_array(W, "W"), numpy_helper.from_array(V, "V"),
+                               numpy_helper.from_array(np.array([1, 4], np.int64), "shape")])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(7).normal(0, 1, (6, 4)).astype(np.float32)
+    out = transfer(load(str(path)), _data(x), TransferOptions(layers=("h",)))
+    X = torch.tensor(x, dtype=torch.float64)
+    Wt, Vt = torch.tensor(W, dtype=torch.float64), torch.tensor(V, dtype=torch.float64)
+    H = torch.tanh(X @ Wt)
+    grad_rms = ((1 - H ** 2) ** 2 * (Wt ** 2).sum(0)).mean(0).sqrt().numpy()   # ||dh_k/dx|| = |1-h_k^2| ||W[:,k]||
+    assert _rel([f.gradient_rms for f in out.result.layers[0].source.features], grad_rms) < 1e-5
+    assert any("one at a time" in w for w in out.warnings)

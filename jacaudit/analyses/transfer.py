@@ -34,6 +34,16 @@ Intermediate features (``layers``: tensor names; the model must expose internal 
     exceeds ``overspecialised_above``; else *reusable*. ``borderline`` marks estimates within two standard errors
     of the threshold.
 
+Layer sweep (``layers`` holding ``"all"``)
+    :func:`main_path_layers`: the main path's stage outputs, found by evaluating the model (a tensor is on the main
+    path when overriding it with its value at another input gives that input's scores; the last tensor of each run
+    of same-shaped main-path tensors is kept), scored like named layers: the scores per depth.
+
+Jacobian attention maps (``attention_wrt``, optionally ``attention_out``)
+    :func:`attention_maps`: per-input-position influence ``||dy/de[t]||`` w.r.t. a [batch, positions, features]
+    tensor (the embedding output when the inputs are token ids: then no input-feature scores), and the
+    position-to-position map ``A[t_out, t_in] = ||dh[t_out]/de[t_in]||_F`` to a later tensor.
+
 Domain shift (``target``)
     The same scores on the target data (each dataset with its own ``sigma_x``; the same probe sequence on both, so
     the estimator's noise largely cancels in the ratios); per feature the standardised mean
@@ -649,11 +659,12 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
             raise InputError(f"transfer scores a classifier's outputs: output {e.output!r} has shape (batch, "
                              f"{', '.join(map(str, e.shape))}); choose a class-score output") from None
         tick(x.shape[0])
+        rows_per_pass = o.batch_size if scorer.batched else 1  # a fixed-batch graph: one sample per pass
         if which == "source" and o.attention_wrt:
             t3 = time.perf_counter()
             attention = attention_maps(model, x, extra, preds, input_name=spec.name, output=o.output,
                                        use_logits=o.use_logits, wrt=o.attention_wrt, out_tensor=o.attention_out,
-                                       probes=o.probes, seed=o.seed + 2, batch=o.batch_size, rows=o.attention_rows,
+                                       probes=o.probes, seed=o.seed + 2, batch=rows_per_pass, rows=o.attention_rows,
                                        names=[sm.name for sm in data.samples])
             timings["attention"] = round(time.perf_counter() - t3, 4)
         timings[f"inputs_{which}"] = round(time.perf_counter() - t1, 4)
@@ -662,7 +673,7 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
             stats[which] = layer_statistics(model, x, extra, o.layers, preds, input_name=spec.name,
                                             output=o.output, use_logits=o.use_logits, feature_axis=o.feature_axis,
                                             probes=o.probes, seed=o.seed,  # common random numbers
-                                            batch=o.batch_size, progress=tick)
+                                            batch=rows_per_pass, progress=tick)
             timings[f"layers_{which}"] = round(time.perf_counter() - t2, 4)
     warnings += [w for w in scorer.warnings if w not in warnings]
 
@@ -735,10 +746,12 @@ def _metrics(r: TransferResult, o: TransferOptions) -> list[Metric]:
                              description="mean |dy/dx_j| x std(x_j) on the target data"))
     for lr in r.layers:
         s = lr.source
-        ms += [Metric("overspecialised_fraction", lr.tensor, s.overspecialised_fraction, ">", warn=0.5,
+        # the proposed (warn) thresholds judge the data the model will meet: the target data when given
+        w = None if lr.target is not None else 0.5
+        ms += [Metric("overspecialised_fraction", lr.tensor, s.overspecialised_fraction, ">", warn=w,
                       description=f"share of the layer's features with normalised sensitivity > "
                                   f"{o.overspecialised_above:g} (source data)"),
-               Metric("dead_fraction", lr.tensor, s.dead_fraction, ">", warn=0.5,
+               Metric("dead_fraction", lr.tensor, s.dead_fraction, ">", warn=w,
                       description="share of the layer's features with no variance or no input gradient (source)"),
                Metric("reusable_fraction", lr.tensor, s.reusable_fraction, "<",
                       description="share of the layer's features judged reusable (source data)"),
