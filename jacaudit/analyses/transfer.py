@@ -72,8 +72,9 @@ __all__ = ["TransferOptions", "transfer", "input_sensitivity", "layer_statistics
 @dataclass(frozen=True)
 class TransferOptions:
     layers: tuple[str, ...] = ()
-    #: axis of the features in each layer tensor (batch axis = 0); negative counts from the end
-    feature_axis: int = 1
+    #: axis of the features in each layer tensor (batch axis = 0); negative counts from the end; None: the last
+    #: axis for an image model laid out NHWC, else 1 (NCHW, (N, C))
+    feature_axis: int | None = None
     probes: int = 16
     batch_size: int = 32
     seed: int = 0
@@ -613,6 +614,7 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
     channel_axis = None
     if image and preprocess is not None:
         channel_axis = 1 if preprocess.layout == "NCHW" else -1
+    feature_axis = o.feature_axis if o.feature_axis is not None else (-1 if channel_axis == -1 else 1)
     names = list(o.feature_names) if o.feature_names else None
     if names is None and image and preprocess is not None:
         names = list(preprocess.channels) if preprocess.channels != "L" else ["L"]
@@ -671,7 +673,7 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
         if o.layers:
             t2 = time.perf_counter()
             stats[which] = layer_statistics(model, x, extra, o.layers, preds, input_name=spec.name,
-                                            output=o.output, use_logits=o.use_logits, feature_axis=o.feature_axis,
+                                            output=o.output, use_logits=o.use_logits, feature_axis=feature_axis,
                                             probes=o.probes, seed=o.seed,  # common random numbers
                                             batch=rows_per_pass, progress=tick)
             timings[f"layers_{which}"] = round(time.perf_counter() - t2, 4)

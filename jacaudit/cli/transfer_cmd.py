@@ -55,9 +55,9 @@ def register(app: typer.Typer) -> None:
             "(ONNX tensor names; `jacaudit inspect MODEL --tensors` lists them); repeatable. 'all': the main path's "
             "stage outputs, found automatically (the scores per depth).",
             rich_help_panel=LAY)] = None,
-        feature_axis: Annotated[int, typer.Option("--feature-axis", help="Axis of the features in the layer "
-                                                  "tensors (batch = 0; -1 for (N, T, D) sequence tensors).",
-                                                  rich_help_panel=LAY)] = 1,
+        feature_axis: Annotated[Optional[int], typer.Option(
+            "--feature-axis", help="Axis of the features in the layer tensors (batch = 0; -1 for (N, T, D) sequence "
+            "tensors; default: the last axis for an NHWC image model, else 1).", rich_help_panel=LAY)] = None,
         probes: Annotated[int, typer.Option("--probes", min=2, help="Hutchinson input probes per sample for "
                                             "||dh_k/dx||_F (exact when the input has no more elements).",
                                             rich_help_panel=LAY)] = 16,
