@@ -294,8 +294,10 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
                 C = shapes[i][axes[i] - 1]
                 sums[i], sumsq[i], q_sum[i], q_var[i], infl[i] = (torch.zeros(C, dtype=torch.float64)
                                                                    for _ in range(5))
+        if s == 0:  # sums are taken about the first batch's means (no cancellation when mean >> std)
+            shift = [_features(h.detach(), axes[i]).double().cpu().mean(dim=(0, 2)) for i, h in enumerate(hs)]
         for i, h in enumerate(hs):
-            hf = _features(h.detach(), axes[i]).double().cpu()
+            hf = _features(h.detach(), axes[i]).double().cpu() - shift[i][None, :, None]
             sums[i] += hf.sum(dim=(0, 2))
             sumsq[i] += hf.pow(2).sum(dim=(0, 2))
 
@@ -337,9 +339,10 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
         C = shapes[i][axes[i] - 1]
         m = int(np.prod(shapes[i])) // C
         cnt = n * m
-        mean = sums[i] / cnt
-        var = (sumsq[i] - cnt * mean.pow(2)) / max(1, cnt - 1)
+        d = sums[i] / cnt
+        var = (sumsq[i] - cnt * d.pow(2)) / max(1, cnt - 1)
         std = var.clamp_min(0).sqrt()
+        mean = shift[i] + d
         out.append(LayerStats(t, shapes[i], axes[i], mean, std, q_sum[i] / (n * m), q_var[i].sqrt() / (n * m),
                               infl[i] / n, m, "exact" if exact else "hutchinson", P))
     return out
