@@ -195,14 +195,18 @@ def test_layer_hutchinson_error_against_brute_force(tmp_path):
     x = np.random.default_rng(2).uniform(-1, 1, (16, 3, 6, 6)).astype(np.float32)
     sigma, _, truth = _conv_truth(x, h1, head)
     errs, zs = [], []
-    for seed in range(3):
+    for seed in range(6):
         out = transfer(load(str(path)), _data(x), TransferOptions(layers=("h1", "p"), probes=16, seed=seed))
-        for lr in out.result.layers:
-            assert lr.method == "hutchinson" and lr.probes == 16
-            for f, g in zip(lr.source.features, truth[lr.tensor]["grad_rms"]):
-                assert f.gradient_rms_stderr > 0
-                errs.append(abs(f.gradient_rms - g) / g)
-                zs.append((f.gradient_rms - g) / f.gradient_rms_stderr)
+        h, p = out.result.layers
+        assert h.method == "hutchinson" and h.probes == 16
+        for f, g in zip(h.source.features, truth["h1"]["grad_rms"]):
+            assert f.gradient_rms_stderr > 0
+            errs.append(abs(f.gradient_rms - g) / g)
+            zs.append((f.gradient_rms - g) / f.gradient_rms_stderr)
+        # the (N, 2) units: one vjp per unit, exact
+        assert p.method == "exact per unit" and p.probes == 2
+        assert _rel([f.gradient_rms for f in p.source.features], truth["p"]["grad_rms"]) < 1e-5
+        assert all(f.gradient_rms_stderr == 0 for f in p.source.features)
     # 16 probes x 16 samples: a few percent, and the standard errors are honest
     assert max(errs) < 0.1, max(errs)
     assert max(abs(z) for z in zs) < 4.5

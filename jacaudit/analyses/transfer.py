@@ -19,7 +19,9 @@ Intermediate features (``layers``: tensor names; the model must expose internal 
       ``||J_k||_F^2 = E_v ||J_k v||^2`` for Rademacher probes ``v`` of the input (Hutchinson), and one jvp ``J v``
       gives every feature of every named layer at once; unbiased for the squared norm, with its standard error
       over the probes. When the input has no more elements than the probe count, the input basis is used instead
-      (``method="exact"``).
+      (``method="exact"``); a layer of single-element features (an (N, C) tensor, at most 256 units) is exact by
+      one vjp per unit (``"exact per unit"``): there a Hutchinson estimate of a rank-one Jacobian is at its
+      noisiest.
     * ``sensitivity_k = gradient_rms_k * sigma_x / std(h_k)``, ``sigma_x^2 = tr Cov(x) / n`` the data's mean
       per-element variance: the RMS first-order change of ``h_k`` under isotropic input noise of the data's own
       spread, in units of ``h_k``'s spread over the data. Dimensionless and invariant to rescaling ``h_k`` or
@@ -252,9 +254,11 @@ def _jvp(f: Callable, x: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
 
 def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor], layers: Sequence[str],
                      preds: torch.Tensor, *, input_name: str, output: str | None, use_logits: bool,
-                     feature_axis: int, probes: int, seed: int, batch: int,
+                     feature_axis: int, probes: int, seed: int, batch: int, max_exact_units: int = 256,
                      progress: Callable[[int], None] | None = None) -> list[LayerStats]:
-    """Per-feature mean, std, input-gradient energy (Hutchinson or exact) and influence for each layer."""
+    """Per-feature mean, std, input-gradient energy and influence for each layer. The energy is exact on the input
+    basis when the input has no more elements than ``probes``; exact by one vjp per unit for a layer of single-
+    element features (an (N, C) tensor) with at most ``max_exact_units`` units; else Hutchinson."""
     from ..engine.gradients import grouped_gradients, make_scorer
 
     n = x.shape[0]
@@ -294,6 +298,8 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
                 C = shapes[i][axes[i] - 1]
                 sums[i], sumsq[i], q_sum[i], q_var[i], infl[i] = (torch.zeros(C, dtype=torch.float64)
                                                                    for _ in range(5))
+            per_unit = [not exact and int(np.prod(shapes[i])) == shapes[i][axes[i] - 1] <= max_exact_units
+                        for i in range(L)]
         if s == 0:  # sums are taken about the first batch's means (no cancellation when mean >> std)
             shift = [_features(h.detach(), axes[i]).double().cpu().mean(dim=(0, 2)) for i, h in enumerate(hs)]
         for i, h in enumerate(hs):
@@ -304,8 +310,19 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
         def f(xi: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(model.run({input_name: xi, **ex}, outputs=list(layers)))
 
+        unit_layers = [i for i in range(L) if per_unit[i]]
+        if unit_layers:  # (N, C) layers: one vjp per unit gives every sample's exact gradient (samples independent)
+            xr = xb.clone().requires_grad_(True)
+            with torch.enable_grad():
+                outs = model.run({input_name: xr, **ex}, outputs=[layers[i] for i in unit_layers])
+                for i, hu in zip(unit_layers, outs):
+                    hu = _features(hu, axes[i])[:, :, 0]
+                    for k in range(hu.shape[1]):
+                        (g,) = torch.autograd.grad(hu[:, k].sum(), xr, retain_graph=True, allow_unused=True)
+                        if g is not None:
+                            q_sum[i][k] += float(g.detach().double().pow(2).sum())
         qs: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer: P tensors (B, C)
-        for p in range(P):
+        for p in range(P if not all(per_unit) else 0):
             if exact:
                 v = torch.zeros(n_in, dtype=xb.dtype)
                 v[p] = 1
@@ -316,6 +333,8 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
             for i, t in enumerate(ts):
                 qs[i].append(_features(t.detach(), axes[i]).double().cpu().pow(2).sum(dim=2))
         for i in range(L):
+            if per_unit[i]:
+                continue
             Q = torch.stack(qs[i], dim=1)  # (B, P, C)
             if exact:
                 q_sum[i] += Q.sum(dim=1).sum(dim=0)
@@ -343,8 +362,9 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
         var = (sumsq[i] - cnt * d.pow(2)) / max(1, cnt - 1)
         std = var.clamp_min(0).sqrt()
         mean = shift[i] + d
+        method, passes = ("exact", P) if exact else (("exact per unit", C) if per_unit[i] else ("hutchinson", P))
         out.append(LayerStats(t, shapes[i], axes[i], mean, std, q_sum[i] / (n * m), q_var[i].sqrt() / (n * m),
-                              infl[i] / n, m, "exact" if exact else "hutchinson", P))
+                              infl[i] / n, m, method, passes))
     return out
 
 
@@ -724,8 +744,10 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
         probes=max([lr.probes for lr in layers], default=0),
         description=("||dh_k/dx||_F^2 = E_v ||(J v)_k||^2 over Rademacher input probes v: one forward-mode jvp per "
                      "probe and batch gives every feature of every layer; unbiased for the squared norm, the "
-                     "standard error is over the probes (the data is fixed). Exact (the input basis, one jvp per "
-                     "input element) when the input has no more elements than the probe count."))
+                     "standard error is over the probes (the data is fixed; it is itself estimated from the probes, "
+                     "so treat it as approximate). Exact (the input basis, one jvp per input element) when the input "
+                     "has no more elements than the probe count; exact per unit (one vjp per unit) for a layer of "
+                     "single-element features with at most 256 units."))
     classes = list(o.classes) if o.classes else None
     result = TransferResult(
         input_name=spec.name, score_tensor=scorer.score_tensor, score="logit" if scorer.score == "logit" else "output",

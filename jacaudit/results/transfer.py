@@ -111,10 +111,10 @@ class LayerResult:
     feature_axis: int = field(metadata={"doc": "axis of the features (counting the batch axis as 0)"})
     n_features: int
     elements_per_feature: int
-    method: Literal["exact", "hutchinson"] = field(metadata={
-        "doc": "exact: one jvp per input basis vector (the input is small); hutchinson: Rademacher input probes, "
-               "one jvp each gives every feature at once"})
-    probes: int
+    method: Literal["exact", "exact per unit", "hutchinson"] = field(metadata={
+        "doc": "exact: one jvp per input basis vector (the input is small); exact per unit: one vjp per unit of an "
+               "(N, C) layer; hutchinson: Rademacher input probes, one jvp each gives every feature at once"})
+    probes: int = field(metadata={"doc": "passes per batch: jvps (exact, hutchinson) or vjps (exact per unit)"})
     source: LayerScores
     target: LayerScores | None
     shift: LayerShift | None
