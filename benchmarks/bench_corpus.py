@@ -3,6 +3,7 @@ forward of the same file, over architectures people ship, side by side in one pr
 
     python benchmarks/bench_corpus.py [--only NAME[,NAME]] [--quick] [--json FILE] [--batches 1,32]
                                       [--no-real] [--cache DIR] [--rounds N] [--rounds32 N]
+                                      [--baseline DIR]
 
 Corpus: the families in benchmarks/corpus/models.py (torch modules with random weights), each exported with
 both torch exporters (``ts``: ``torch.onnx.export(dynamo=False)``; ``dynamo``: ``dynamo=True``), cached under
@@ -16,6 +17,11 @@ when the first output is (batch, classes); else the sum of the first output weig
 cotangent (a plain sum of a softmax's outputs has a zero gradient but the same cost)). torch uses 1 thread.
 Ratios are to onnxruntime's forward at the same batch size. ``err`` is max over float outputs of
 max|jacaudit - ort| / max|ort|. A model that fails is a row with the error.
+
+``--baseline DIR``: also time another copy of the interpreter (DIR is the ``jacaudit/models/onnx`` folder of
+another commit, e.g. of a ``git worktree``), loaded under another module name in the same process and timed in
+the same interleaved rounds (``base_fwd_ms``, ``base_grad_ms``); the rest of jacaudit is shared, so only
+changes under ``models/onnx`` are compared.
 """
 from __future__ import annotations
 
@@ -86,7 +92,22 @@ def corpus_feeds(example, names, b):
     return out
 
 
-def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, ort_threads=1):
+def load_baseline(onnx_dir: str):
+    """The ``load_onnx`` of another copy of ``jacaudit/models/onnx`` (a namespace package under another name)."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+
+    import jacaudit.models  # noqa: F401 -- the parent package the copy's relative imports reach
+    name = "jacaudit.models._onnx_baseline"
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [os.path.abspath(onnx_dir)]
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    return importlib.import_module(name + ".model").load_onnx
+
+
+def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, ort_threads=1, base_load=None):
     import onnx
     import onnxruntime as ort
 
@@ -100,6 +121,7 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
     t0 = time.perf_counter()
     model = jacaudit.load(path)
     row["load_s"] = time.perf_counter() - t0
+    base_model = base_load(path) if base_load is not None else None
     float_in = [i.name for i in sess.get_inputs() if i.type == "tensor(float)"][0]
     for b in batches:
         res = {}
@@ -124,11 +146,11 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
             def f_ort():
                 return sess.run(None, feeds_np)
 
-            def f_fwd():
+            def f_fwd(model=model):
                 with torch.no_grad():
                     return model.run(feeds_t)
 
-            def f_grad():
+            def f_grad(model=model):
                 xr = x0.clone().requires_grad_(True)
                 ys = model.run({**feeds_t, float_in: xr})
                 y = ys[0]
@@ -144,6 +166,8 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
                 return gx
 
             fns = [("ort_ms", f_ort), ("fwd_ms", f_fwd), ("grad_ms", f_grad)]
+            if base_model is not None:
+                fns += [("base_fwd_ms", lambda: f_fwd(base_model)), ("base_grad_ms", lambda: f_grad(base_model))]
             best = {k: float("inf") for k, _ in fns}
             errors = {}
             R = rounds if b == 1 else rounds32
@@ -184,7 +208,7 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
                         err = max(err, float(np.abs(a - t).max() / den) if a.size else 0.0)
                 res["err"] = err
             if "ort_ms" in res:
-                for k in ("fwd_ms", "grad_ms"):
+                for k in ("fwd_ms", "grad_ms", "base_fwd_ms", "base_grad_ms"):
                     if k in res:
                         res[k.replace("_ms", "_x")] = res[k] / res["ort_ms"]
         except Exception as e:  # noqa: BLE001
@@ -199,19 +223,26 @@ def gmean(v):
 
 def print_tables(rows, batches, targets=(1.5, 2.5, 3.5)):
     lines = []
+    with_base = any("base_fwd_x" in r.get("batches", {}).get(b, {}) for r in rows for b in batches)
     for b in batches:
         lines.append(f"\n### batch {b}\n")
-        lines.append("| model | family | exporter | nodes | ORT fwd ms | fwd / ORT | grad / ORT | max rel err |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-        groups = {"synthetic": ([], []), "all": ([], [])}
+        if with_base:
+            lines.append("| model | family | exporter | nodes | ORT fwd ms | fwd / ORT | grad / ORT | max rel err "
+                         "| baseline fwd / ORT | baseline grad / ORT |")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        else:
+            lines.append("| model | family | exporter | nodes | ORT fwd ms | fwd / ORT | grad / ORT | max rel err |")
+            lines.append("|---|---|---|---|---|---|---|---|")
+        groups = {"synthetic": ([], [], [], []), "all": ([], [], [], [])}
+        pad = ["", ""] if with_base else []
         for r in rows:
             res = r.get("batches", {}).get(b, {})
             if "load_error" in r:
-                cells = [f"load failed: {r['load_error'][:110]}", "", "", ""]
+                cells = [f"load failed: {r['load_error'][:110]}", "", "", ""] + pad
             elif "skip" in res:
-                cells = [f"skipped: {res['skip']}", "", "", ""]
+                cells = [f"skipped: {res['skip']}", "", "", ""] + pad
             elif "error" in res:
-                cells = [f"failed: {res['error']}", "", "", ""]
+                cells = [f"failed: {res['error']}", "", "", ""] + pad
             else:
                 def cell(k):
                     if k + "_x" in res:
@@ -220,21 +251,23 @@ def print_tables(rows, batches, targets=(1.5, 2.5, 3.5)):
                 ort_c = f"{res['ort_ms']:.1f}" if "ort_ms" in res else "error: " + res.get("ort_error", "?")
                 err_c = f"{res['err']:.1e}" if "err" in res else ""
                 cells = [ort_c, cell("fwd"), cell("grad"), err_c]
+                if with_base:
+                    cells += [cell("base_fwd"), cell("base_grad")]
                 for key in ("synthetic", "all"):
                     if key == "synthetic" and r["exporter"] == "real":
                         continue
-                    if "fwd_x" in res:
-                        groups[key][0].append(res["fwd_x"])
-                    if "grad_x" in res:
-                        groups[key][1].append(res["grad_x"])
+                    for j, k in enumerate(("fwd_x", "grad_x", "base_fwd_x", "base_grad_x")):
+                        if k in res:
+                            groups[key][j].append(res[k])
             lines.append(f"| {r['name']} | {r['family']} | {r['exporter']} | {r.get('nodes', '')} | "
                          + " | ".join(cells) + " |")
-        for key, (fx, gx) in groups.items():
+        for key, (fx, gx, bfx, bgx) in groups.items():
             if not fx and not gx:
                 continue
             over = sum(1 for g in gx if g > targets[2])
+            tail = f" **{gmean(bfx):.2f}x** | **{gmean(bgx):.2f}x** |" if with_base else ""
             lines.append(f"| **geometric mean ({key}, {len(gx)} rows)** | | | | | **{gmean(fx):.2f}x** | "
-                         f"**{gmean(gx):.2f}x** | {over} rows grad > {targets[2]}x |")
+                         f"**{gmean(gx):.2f}x** | {over} rows grad > {targets[2]}x |" + tail)
     text = "\n".join(lines)
     print(text, flush=True)
     return text
@@ -252,6 +285,7 @@ def main(argv=None):
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/jacaudit-bench-corpus"))
     ap.add_argument("--json", default="")
+    ap.add_argument("--baseline", default="", help="another commit's jacaudit/models/onnx folder, timed alongside")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.rounds32 = 2, 1
@@ -274,6 +308,12 @@ def main(argv=None):
             "torch": torch.__version__, "onnxruntime": ort.__version__, "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "rounds": args.rounds,
             "rounds32": args.rounds32, "load_avg_start": os.getloadavg()}
+    base_load = None
+    if args.baseline:
+        base_load = load_baseline(args.baseline)
+        meta["baseline"] = {"dir": os.path.abspath(args.baseline),
+                            **git_info(os.path.dirname(os.path.dirname(os.path.dirname(
+                                os.path.abspath(args.baseline)))))}
     print(json.dumps(meta), flush=True)
     rows = []
     plan = []
@@ -301,7 +341,8 @@ def main(argv=None):
                     row["note"] = note
                 feeds_fn = (lambda ex, nm: (lambda b: corpus_feeds(ex, nm, b)))(example, names)
             row["path"] = path
-            row.update(bench_one(path, feeds_fn, dyn, batches, args.rounds, args.rounds32, args.b32_budget))
+            row.update(bench_one(path, feeds_fn, dyn, batches, args.rounds, args.rounds32, args.b32_budget,
+                                 base_load=base_load))
         except Exception as e:  # noqa: BLE001
             row["load_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             row["traceback"] = traceback.format_exc()[-2000:]
