@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ....errors import UnsupportedError
 from ..registry import op
 from ._util import clamp_closed, ints
+from . import rnn_fast
 
 # ---------------------------------------------------------------------------------------------
 # activations: name -> (fn(x, alpha, beta), default alpha, default beta, uses alpha, uses beta)
@@ -129,8 +130,8 @@ def _run_dir(seq: _Seq, x, reverse: bool, step, h0, c0=None):
     xs = seq.reverse(x) if reverse else x
     h, c = h0, c0
     outs = []
-    for t in range(seq.T):
-        hn, cn = step(xs[t], h, c)
+    for t, xt in enumerate(xs.unbind(0)):  # unbind: one backward (a stack), not a zero-filled sequence a step
+        hn, cn = step(xt, h, c)
         m = seq.mask(t, hn.dtype)
         if m is not None:
             hn = torch.where(m, hn, h)
@@ -144,6 +145,10 @@ def _run_dir(seq: _Seq, x, reverse: bool, step, h0, c0=None):
     if reverse:
         y = seq.reverse(y)
     return y, h, c
+
+
+# The fast GRU/LSTM path (rnn_fast) on or off (tests compare the two).
+_FAST_RNN = [True]
 
 
 def _clip(ctx):
@@ -199,6 +204,12 @@ def gru(ctx, x, w, r, b=None, seq_lens=None, initial_h=None):
     lbr = bool(ctx.attr("linear_before_reset", 0))
     clip = _clip(ctx)
     seq = _Seq(x, seq_lens)
+    if lbr and seq.lens is None and _FAST_RNN[0] and rnn_fast._eligible(ctx, ["Sigmoid", "Tanh"], len(dirs),
+                                                                         x, (w, r, b), (initial_h,)):
+        y, yh = rnn_fast.gru_fast(x, w, r, b, initial_h, hs, len(dirs), dirs == [True])
+        if layout:
+            y, yh = y.permute(2, 0, 1, 3), yh.transpose(0, 1)
+        return _outputs(ctx, y, yh)
     dt = x.dtype
     ys, hl = [], []
     for d, rev in enumerate(dirs):
@@ -252,6 +263,13 @@ def lstm(ctx, x, w, r, b=None, seq_lens=None, initial_h=None, initial_c=None, p=
     input_forget = bool(ctx.attr("input_forget", 0))
     clip = _clip(ctx)
     seq = _Seq(x, seq_lens)
+    if not input_forget and p is None and seq.lens is None and _FAST_RNN[0] and \
+            rnn_fast._eligible(ctx, ["Sigmoid", "Tanh", "Tanh"], len(dirs), x, (w, r, b),
+                                                                          (initial_h, initial_c)):
+        y, yh, yc = rnn_fast.lstm_fast(x, w, r, b, initial_h, initial_c, hs, len(dirs), dirs == [True])
+        if layout:
+            y, yh, yc = y.permute(2, 0, 1, 3), yh.transpose(0, 1), yc.transpose(0, 1)
+        return _outputs(ctx, y, yh, yc)
     dt = x.dtype
     ys, hl, cl = [], [], []
     for d, rev in enumerate(dirs):
