@@ -39,7 +39,8 @@ def tensor_from_proto(t, device: torch.device | None = None) -> torch.Tensor:
 class NodeContext:
     """What an op function may know about its node besides its inputs."""
 
-    __slots__ = ("node", "attrs", "opset", "n_outputs", "graph", "values", "op_type", "name", "output_names")
+    __slots__ = ("node", "attrs", "opset", "n_outputs", "graph", "values", "op_type", "name", "output_names",
+                 "memo")
 
     def __init__(self, node, attrs: dict[str, Any], opset: int, graph: "CompiledGraph"):
         self.node = node
@@ -51,6 +52,7 @@ class NodeContext:
         self.output_names = list(node.output)
         self.graph = graph
         self.values: dict[str, Any] | None = None  # the current value scope (for subgraphs)
+        self.memo: dict[Any, Any] = {}  # what an op derives from its attributes and input shapes (e.g. pads)
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
@@ -199,7 +201,10 @@ class CompiledGraph:
             self.nodes.append(_Node(fn, ctx, [n if n else None for n in node.input], list(node.output),
                                     sorted(implicit)))
             defined.update(node.output)
-        self._plans: dict[Any, list[_Node]] = {}
+        self._plans: dict[Any, Any] = {}
+        # Cache the nodes fixed by the input signature (shape arithmetic) per signature: set on the graphs
+        # OnnxModel optimizes (never on the graph as written, whose weights randomised() replaces in place).
+        self.static_cache = False
 
     # ------------------------------------------------------------------------------------------
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
@@ -311,30 +316,102 @@ class CompiledGraph:
             if fd is not None and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != fd:
                 v = v.to(fd)
             values[k] = v
-        overrides = overrides or {}
-        values.update(overrides)
         outs = tuple(outputs) if outputs is not None else tuple(self.output_names)
-        for n in self._plan(outs, frozenset(overrides)):
-            if n.outputs and all(o in overrides for o in n.outputs if o):
-                continue
+        if overrides:
+            values.update(overrides)
+            plan = self._plan(outs, frozenset(overrides))
+            self._exec([n for n in plan if not (n.outputs and all(o in overrides for o in n.outputs if o))],
+                       values, overrides)
+        elif self.static_cache and outer is None:
+            self._run_specialised(outs, feeds, values)
+        else:
+            self._exec(self._plan(outs, frozenset()), values, None)
+        try:
+            return [values[o] for o in outs]
+        except KeyError as e:
+            raise JacauditError(f"tensor {e.args[0]!r} is not produced by this graph") from None
+
+    # -- the plan specialised to the input signature ------------------------------------------------------
+    def _run_specialised(self, outs: tuple[str, ...], feeds: dict[str, Any], values: dict[str, Any]) -> None:
+        """Run ``outs``' plan with the nodes whose outputs follow from the input signature alone (shape
+        arithmetic: Shape/Size of tensors whose shapes the signature fixes, and what is computed from those and
+        the initializers) taken from a cache filled by the first run with that signature."""
+        try:
+            sig = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in feeds.items())
+        except AttributeError:  # a non-tensor feed
+            self._exec(self._plan(outs, frozenset()), values, None)
+            return
+        plans = self._plans
+        entry = plans.get(("static", outs, sig))
+        if entry is not None:
+            cached, dynamic = entry
+            values.update(cached)
+            self._exec(dynamic, values, None)
+            return
+        plan = self._plan(outs, frozenset())
+        split = plans.get(("split", outs, frozenset(feeds)))
+        if split is None:
+            split = plans[("split", outs, frozenset(feeds))] = _static_split(plan, feeds, self.initializers)
+        self._exec(plan, values, None)
+        static_ids, _ = split
+        if not static_ids or torch._C._functorch.peek_interpreter_stack() is not None:
+            return
+        # a requested output is computed afresh every call (the caller gets its own tensor, never the cache's)
+        wanted = set(outs)
+        dynamic = [n for n in plan if id(n) not in static_ids or any(o in wanted for o in n.outputs)]
+        need = set(outs)
+        for n in dynamic:
+            need.update(i for i in n.inputs if i)
+            need.update(n.implicit)
+        cached = {}
+        dyn_ids = {id(n) for n in dynamic}
+        for n in plan:
+            if id(n) in static_ids and id(n) not in dyn_ids:
+                for o in n.outputs:
+                    if o and o in need:
+                        v = values.get(o)
+                        if not isinstance(v, torch.Tensor) or v.requires_grad or v.is_inference() or \
+                                torch._C._functorch.is_functorch_wrapped_tensor(v):
+                            return  # not a plain constant (or an inference-mode tensor): not cached
+                        cached[o] = v
+        n_static = sum(1 for k in plans if k[0] == "static")
+        if n_static >= 16:  # many signatures: start again
+            for k in [k for k in plans if k[0] == "static"]:
+                del plans[k]
+        plans[("static", outs, sig)] = (cached, dynamic)
+
+    def _exec(self, plan: list[_Node], values: dict[str, Any], overrides: dict[str, Any] | None) -> None:
+        fd = self.float_dtype
+        for n in plan:
             try:
                 args = [values[i] if i is not None else None for i in n.inputs]
             except KeyError as e:
                 raise JacauditError(f"node {n.ctx.name!r} ({n.ctx.op_type}) reads {e.args[0]!r}, which no "
                                     f"input, initializer or earlier node provides") from None
-            n.ctx.values = values
+            ctx = n.ctx
+            ctx.values = values
             try:
-                res = n.fn(n.ctx, *args)
+                res = n.fn(ctx, *args)
             except (UnsupportedError, NotImplementedError) as e:  # an op variant we deliberately do not support
                 if isinstance(e, UnsupportedError) and str(e).startswith("node "):
                     raise  # already names its node (a nested subgraph or function)
-                raise UnsupportedError(f"node {n.ctx.name!r} ({n.ctx.op_type}, opset {n.ctx.opset}): {e}") from e
+                raise UnsupportedError(f"node {ctx.name!r} ({ctx.op_type}, opset {ctx.opset}): {e}") from e
             except JacauditError:
                 raise
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # annotate with the node; keep the original as the cause
-                raise OpError(n.ctx, e) from e
+                raise OpError(ctx, e) from e
+            if fd is None and overrides is None:
+                if isinstance(res, torch.Tensor):
+                    values[n.outputs[0]] = res
+                    continue
+                if not isinstance(res, (tuple, list)):
+                    res = (res,)
+                for name, val in zip(n.outputs, res):
+                    if name:
+                        values[name] = val
+                continue
             if not isinstance(res, (tuple, list)):
                 res = (res,)
             for name, val in zip(n.outputs, res):
@@ -342,11 +419,66 @@ class CompiledGraph:
                     if fd is not None and isinstance(val, torch.Tensor) and val.is_floating_point() \
                             and val.dtype != fd:
                         val = val.to(fd)
-                    values[name] = overrides.get(name, val)
-        try:
-            return [values[o] for o in outs]
-        except KeyError as e:
-            raise JacauditError(f"tensor {e.args[0]!r} is not produced by this graph") from None
+                    values[name] = overrides.get(name, val) if overrides else val
+
+
+# Ops whose output shapes follow from their input shapes and attributes alone (not from input values).
+_SHAPE_FROM_SHAPES = frozenset("""
+Abs Acos Acosh Add And Asin Asinh Atan Atanh BatchNormalization BitShift BitwiseAnd BitwiseNot BitwiseOr
+BitwiseXor Cast CastLike Ceil Celu Clip Concat Conv ConvTranspose Cos Cosh CumSum DepthToSpace Div Einsum Elu
+Equal Erf Exp Flatten Floor GRU Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool
+GlobalMaxPool Greater GreaterOrEqual HardSigmoid HardSwish Hardmax Identity InstanceNormalization IsInf IsNaN
+LRN LSTM LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax LpNormalization MatMul Max MaxPool Mean
+Min Mish Mod Mul Neg Not Or PRelu Pow RNN Reciprocal Relu Round Selu Shrink Sigmoid Sign Sin Sinh Softmax
+Softplus Softsign SpaceToDepth Sqrt Sub Sum Tan Tanh ThresholdedRelu Transpose Trilu Where Xor AveragePool
+LpPool ArgMax ArgMin ScatterElements ScatterND Scatter GroupNormalization RMSNormalization
+FusedHardSwish FusedHardSigmoid FusedSiLU FusedMish FusedGelu FusedLayerNorm
+""".split())
+# Ops whose output shapes also follow from the values of inputs 1, 2, ... (shape, axes, pads, k, ...): static
+# when those are.
+_SHAPE_FROM_PARAMS = frozenset("""
+Reshape Expand Tile Slice Pad Squeeze Unsqueeze Split Resize Upsample TopK OneHot ReduceMean ReduceSum
+ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare
+""".split())
+# Never computed once for all calls: randomness, control flow with bodies, training-mode ops.
+_NEVER_STATIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                           "Multinomial", "Bernoulli", "Dropout", "If", "Loop", "Scan"})
+
+
+def _static_split(plan: list[_Node], feeds, initializers) -> tuple[set[int], set[str]]:
+    """The nodes of ``plan`` whose outputs are fixed by the input signature (the feeds' shapes, dtypes and
+    devices) and the initializers, not by the feeds' values: Shape/Size of a tensor whose shape is fixed, and
+    nodes all of whose inputs are such values. A tensor's shape is fixed when it is a feed, or comes from an
+    op whose output shapes follow from its inputs' shapes (and, for Reshape/Slice/..., the values of its
+    parameter inputs, themselves fixed). Ops outside the default domain, with subgraphs or random are never
+    in. Returns (ids of those nodes, the names of the fixed values)."""
+    fixed_val = set(initializers)
+    fixed_shape = set(fixed_val) | set(feeds)
+    ids: set[int] = set()
+    for n in plan:
+        ctx = n.ctx
+        op = ctx.op_type
+        if n.implicit or op in _NEVER_STATIC or n.fn is None or \
+                (ctx.node.domain not in ("", "ai.onnx") and not op.startswith("Fused")):
+            continue
+        ins = [i for i in n.inputs if i]
+        outs = [o for o in n.outputs if o]
+        if op in ("Shape", "Size"):
+            if ins and ins[0] in fixed_shape:
+                fixed_val.update(outs)
+                fixed_shape.update(outs)
+                ids.add(id(n))
+            continue
+        if all(i in fixed_val for i in ins):
+            fixed_val.update(outs)
+            fixed_shape.update(outs)
+            ids.add(id(n))
+            continue
+        if all(i in fixed_shape for i in ins) and (
+                op in _SHAPE_FROM_SHAPES
+                or (op in _SHAPE_FROM_PARAMS and all(i in fixed_val for i in n.inputs[1:] if i))):
+            fixed_shape.update(outs)
+    return ids, fixed_val - set(initializers)
 
 
 class OpError(RuntimeFailure):

@@ -185,7 +185,9 @@ class OnnxModel(Model):
     def _optimized(self, graph, keep):
         from .optimize import optimize as _optimize
         steps = ("fold_constants", "fold_batchnorm") + (("channels_last",) if self.device.type == "cuda" else ())
-        return _optimize(graph, keep=keep, steps=steps)
+        done = _optimize(graph, keep=keep, steps=steps)
+        graph.static_cache = True  # shape arithmetic computed once per input signature (interpreter.run)
+        return done
 
     @property
     def opset(self) -> int:

@@ -174,22 +174,31 @@ def _bcast_c(t: torch.Tensor, rank: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 @op("Conv", since=1)
 def conv(ctx, x, w, b=None):
-    nd = x.dim() - 2
-    _nd_check(nd, "Conv")
-    kernel = list(w.shape[2:])
-    strides = _spatial(ctx, nd, "strides", 1)
-    dil = _spatial(ctx, nd, "dilations", 1)
-    group = int(ctx.attr("group", 1))
-    k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
-    pb, pe = _resolve_pads(ctx, list(x.shape[2:]), k_eff, strides)
-    if pb == pe:
-        padding: list[int] | int = pb
-    else:
-        x = F.pad(x, _torch_pad(pb, pe))
-        padding = 0
+    key = (x.shape, w.shape)
+    geo = ctx.memo.get(key)  # (nd, strides, padding, explicit pads or None, dilations, group): per shape
+    if geo is None:
+        nd = x.dim() - 2
+        _nd_check(nd, "Conv")
+        kernel = list(w.shape[2:])
+        strides = _spatial(ctx, nd, "strides", 1)
+        dil = _spatial(ctx, nd, "dilations", 1)
+        group = int(ctx.attr("group", 1))
+        k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+        pb, pe = _resolve_pads(ctx, list(x.shape[2:]), k_eff, strides)
+        if pb == pe:
+            geo = (nd, strides, pb, None, dil, group)
+        else:
+            geo = (nd, strides, 0, _torch_pad(pb, pe), dil, group)
+        if len(ctx.memo) >= 16:
+            ctx.memo.clear()
+        ctx.memo[key] = geo
+    nd, strides, padding, explicit, dil, group = geo
+    if explicit is not None:
+        x = F.pad(x, explicit)
     if b is not None and b.dtype != x.dtype:
         b = b.to(x.dtype)
-    w = w.to(x.dtype)
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
     if ("depthwise_nhwc" in FAST_CONV and nd == 2 and 1 < group == x.shape[1] == w.shape[0]
             and x.device.type == "cpu" and x.is_floating_point() and not _wrapped(x, w, b)):
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first depthwise layer
