@@ -9,7 +9,9 @@ place (after constant folding, so the constants of a pattern are initializers) a
   convention (the derivative from inside [-3, 3] at -3 and 3: -0.5 and 1.5; torch's own hardswish gives 0 and 1
   there, so its backward is not used);
 * ``hardsigmoid``: the HardSigmoid op -> ``clamp(alpha x + beta, 0, 1)`` with a ``hardtanh_backward`` derivative
-  (alpha on the closed interval ``0 <= alpha x + beta <= 1``, 0 outside: Clip's convention);
+  (alpha on the closed interval ``0 <= alpha x + beta <= 1``, 0 outside: Clip's convention); and
+  ``Clip(x + 3, 0, 6) / 6`` (or ``* (1/6)``; relu6(x + 3) / 6, as SE gates are written) -> ``F.hardsigmoid`` (the
+  same formula) with derivative 1/6 on the closed interval [-3, 3], 0 outside (Clip's convention);
 * ``silu``: ``x * Sigmoid(x)`` and the Swish op with alpha 1 -> ``F.silu``;
 * ``mish``: ``x * Tanh(Softplus(x))`` -> ``F.mish``;
 * ``gelu``: ``0.5 * x * (1 + Erf(x / sqrt(2)))`` (``Div`` by sqrt 2 or ``Mul`` by 1/sqrt 2; the three Muls in any
@@ -173,6 +175,61 @@ def hardsigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return (_HardSigmoid if _transformed() else _HardSigmoidEager).apply(x, alpha, beta)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# HardSigmoid written as Clip(x + 3, 0, 6) / 6 (relu6(x + 3) / 6: SE gates, PaddleOCR-class exports)
+# ------------------------------------------------------------------------------------------------------------
+def _hsig6_grad(g, x):
+    """g * d/dx relu6(x + 3) / 6: 1/6 on the closed interval [-3, 3] (Clip's convention), 0 outside."""
+    lo, hi = _HSW_BOUNDS[x.dtype]
+    return torch.ops.aten.hardtanh_backward(g, x, lo, hi) * (1.0 / 6.0)
+
+
+class _HardSigmoid6(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return F.hardsigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _hsig6_grad(g, x)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return _hsig6_grad(t, x)
+
+
+class _HardSigmoid6Eager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return F.hardsigmoid(x)
+
+    backward = _HardSigmoid6.backward
+    jvp = _HardSigmoid6.jvp
+
+
+def hardsigmoid_relu6(x: torch.Tensor) -> torch.Tensor:
+    """relu6(x + 3) / 6 (torch's hardsigmoid kernel computes exactly that) with the Clip kink convention."""
+    if x.dtype not in _FAST:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return hardsigmoid_relu6(x.float()).to(x.dtype)
+        from .ops._util import clamp_closed
+        return clamp_closed(x + 3.0, 0.0, 6.0) / 6.0
+    if not torch.is_grad_enabled() and not _transformed() and _forward_ad._current_level < 0:
+        return F.hardsigmoid(x)
+    return (_HardSigmoid6 if _transformed() else _HardSigmoid6Eager).apply(x)
+
+
 def _float_in(fn):
     def impl(x, *a, **k):
         if x.dtype in _FAST:
@@ -327,6 +384,28 @@ def _fuse_unary_mul(g, m, counts):
                 _replace(g, m, mul, nodes, "HardSwish", _Fused("hardswish", hardswish), [x])
                 counts["hardswish"] += 1
                 changed = True
+                break
+
+
+def _fuse_relu6_hardsigmoid(g, m, counts):
+    """Clip(x + 3, 0, 6) / 6 or * (1/6) -> HardSigmoid(1/6, 1/2); after the HardSwish pass (x times that is a
+    HardSwish and is fused as one)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(g.nodes):
+            if node.ctx.op_type not in ("Mul", "Div") or node.fn is None or len(node.inputs) != 2 \
+                    or node.ctx.node.domain not in ("", "ai.onnx"):
+                continue
+            for c in node.inputs:
+                hit = _clip_06_of_x_plus_3(m, c)
+                if hit is not None and m.internal(c) and _div6(m, node, c):
+                    _replace(g, m, node, hit[1] + [node], "HardSigmoid",
+                             _Fused("hardsigmoid", hardsigmoid_relu6), [hit[0]])
+                    counts["hardsigmoid"] += 1
+                    changed = True
+                    break
+            if changed:
                 break
 
 
@@ -649,6 +728,7 @@ def fuse_patterns(g, keep: Iterable[str] = ()) -> dict[str, int]:
     _fuse_layernorm(g, m, counts)
     _fuse_gelu(g, m, counts)
     _fuse_unary_mul(g, m, counts)
+    _fuse_relu6_hardsigmoid(g, m, counts)
     _fuse_native(g, m, counts)  # after: a HardSigmoid inside x * HardSigmoid(x) is gone by now
     g._plans = {}
     return {k: v for k, v in counts.items() if v}
