@@ -19,9 +19,9 @@ Intermediate features (``layers``: tensor names; the model must expose internal 
       ``||J_k||_F^2 = E_v ||J_k v||^2`` for Rademacher probes ``v`` of the input (Hutchinson), and one jvp ``J v``
       gives every feature of every named layer at once; unbiased for the squared norm, with its standard error
       over the probes. When the input has no more elements than the probe count, the input basis is used instead
-      (``method="exact"``); a layer of single-element features (an (N, C) tensor, at most 256 units) is exact by
-      one vjp per unit (``"exact per unit"``): there a Hutchinson estimate of a rank-one Jacobian is at its
-      noisiest.
+      (``method="exact"``); a layer of single-element features (an (N, C) tensor, at most 4 x probes units) is
+      exact by one vjp per unit (``"exact per unit"``): there a Hutchinson estimate of a rank-one Jacobian is at its
+      noisiest (relative standard error of the squared norm ~ sqrt(2 / (samples x probes))).
     * ``sensitivity_k = gradient_rms_k * sigma_x / std(h_k)``, ``sigma_x^2 = tr Cov(x) / n`` the data's mean
       per-element variance: the RMS first-order change of ``h_k`` under isotropic input noise of the data's own
       spread, in units of ``h_k``'s spread over the data. Dimensionless and invariant to rescaling ``h_k`` or
@@ -254,11 +254,12 @@ def _jvp(f: Callable, x: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
 
 def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor], layers: Sequence[str],
                      preds: torch.Tensor, *, input_name: str, output: str | None, use_logits: bool,
-                     feature_axis: int, probes: int, seed: int, batch: int, max_exact_units: int = 256,
+                     feature_axis: int, probes: int, seed: int, batch: int, max_exact_units: int | None = None,
                      progress: Callable[[int], None] | None = None) -> list[LayerStats]:
     """Per-feature mean, std, input-gradient energy and influence for each layer. The energy is exact on the input
     basis when the input has no more elements than ``probes``; exact by one vjp per unit for a layer of single-
-    element features (an (N, C) tensor) with at most ``max_exact_units`` units; else Hutchinson."""
+    element features (an (N, C) tensor) with at most ``max_exact_units`` units (default 4 x probes: at most ~4x
+    the probes' cost); else Hutchinson."""
     from ..engine.gradients import grouped_gradients, make_scorer
 
     n = x.shape[0]
@@ -298,8 +299,8 @@ def layer_statistics(model: Any, x: torch.Tensor, extra: dict[str, torch.Tensor]
                 C = shapes[i][axes[i] - 1]
                 sums[i], sumsq[i], q_sum[i], q_var[i], infl[i] = (torch.zeros(C, dtype=torch.float64)
                                                                    for _ in range(5))
-            per_unit = [not exact and int(np.prod(shapes[i])) == shapes[i][axes[i] - 1] <= max_exact_units
-                        for i in range(L)]
+            cap = 4 * probes if max_exact_units is None else max_exact_units
+            per_unit = [not exact and int(np.prod(shapes[i])) == shapes[i][axes[i] - 1] <= cap for i in range(L)]
         if s == 0:  # sums are taken about the first batch's means (no cancellation when mean >> std)
             shift = [_features(h.detach(), axes[i]).double().cpu().mean(dim=(0, 2)) for i, h in enumerate(hs)]
         for i, h in enumerate(hs):
@@ -747,7 +748,7 @@ def transfer(model: Any, source: Any, options: TransferOptions, *, target: Any =
                      "standard error is over the probes (the data is fixed; it is itself estimated from the probes, "
                      "so treat it as approximate). Exact (the input basis, one jvp per input element) when the input "
                      "has no more elements than the probe count; exact per unit (one vjp per unit) for a layer of "
-                     "single-element features with at most 256 units."))
+                     "single-element features with at most 4 x probes units."))
     classes = list(o.classes) if o.classes else None
     result = TransferResult(
         input_name=spec.name, score_tensor=scorer.score_tensor, score="logit" if scorer.score == "logit" else "output",
