@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 # Command modules, in the order of the help listing.
-COMMANDS = ("inspect_cmd", "saliency_cmd", "robustness_cmd", "transfer_cmd", "jacobian_cmd", "geometry_cmd", "verify_cmd",
+COMMANDS = ("inspect_cmd", "saliency_cmd", "robustness_cmd", "transfer_cmd", "jacobian_cmd", "geometry_cmd", "gradflow_cmd", "verify_cmd",
             "render_cmd", "schema_cmd")
 
 for _mod in COMMANDS:
