@@ -7,6 +7,7 @@ name       model                                        truth it lets you check
 =========  ==========================================  ==========================================================
 shapes     CNN on synthetic shape images (ONNX + .pt)   saliency concentrates in the object mask
 shortcut   "Clever Hans" CNN (corner marker in training) saliency on the marker; accuracy drops without it
+robust     the shapes CNN's twin, Jacobian-regularised  smaller ||J||, higher FGSM/PGD accuracy than shapes
 tabular    MLP on a 12-feature table (ONNX, 2 exporters) per-feature sensitivity ranks the 3 relevant features first
 arm        planar 3-link arm kinematics (TorchScript f64) Jacobian = closed form; singular when stretched/folded
 flow       RealNVP on two-moons (ONNX)                    log|det J| from J = the flow's own output; density sums to 1
@@ -31,6 +32,7 @@ BUILDERS: dict[str, str] = {
     "sequence": "jacaudit.samples.sequence:build_sequence",
     "shapes": "jacaudit.samples.shapes:build_shapes",
     "shortcut": "jacaudit.samples.shapes:build_shortcut",
+    "robust": "jacaudit.samples.robust:build_robust",
 }
 NAMES = list(BUILDERS)
 DEFAULT_SEED = 0
