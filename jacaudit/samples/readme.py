@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-ORDER = ["shapes", "shortcut", "tabular", "arm", "flow", "sequence"]
+ORDER = ["shapes", "shortcut", "robust", "tabular", "arm", "flow", "sequence"]
 
 HEADER = """# Sample models
 
@@ -15,11 +15,12 @@ with the same seed, by
     python -m jacaudit.samples --only arm flow --seed 0 --out /tmp/samples
 
 (the dynamo ONNX exporter needs the `onnxscript` package). Training data is generated at build time and not
-stored, except the example PNGs and the tabular held-out CSV. Each folder holds the model file(s) and a JSON
-card: inputs, outputs, preprocessing, classes, accuracies, the seed and the truth the model lets you check.
+stored, except the example PNGs, the robust sample's image folder and the tabular held-out CSV. Each folder
+holds the model file(s) and a JSON card: inputs, outputs, preprocessing, classes, accuracies, the seed and the
+truth the model lets you check.
 `tests/test_samples.py` checks that the files load, match their cards and that the truths hold.
 
-Image preprocessing (shapes, shortcut): RGB, pixel / 255 (range 0-1), no mean/std, layout NCHW, 64x64.
+Image preprocessing (shapes, shortcut, robust): RGB, pixel / 255 (range 0-1), no mean/std, layout NCHW, 64x64.
 """
 
 
@@ -90,6 +91,39 @@ def render_readme(out_dir: str) -> str:
                       f"of those images). Saliency mass on the 6x6 marker (0.9% of the pixels): median "
                       f"{_fmt(s['median_mass_on_marker'])}; on the object: {_fmt(s['median_mass_on_object'])}. "
                       "Examples with and without the marker: `shortcut/examples/`.", ""]
+        elif name == "robust":
+            r = c["robustness"]
+            t = c["training"]
+            lines += [f"Training: {t['method']}. Loss: {t['loss']}; lambda_JR {t['jr_lambda']:g}, "
+                      f"{t['schedule']}; {t['epochs']} epochs, {t['optimizer']}. Brittle partner: "
+                      f"`shapes/shapes_cnn.onnx` ({c['brittle_partner']['note']}). Labelled images: "
+                      f"`robust/{c['data']['robustness']['folder']}/<class>/NNN.png`, {r['images']['n']} images, "
+                      f"{', '.join(f'{v} {k}' for k, v in c['data']['robustness']['per_class'].items())} "
+                      f"(split `{r['images']['split']}` of the generator, not used in training).", "",
+                      f"**Measured at build** ({r['how']}; Jacobian {r['jacobian']}; FGSM: {r['fgsm']}; "
+                      f"PGD: {r['pgd']}):", "",
+                      "| model | clean acc | mean ‖J‖_F | median ‖J‖_F | mean ‖J‖_2 | "
+                      + " | ".join(f"{a} eps {e}" for a in ("FGSM", "PGD-10") for e in r["eps"]) + " |",
+                      "|---|" + "---|" * (4 + 2 * len(r["eps"]))]
+            for role, label in (("robust", "robust twin `robust/robust_cnn.onnx`"),
+                                ("brittle", "brittle `shapes/shapes_cnn.onnx`")):
+                f = r[role]
+                lines.append(f"| {label} | {_fmt(f['clean_accuracy'])} | {_fmt(f['jacobian_frobenius_mean'])} | "
+                             f"{_fmt(f['jacobian_frobenius_median'])} | {_fmt(f['jacobian_spectral_mean'])} | "
+                             + " | ".join(_fmt(f[k][f"{e:g}"]) for k in ("fgsm_accuracy", "pgd_accuracy")
+                                          for e in r["eps"]) + " |")
+            lines += ["", "Intended use: the same command on the pair, e.g. `jacaudit robustness "
+                      "sample_models/shapes/shapes_cnn.onnx sample_models/robust/data/` against `jacaudit "
+                      "robustness sample_models/robust/robust_cnn.onnx sample_models/robust/data/`: the robust twin "
+                      "should come out with the smaller Jacobian and the higher robust accuracy, and a gate "
+                      "threshold between the two models' figures passes the twin and fails the shapes CNN."]
+            st = r.get("gap", {}).get("separating_thresholds")
+            if st:
+                lines[-1] += (f" Half-way thresholds from the card (`robustness.gap.separating_thresholds`): mean "
+                              f"‖J‖_F above {_fmt(st['jacobian_frobenius_mean_fail_above'])}, FGSM accuracy at eps "
+                              f"0.01 below {_fmt(st['fgsm_accuracy_fail_below']['0.01'])}, PGD-10 accuracy at eps "
+                              f"0.01 below {_fmt(st['pgd_accuracy_fail_below']['0.01'])} fail.")
+            lines.append("")
         elif name == "tabular":
             lines += [f"Features (column order): {', '.join(c['features'])}. Label rule: {c['label_rule']}. "
                       f"Held-out rows: `tabular/{c['files']['data']}` (last column: label). The same weights are "
