@@ -252,3 +252,37 @@ def test_lanczos_on_a_wide_map_matches_numpy():
     lz = lanczos_gram(t, steps=40)  # Gram J J^T is 5x5: exact after 5 steps
     assert lz["side"] == "output" and lz["exact"]
     np.testing.assert_allclose(lz["values"], np.linalg.svd(W.numpy(), compute_uv=False), rtol=1e-10)
+
+
+# ---- visuomotor sample policy ------------------------------------------------------------------------------
+def test_policy_steers_to_the_dot_and_its_maps_are_the_closed_form(tmp_path):
+    import onnxruntime as ort
+
+    card = json.loads((ROOT / "sample_models/policy/policy.json").read_text())
+    onnx_path = ROOT / "sample_models/policy/policy.onnx"
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for name, dot in card["dots"].items():
+        img = np.load(ROOT / "sample_models/policy" / dot["file"])
+        # the known answer: the action points at the dot (onnxruntime, no jacaudit code)
+        assert np.abs(sess.run(None, {"image": img})[0][0] - np.array(dot["dot_xy"])).max() < 0.005
+    dot = card["dots"]["dot_lower"]
+    f = ROOT / "sample_models/policy" / dot["file"]
+    r = _cli(["geometry", onnx_path, "--input", f, "--dtype", "float64", "--json", "--out", tmp_path / "r",
+              "--format", "json,html"])
+    res = json.loads(r.stdout)["result"]
+    img = np.load(f).astype(np.float64).reshape(-1)
+    # closed form du_k/dI_p = beta p_p (c_pk - u_k), with the pixel coordinates as the ONNX file stores them
+    X, Y = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32))
+    C = np.stack([X.ravel(), Y.ravel()]).astype(np.float32).astype(np.float64)
+    z = card["beta"] * img
+    pr = np.exp(z - z.max())
+    pr /= pr.sum()
+    J = card["beta"] * pr[None] * (C - (C @ pr)[:, None])
+    assert [mp["output_index"] for mp in res["maps"]] == [0, 1]
+    for k, mp in enumerate(res["maps"]):
+        np.testing.assert_allclose(np.array(mp["map"]).reshape(-1), J[k], rtol=1e-9, atol=1e-12)
+        assert abs(mp["peak"][0] - dot["dot_rc"][0]) <= 1.5 and abs(mp["peak"][1] - dot["dot_rc"][1]) <= 1.5
+    p = res["points"][0]
+    assert p["rank"] == 2
+    np.testing.assert_allclose(p["singular_values"], np.linalg.svd(J, compute_uv=False), rtol=1e-9)
+    assert "Sensitivity maps" in (tmp_path / "r" / "report.html").read_text()

@@ -289,6 +289,9 @@ def geometry_analysis(model: Any, feeds: Any, points: Sequence[torch.Tensor] | N
             if first is None:
                 first = t
                 warnings += [w for w in t.notes if w not in warnings]
+                if not o.logits and getattr(model, "softmax_input", lambda _o: None)(t.output_name):
+                    warnings.append(f"output {t.output_name!r} comes out of a Softmax: its derivatives saturate; the "
+                                    "pre-softmax logits (logits option) are usually what to analyse")
                 if (o.logdet or o.logdet_output or o.density) and t.m != t.n:
                     raise InputError(f"log|det J| needs a square Jacobian; J = d {t.output_name} / d {t.name} is "
                                      f"{t.m} x {t.n}")
@@ -318,6 +321,7 @@ def geometry_analysis(model: Any, feeds: Any, points: Sequence[torch.Tensor] | N
         with timed(timings, "crossings"):
             crossings = _crossings(model, base, main, xs, pts, o, tpos)
     series = _series(pts)
+    maps = _maps(Ms[0], t) if Ms and Ms[0] is not None else []
     singular_points = [p.index for p in pts if p.singular]
     result = GeometryResult(
         input_name=str(main), wrt=str(t.name), output=str(t.output_name), input_shape=[int(d) for d in t.in_shape],
@@ -325,7 +329,7 @@ def geometry_analysis(model: Any, feeds: Any, points: Sequence[torch.Tensor] | N
         source_detail=source_detail or str(feeds.source), synthetic_input=bool(feeds.synthetic and points is None),
         threshold=o.threshold, dtype=str(t.dtype).replace("torch.", ""), device=str(t.device), points=pts,
         singular_points=singular_points, crossings=crossings, series=series, logdet_output=o.logdet_output,
-        density=bool(o.density or o.logdet_output), logits=bool(o.logits))
+        density=bool(o.density or o.logdet_output), logits=bool(o.logits), maps=maps)
     if crossings:
         warnings.append(f"{len(crossings)} singular input(s) located between trajectory inputs (det J changes sign)")
     return AnalysisOutput(result=result, metrics=_metrics(result), warnings=warnings)
@@ -374,6 +378,35 @@ def _crossings(model, base, main, xs, pts, o: GeometryOptions, tpos) -> list:
         d, (smin, lost) = det_at(x, vectors=True)
         tp = None if tpos[i] is None or tpos[i + 1] is None else tpos[i] + (tpos[i + 1] - tpos[i]) * f
         out.append(Crossing([i, i + 1], f, tp, _flat(x), smin, d, hi - lo, lost))
+    return out
+
+
+MAP_OUTPUTS = 8        # sensitivity maps drawn for up to this many outputs
+MAP_PIXELS = 96 * 96   # ... on grids up to this many pixels
+
+
+def _maps(M: torch.Tensor, t: Any) -> list:
+    """Each output's row of J on the input's H x W grid (channels summed), for an image-like input: shape
+    (1, C, H, W) or (C, H, W) with C <= 4, or (1, H, W, C) with C <= 4 (channels last)."""
+    from ..results.geometry import SensitivityMap
+
+    shp = tuple(t.in_shape)
+    if len(shp) == 4 and shp[0] == 1:
+        shp = shp[1:]
+    if len(shp) != 3 or t.m > MAP_OUTPUTS:
+        return []
+    if shp[0] <= 4 and shp[1] * shp[2] <= MAP_PIXELS and shp[1] > 1 and shp[2] > 1:
+        rows = M.reshape(t.m, *shp).sum(1)                           # (m, H, W)
+    elif shp[2] <= 4 and shp[0] * shp[1] <= MAP_PIXELS and shp[0] > 1 and shp[1] > 1:
+        rows = M.reshape(t.m, *shp).sum(3)                           # channels last
+    else:
+        return []
+    out = []
+    for k in range(t.m):
+        r = rows[k]
+        i = int(r.abs().argmax())
+        out.append(SensitivityMap(k, [[float(v) for v in row] for row in r], [i // r.shape[1], i % r.shape[1]],
+                                  float(M[k].abs().sum())))
     return out
 
 

@@ -114,6 +114,9 @@ def gradflow_analysis(model: Any, feeds: Any, options: GradflowOptions = Gradflo
     t0 = prepare(model, fd, input=main, output=o.output_name, logits=o.logits)
     out = t0.output_name
     warnings += [n for n in t0.notes if n not in warnings]
+    if not o.logits and getattr(model, "softmax_input", lambda _o: None)(t0.output_name):
+        warnings.append(f"output {t0.output_name!r} comes out of a Softmax: its derivatives saturate; the "
+                        "pre-softmax logits (logits option) are usually what to analyse")
     if o.layers:
         known = set(model.internal_tensors())
         bad = [t for t in o.layers if t not in known]

@@ -92,6 +92,17 @@ class Crossing:
 
 
 @dataclass(frozen=True)
+class SensitivityMap:
+    """One output element's row of J laid out on the input's spatial grid (visuomotor: delta u_k ~ sum of
+    map * delta pixels)."""
+
+    output_index: int = field(metadata={"doc": "the output element (flattened index)"})
+    map: list[list[float]] = field(metadata={"doc": "dy_k / dx on the H x W grid, summed over the channels"})
+    peak: list[int] = field(metadata={"doc": "[row, column] of the largest |entry|"})
+    abs_sum: float = field(metadata={"doc": "sum of |entries| over the grid and channels"})
+
+
+@dataclass(frozen=True)
 class GeometrySeries:
     """Plot series along the trajectory (log10 of the positive values; None where undefined)."""
 
@@ -129,3 +140,5 @@ class GeometryResult:
     logdet_output: str | None = None
     density: bool = field(default=False, metadata={"doc": "the change-of-variables log-density was computed"})
     logits: bool = False
+    maps: list[SensitivityMap] = field(default_factory=list, metadata={
+        "doc": "image inputs (N, C, H, W) with few outputs: each output's row of J at the first input as a map"})
