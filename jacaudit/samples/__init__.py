@@ -8,6 +8,7 @@ name       model                                        truth it lets you check
 shapes     CNN on synthetic shape images (ONNX + .pt)   saliency concentrates in the object mask
 shortcut   "Clever Hans" CNN (corner marker in training) saliency on the marker; accuracy drops without it
 robust     the shapes CNN's twin, Jacobian-regularised  smaller ||J||, higher FGSM/PGD accuracy than shapes
+transfer   source / target images for shapes (no model)  a blue cast shifts the first conv's channels 3 and 7
 tabular    MLP on a 12-feature table (ONNX, 2 exporters) per-feature sensitivity ranks the 3 relevant features first
 arm        planar 3-link arm kinematics (TorchScript f64) Jacobian = closed form; singular when stretched/folded
 flow       RealNVP on two-moons (ONNX)                    log|det J| from J = the flow's own output; density sums to 1
@@ -33,6 +34,7 @@ BUILDERS: dict[str, str] = {
     "shapes": "jacaudit.samples.shapes:build_shapes",
     "shortcut": "jacaudit.samples.shapes:build_shortcut",
     "robust": "jacaudit.samples.robust:build_robust",
+    "transfer": "jacaudit.samples.transfer:build_transfer",
 }
 NAMES = list(BUILDERS)
 DEFAULT_SEED = 0

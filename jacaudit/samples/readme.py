@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-ORDER = ["shapes", "shortcut", "robust", "tabular", "arm", "flow", "sequence"]
+ORDER = ["shapes", "shortcut", "robust", "transfer", "tabular", "arm", "flow", "sequence"]
 
 HEADER = """# Sample models
 
@@ -46,6 +46,8 @@ def render_readme(out_dir: str) -> str:
     lines = [HEADER, "| model | files | exporter | inputs -> outputs | train acc | held-out acc |",
              "|---|---|---|---|---|---|"]
     for name, c in cards.items():
+        if "inputs" not in c:  # a data sample (e.g. transfer's source/target pair for the shapes CNN): no model row
+            continue
         files = ", ".join(f"`{name}/{v}`" for k, v in c["files"].items() if k not in ("labels", "data"))
         ex = "; ".join(f"{k}: {v}" for k, v in c.get("exporter", {}).items())
         io = ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in c["inputs"]) + " -> " + \
