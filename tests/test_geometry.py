@@ -120,6 +120,7 @@ def test_cli_line_through_both_singularities(tmp_path):
     assert checks["singular_inputs"]["status"] == "warn" and d["status"] == "warn" and d["exit_code"] == 0
     html = (out / "report.html").read_text()
     assert "Along the trajectory" in html and "<svg" in html and "Singular inputs located" in html
+    assert "singular input between" in (out / "report.md").read_text()
     # the gate: a bound on the condition number along the trajectory fails (exit 1)
     r = _cli(["geometry", ARM, "--line", "0.2,-0.3,0.1", "0.2,0.3,0.1", "--steps", "4", "--json",
               "--fail-on", "condition_number>20", "--out", tmp_path / "r2", "--format", "json"], code=1)

@@ -144,8 +144,9 @@ def test_main_path_through_a_saturated_chain_and_residual_twin_passes(tmp_path):
     res = json.loads(r.stdout)["result"]
     assert [x["tensor"] for x in res["depths"]] == ["x"] + [f"{k}{l}" for l in range(1, 5) for k in "mas"]
     p, _, _ = _sigmoid_chain(tmp_path / "res.onnx", residual=True, L=4)
-    r = _cli(["gradflow", p, "--json", "--out", tmp_path / "b", "--format", "json"])
+    r = _cli(["gradflow", p, "--json", "--out", tmp_path / "b", "--format", "json,md"])
     d = json.loads(r.stdout)
+    assert "| 4 | r4 |" in (tmp_path / "b" / "report.md").read_text()
     assert [x["tensor"] for x in d["result"]["depths"]] == ["x", "r1", "r2", "r3", "r4"]
     checks = {c["check"]: c for c in d["checks"]}
     assert checks["vanishing_ratio"]["status"] == "pass" and checks["exploding_ratio"]["status"] == "pass"

@@ -142,3 +142,32 @@ class GeometryResult:
     logits: bool = False
     maps: list[SensitivityMap] = field(default_factory=list, metadata={
         "doc": "image inputs (N, C, H, W) with few outputs: each output's row of J at the first input as a map"})
+
+
+def markdown_lines(report) -> list[str]:
+    """The Markdown section of a geometry report (registered in ``report/formats/markdown.py``'s ``SECTIONS``)."""
+    from ..report.formats.markdown import esc, num
+
+    r = report.result
+    lines = [f"J = d {esc(r.output)} / d {esc(r.wrt)}: {r.m} x {r.n}{' (square)' if r.square else ''}, "
+             f"{esc(r.dtype)}; {len(r.points)} input(s) ({esc(r.source_detail)}). Singular: sigma_min at or below "
+             + ("the numerical rank tolerance" if r.threshold is None else num(r.threshold)) + ".", ""]
+    cols = ["input", "sigma_max", "sigma_min", "rank", "cond"] + (["det", "log\\|det\\|"] if r.square else
+                                                                  ["manipulability"])
+    cols += (["logdet discrepancy", "log p(x)"] if r.logdet_output else []) + ["singular"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    shown = r.points if len(r.points) <= 40 else r.points[:20] + r.points[-20:]
+    for p in shown:
+        row = [esc(p.label), num(p.sigma_max), num(p.sigma_min), num(p.rank), num(p.condition_number)]
+        row += [num(p.det), num(p.logdet)] if r.square else [num(p.manipulability)]
+        row += [num(p.logdet_discrepancy), num(p.log_density)] if r.logdet_output else []
+        row.append("?" if p.singular is None else ("**yes**" if p.singular else "no"))
+        lines.append("| " + " | ".join(row) + " |")
+    if len(r.points) > 40:
+        lines.append(f"\n({len(r.points) - 40} inputs not shown; see report.json)")
+    for c in r.crossings:
+        lines += ["", f"- singular input between {esc(r.points[c.between[0]].label)} and "
+                      f"{esc(r.points[c.between[1]].label)}" + (f" at t = {c.t:.10g}" if c.t is not None else "")
+                  + (f": {esc([round(v, 10) for v in c.input])}" if c.input else "")
+                  + f" (sigma_min {num(c.sigma_min, 3)})"]
+    return lines

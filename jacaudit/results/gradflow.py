@@ -65,3 +65,19 @@ class GradflowResult:
         "doc": "plot series: log10 of the block spectral norms"})
     log10_product: list[float | None] = field(default_factory=list, metadata={
         "doc": "plot series: log10 of the running product"})
+
+
+def markdown_lines(report) -> list[str]:
+    """The Markdown section of a gradflow report (registered in ``report/formats/markdown.py``'s ``SECTIONS``)."""
+    from ..report.formats.markdown import esc, num
+
+    r = report.result
+    lines = [f"y = {esc(r.output)}; main path {esc(r.layer_selection)}. Vanishing ratio {num(r.vanishing_ratio, 3)}, "
+             f"exploding ratio {num(r.exploding_ratio, 3)} (min / max of \\|\\|dy/dh\\_l\\|\\| / \\|\\|dy/dh\\_L\\|\\|).",
+             "", "| depth | tensor | \\|\\|dy/dh\\|\\| | ratio | block norm | running product |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for d, b in zip(r.depths, r.blocks):
+        lines.append(f"| {d.depth} | {esc(d.tensor)} | {num(d.grad_norm, 3)} | {num(d.ratio, 3)} | "
+                     f"{num(b.spectral_norm, 3)}{'' if b.converged else ' (not converged)'} | "
+                     f"{num(b.running_product, 3)} |")
+    return lines

@@ -189,7 +189,8 @@ SECTIONS: dict[str, Callable[[Any], list[str]]] = {"saliency": _saliency, "jacob
                                                    "verify": _verify, "inspect": _inspect,
                                                    "robustness": _robustness,
                                                    "transfer": lambda rep: __import__(
-                                                       "jacaudit.results.transfer", fromlist=["_"]).markdown_lines(rep)}
+                                                       "jacaudit.results.transfer", fromlist=["_"]).markdown_lines(rep),
+                                                   **{k: (lambda rep, k=k: __import__(f"jacaudit.results.{k}", fromlist=["_"]).markdown_lines(rep)) for k in ("geometry", "gradflow")}}
 
 
 def _generic(report: Any) -> list[str]:
