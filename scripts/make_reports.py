@@ -5,7 +5,8 @@
 Runs each command on the samples it suits, writing reports/<command>-<model>/report.{html,json,md}:
 saliency on the image classifiers' examples/ (object masks via --mask-suffix _mask; all methods and the
 sanity check on shapes), verify on the tabular MLP, the flow and the sequence model (through its embedding
-output), jacobian on the robot arm (float64) and the flow, inspect on the sequence model. Deterministic (--seed 0).
+output), jacobian on the robot arm (float64) and the flow, inspect on the sequence model, robustness on the
+brittle/robust pair with its gate (robust/gate.toml). Deterministic (--seed 0).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ RUNS = [
     ("jacobian-arm", "jacobian", "arm/arm.pt", ["--shape", "1,3", "--dtype", "float64"]),
     ("jacobian-flow", "jacobian", "flow/flow.onnx", ["--output-name", "z", "--linearity"]),
     ("inspect-sequence", "inspect", "sequence/sequence.onnx", []),
+    ("robustness-shapes", "robustness", "shapes/shapes_cnn.onnx", ["robust/data", "--config", "robust/gate.toml"]),
+    ("robustness-robust", "robustness", "robust/robust_cnn.onnx", ["robust/data", "--config", "robust/gate.toml"]),
+    ("transfer-shapes", "transfer", "shapes/shapes_cnn.onnx",
+     ["transfer/source", "--target-data", "transfer/target", "--layer", "all"]),
 ]
 
 
@@ -43,9 +48,15 @@ def main() -> int:
             print(f"skip {folder}: {model_path} missing (run python -m jacaudit.samples)", file=sys.stderr)
             continue
         rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731  (paths in the reports stay repo-relative)
-        args = [rel(os.path.join(a.samples, x)) if x.endswith("examples") else x for x in args]
+        args = [rel(os.path.join(a.samples, x)) if "/" in x and os.path.exists(os.path.join(a.samples, x)) else x
+                for x in args]
+        if "--config" in args:  # a global option: before the command
+            k = args.index("--config")
+            glob, args = args[k:k + 2], args[:k] + args[k + 2:]
+        else:
+            glob = []
         out = os.path.join(a.out, folder)
-        cmd = [sys.executable, "-m", "jacaudit", command, rel(model_path), *args,
+        cmd = [sys.executable, "-m", "jacaudit", *glob, command, rel(model_path), *args,
                "--out", rel(out), "--format", "html,json,md"]
         if command != "inspect":
             cmd += ["--seed", "0"]
