@@ -287,3 +287,29 @@ def test_policy_steers_to_the_dot_and_its_maps_are_the_closed_form(tmp_path):
     assert p["rank"] == 2
     np.testing.assert_allclose(p["singular_values"], np.linalg.svd(J, compute_uv=False), rtol=1e-9)
     assert "Sensitivity maps" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_past_the_memory_budget_lanczos_and_logdet_refused(tmp_path):
+    """J (40 x 40, 12.8 kB) over a 4 kB budget: never materialised; Lanczos gives numpy's extreme singular
+    values; log|det| is refused (exit 2) since it needs all of them."""
+    lin = torch.nn.Linear(40, 40, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(_with_spectrum(40), dtype=torch.float64))
+    p = tmp_path / "lin40.pt"
+    torch.jit.script(lin).save(str(p))
+    args = ["geometry", p, "--shape", "1,40", "--max-memory", "4kB", "--lanczos-steps", "40"]
+    r = _cli([*args, "--json", "--out", tmp_path / "r", "--format", "json"])
+    pt = json.loads(r.stdout)["result"]["points"][0]
+    s = np.linalg.svd(lin.weight.detach().numpy(), compute_uv=False)
+    assert pt["method"] == "lanczos" and pt["det"] is None
+    assert pt["sigma_max"] == pytest.approx(s[0], rel=1e-8) and pt["sigma_min"] == pytest.approx(s[-1], rel=1e-6)
+    assert pt["gauss_newton"]["condition_number"] == pytest.approx((s[0] / s[-1]) ** 2, rel=1e-5)
+    r = _cli([*args, "--logdet", "--out", tmp_path / "r2"], code=2)
+    assert "needs every singular value" in r.output
+
+
+def _with_spectrum(n):
+    rng = np.random.default_rng(4)
+    Q1, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    Q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return Q1 @ np.diag(np.linspace(5.0, 0.5, n)) @ Q2.T
