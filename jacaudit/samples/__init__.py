@@ -13,6 +13,7 @@ tabular    MLP on a 12-feature table (ONNX, 2 exporters) per-feature sensitivity
 arm        planar 3-link arm kinematics (TorchScript f64) Jacobian = closed form; singular when stretched/folded
 flow       RealNVP on two-moons (ONNX)                    log|det J| from J = the flow's own output; density sums to 1
 sequence   tiny attention classifier on token ids (ONNX) position map highlights the positions of A and B
+policy     image -> action soft-argmax (ONNX, no training)  steers to the bright dot; J = closed form, rank 2
 =========  ==========================================  ==========================================================
 
 The generators (:func:`shapes.make_images`, :func:`tabular.make_table`, :func:`flow.make_moons`,
@@ -35,6 +36,7 @@ BUILDERS: dict[str, str] = {
     "shortcut": "jacaudit.samples.shapes:build_shortcut",
     "robust": "jacaudit.samples.robust:build_robust",
     "transfer": "jacaudit.samples.transfer:build_transfer",
+    "policy": "jacaudit.samples.policy:build_policy",
 }
 NAMES = list(BUILDERS)
 DEFAULT_SEED = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-ORDER = ["shapes", "shortcut", "robust", "transfer", "tabular", "arm", "flow", "sequence"]
+ORDER = ["shapes", "shortcut", "robust", "transfer", "tabular", "arm", "flow", "sequence", "policy"]
 
 HEADER = """# Sample models
 
