@@ -33,6 +33,11 @@ RUNS = [
     ("robustness-robust", "robustness", "robust/robust_cnn.onnx", ["robust/data", "--config", "robust/gate.toml"]),
     ("transfer-shapes", "transfer", "shapes/shapes_cnn.onnx",
      ["transfer/source", "--target-data", "transfer/target", "--layer", "all"]),
+    ("geometry-arm", "geometry", "arm/arm.pt",
+     ["--line", "0.4,-0.3,0", "0.4,3.4416,0", "--steps", "25", "--dtype", "float64"]),
+    ("geometry-flow", "geometry", "flow/flow.onnx", ["--output-name", "z", "--logdet-output", "log_det_jacobian", "--density",
+                                                     "--dtype", "float64"]),
+    ("gradflow-shapes", "gradflow", "shapes/shapes_cnn.onnx", ["--input", "shapes/examples/02_circle.png"]),
 ]
 
 
