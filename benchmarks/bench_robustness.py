@@ -35,7 +35,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
