@@ -393,8 +393,9 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
     if "linf" in o.pgd_norms:
         t3 = time.perf_counter()
         gen_b = torch.Generator(device="cpu").manual_seed(int(o.seed) + 1)
-        lo = torch.zeros(n, dtype=dtype, device=dev)
-        hi = torch.full((n,), float("nan"), dtype=dtype, device=dev)
+        # bounds in float64 (the sweep's epsilons exactly); PGD casts each midpoint to the input's dtype
+        lo = torch.zeros(n, dtype=torch.float64, device=dev)
+        hi = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
         for i in range(n):
             if not bool(correct0[i]):
                 pgd_min[i] = 0.0

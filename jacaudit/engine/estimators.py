@@ -5,7 +5,8 @@
   When the smaller side of ``J`` is no larger than the probe count, the exact value costs no more and is
   computed instead (``method="exact"``).
 * :func:`top_singular` / :func:`spectral_norm` -- block power (subspace) iteration on ``J^T J`` through jvp
-  and vjp, with a Rayleigh-Ritz step on ``J V``: ``J V = U S W^T`` gives singular values ``S``, right vectors
+  and vjp (or, when the iterated subspace would span all of J -- few outputs -- the exact J from its smaller side,
+  which is then both exact and cheaper), with a Rayleigh-Ritz step on ``J V``: ``J V = U S W^T`` gives singular values ``S``, right vectors
   ``V W`` (input space) and left vectors ``U`` (output space). The residual ``||J^T u_i - s_i v_i|| / s_1``
   is the convergence test (it is free: ``J^T U`` is the next iteration's vjp).
 
@@ -135,6 +136,8 @@ def top_singular(model: Any, x: Any = None, *, k: int = 1, tol: float | None = N
         tol = 1e-4 if t.dtype != torch.float64 else 1e-8
     p = oversample if oversample is not None else min(max(2, k), r - k)
     c = k + p
+    if c >= r:  # the iterated subspace would span all of J: the exact J from its small side costs r passes, fewer
+        return _exact_singular(t, k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     work = torch.float64 if t.dtype == torch.float64 else torch.float32
     V = torch.randn(t.n, c, generator=gen, dtype=torch.float64).to(device=t.device, dtype=work)
@@ -168,6 +171,26 @@ def top_singular(model: Any, x: Any = None, *, k: int = 1, tol: float | None = N
     path = t.jvp_path if t.jvp_path == t.vjp_path else f"jvp:{t.jvp_path}, vjp:{t.vjp_path}"
     return SingularEstimate(tuple(float(s) for s in S[:k]), right, left, tuple(residuals), it, converged,
                             float(tol), matvecs, path or "vmap")
+
+
+def _exact_singular(t: Target, k: int) -> SingularEstimate:
+    """Top-k singular triplets from the exact J, built from its smaller side (m vjps or n jvps)."""
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if t.m <= t.n:
+        E = torch.eye(t.m, dtype=t.y.dtype, device=t.y.device).reshape(t.m, *t.out_shape)
+        J = t.vjp_many(E).reshape(t.m, t.n).to(work)
+        path = t.vjp_path
+    else:
+        E = torch.eye(t.n, dtype=t.x.dtype, device=t.x.device).reshape(t.n, *t.in_shape)
+        J = t.jvp_many(E).reshape(t.n, t.m).t().to(work)
+        path = t.jvp_path
+    if not torch.isfinite(J).all():
+        raise RuntimeFailure("NaN/inf in the Jacobian during the singular-value computation")
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    right = Vh[:k].reshape(k, *t.in_shape).to(t.dtype)
+    left = U.t()[:k].reshape(k, *t.out_shape).to(t.dtype)
+    return SingularEstimate(tuple(float(v) for v in S[:k]), right, left, tuple(0.0 for _ in range(k)), 0, True, 0.0,
+                            min(t.m, t.n), f"exact ({path or 'vmap'})")
 
 
 def spectral_norm(model: Any, x: Any = None, **kw: Any) -> SingularEstimate:

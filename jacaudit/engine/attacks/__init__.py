@@ -13,8 +13,9 @@ The recipes (documented, so that a hand-written reference reproduces them bit fo
 * FGSM (Goodfellow et al. 2015): ``u' = clip(u + eps * sign(grad), lo, hi)``;
 * PGD L-inf (Madry et al. 2018): random start ``u + (2 * rand - 1) * eps`` clipped, then ``steps`` times
   ``a = u' + alpha * sign(grad)``, ``delta = clamp(a - u, -eps, eps)``, ``u' = clip(u + delta, lo, hi)``;
-* PGD L2: random start ``delta = r * eps * n / ||n||`` (``n`` normal, ``r`` uniform in [0, 1]), then steps of
-  ``alpha * grad / (||grad|| + 1e-10)``, ``delta`` projected onto the L2 ball of radius eps, clipped;
+* PGD L2: random start ``delta = n * (r / ||n||) * eps``, grouped in that order (``n`` normal, ``r`` uniform in
+  [0, 1]), then steps of ``alpha * grad / (||grad|| + 1e-10)``, ``delta`` projected onto the L2 ball of radius eps,
+  clipped;
 * random numbers come from one ``torch.Generator`` seeded with the given seed, drawn on the CPU in the input's
   dtype, batch after batch in order (``rand`` for L-inf, ``randn`` then ``rand`` per batch for L2).
 
