@@ -136,8 +136,8 @@ def top_singular(model: Any, x: Any = None, *, k: int = 1, tol: float | None = N
         tol = 1e-4 if t.dtype != torch.float64 else 1e-8
     p = oversample if oversample is not None else min(max(2, k), r - k)
     c = k + p
-    if c >= r:  # the iterated subspace would span all of J: the exact J from its small side costs r passes, fewer
-        return _exact_singular(t, k)
+    if r <= 4 * c:  # J's small side is within a few block sizes: the exact J costs r passes, fewer than iterating
+        return _exact_singular(t, k)  # (each iteration costs 2c, and convergence takes several)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     work = torch.float64 if t.dtype == torch.float64 else torch.float32
     V = torch.randn(t.n, c, generator=gen, dtype=torch.float64).to(device=t.device, dtype=work)
