@@ -68,6 +68,10 @@ def jacobian_analysis(model: Any, feeds: Any, options: JacobianOptions = Jacobia
     nonfinite = int((~torch.isfinite(J)).sum())
     if not finite:
         warnings.append(f"the Jacobian holds {nonfinite} NaN/inf entries: norms and rank are not computed")
+    elif J.numel() and not bool(J.any()):
+        warnings.append("the Jacobian is zero everywhere at this input: the output does not change with the "
+                        "input here (piecewise-constant ops such as Floor, Round or ArgMax, or saturation); its "
+                        "norms are no evidence of robustness")
     est = None
     with timed(timings, "summary"):
         s = summarize(J, jinfo, input=t.name, output=t.output_name, top=o.top, target=None)

@@ -26,6 +26,9 @@ class State:
     threads: int | None = None
     config_path: str | None = None
     model_args: tuple = ()
+    #: while a command computes, its notes and warnings wait here (printed once it completed): an error is then
+    #: the only line on stderr
+    deferred: list | None = None
 
 
 state = State()
@@ -33,11 +36,33 @@ state = State()
 
 def info(msg: str) -> None:
     if not state.quiet:
-        err.print(msg, markup=False)
+        if state.deferred is not None:
+            state.deferred.append((msg, None))
+        else:
+            err.print(msg, markup=False)
 
 
 def warn(msg: str) -> None:
-    err.print(f"warning: {msg}", style="yellow", markup=False)
+    if state.deferred is not None:
+        state.deferred.append((f"warning: {msg}", "yellow"))
+    else:
+        err.print(f"warning: {msg}", style="yellow", markup=False)
+
+
+@contextlib.contextmanager
+def deferred_messages() -> Iterator[None]:
+    """Hold info/warn lines back until the block completes; they are printed then, dropped when it raised
+    (the error line stands alone; ``--debug`` prints them before the traceback)."""
+    state.deferred = []
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        pending, state.deferred = state.deferred, None
+        if ok or state.debug:
+            for msg, style in pending:
+                err.print(msg, style=style, markup=False)
 
 
 def fail(msg: str, code: int) -> "typer.Exit":
@@ -134,4 +159,6 @@ def handle_errors() -> Iterator[None]:
         first = lines[0] if lines else ""
         if first.startswith("The following operation failed in the TorchScript interpreter") and len(lines) > 1:
             first = "TorchScript model failed: " + lines[-1]  # the model's own error is on the last line
-        raise fail(f"{name}: {first} (run with --debug for the traceback)", EXIT_RUNTIME) from None
+            name = ""
+        raise fail(f"{name + ': ' if name else ''}{first} (run with --debug for the traceback)", EXIT_RUNTIME) \
+            from None

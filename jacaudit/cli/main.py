@@ -8,11 +8,49 @@ from importlib import import_module
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from .common import state
 
+
+class _OneLineErrors(TyperGroup):
+    """click's usage errors (unknown option, bad value, missing argument) as ONE line on stderr, exit 2 -- not
+    the three lines Usage / Try / Error -- like every other jacaudit error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        import sys
+
+        try:
+            from typer import _click as click  # typer vendors click
+        except ImportError:  # pragma: no cover - older typer
+            import click
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.ClickException as e:
+            from .common import err
+
+            msg = " ".join(ln.strip() for ln in e.format_message().splitlines() if ln.strip())
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.exceptions.UsageError) and ctx \
+                else ""
+            err.print(f"error: {msg}{hint}", style="bold red", markup=False)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            from .common import err
+
+            err.print("error: aborted", style="bold red", markup=False)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="jacaudit",
     help="Audit neural networks (ONNX, TorchScript) for robustness and interpretability through their Jacobians.\n\n"
          "Exit codes: 0 pass, 1 a check failed, 2 usage or input error, 3 runtime failure, 4 inconclusive (no "

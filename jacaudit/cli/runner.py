@@ -16,6 +16,7 @@ skipped (``partial``), 3 runtime failure.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import typer
 
-from .common import err, handle_errors, info, out, setup_runtime, state, warn
+from .common import deferred_messages, err, handle_errors, info, out, setup_runtime, state, warn
 from .options import report_params
 
 __all__ = ["ReportOptions", "Outcome", "Context", "audit_command", "run"]
@@ -123,49 +124,52 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
     """Run one command (see the module docstring). Raises ``typer.Exit`` with the exit code."""
     t_start = time.perf_counter()
     code = 0
-    with handle_errors():
-        from .. import gate
-        from ..report import parse_formats, render, write_atomic, write_reports
-        from ..results import make_report, to_json
+    out_existed = os.path.exists(ro.out_dir)
+    with _no_empty_out(ro.out_dir, out_existed), handle_errors():
+        with deferred_messages():  # notes and warnings of a failed run never precede its error line
+            from .. import gate
+            from ..report import parse_formats, render, write_atomic, write_reports
+            from ..results import make_report, to_json
 
-        fmts = parse_formats(ro.formats)
-        thresholds = _thresholds(ro, command)
-        baseline = gate.load_baseline(str(ro.baseline_report)) if ro.baseline_report else None
-        if ro.max_regression is not None and baseline is None:
-            from ..errors import InputError
-            raise InputError("--max-regression needs --baseline-report")
-        if computes:
-            setup_runtime()
-        ctx = Context()
-        outcome = body(ctx)
-        res = outcome.output
-        checks = gate.evaluate(command, res.metrics, thresholds)
-        metrics = gate.metric_values(command, res.metrics)
-        comparison = None
-        if baseline is not None:
-            checks, comparison = gate.compare_baseline(command, checks, metrics, baseline,
-                                                       str(ro.baseline_report), ro.max_regression)
-        status = gate.report_status(checks)
-        if status in ("pass", "warn") and outcome.inconclusive:  # nothing failed, and no evidence either way
-            status = "inconclusive"
-        code = gate.exit_code_for(status, ro.exit_zero)
-        if res.partial:
-            status = "partial" if status != "fail" else status
-            code = code or 2
-        code = code or outcome.exit_floor
-        ctx.timings["total"] = round(time.perf_counter() - t_start, 4)
-        report = make_report(command, res.result, model=outcome.model, settings=outcome.settings,
-                             timings=ctx.timings, warnings=res.warnings, exit_code=code, status=status,
-                             device=outcome.device, checks=checks, metrics=metrics, baseline=comparison)
-        written = _write_artifacts(res.artifacts, ro.out_dir)
-        n_artifacts = len(written)
-        written += write_reports(report, str(ro.out_dir), fmts) if fmts else []
-        for path, fmt in ((ro.junit, "junit"), (ro.sarif, "sarif")):
-            if path is not None:
-                write_atomic(path, render(report, fmt))
-                written.append(str(path))
-        from ..report.summary import append_job_summary
-        summary_path = append_job_summary(report)
+            fmts = parse_formats(ro.formats)
+            thresholds = _thresholds(ro, command)
+            baseline = gate.load_baseline(str(ro.baseline_report)) if ro.baseline_report else None
+            if ro.max_regression is not None and baseline is None:
+                from ..errors import InputError
+                raise InputError("--max-regression needs --baseline-report")
+            check_writable(ro)  # before anything is computed
+            if computes:
+                setup_runtime()
+            ctx = Context()
+            outcome = body(ctx)
+            res = outcome.output
+            checks = gate.evaluate(command, res.metrics, thresholds)
+            metrics = gate.metric_values(command, res.metrics)
+            comparison = None
+            if baseline is not None:
+                checks, comparison = gate.compare_baseline(command, checks, metrics, baseline,
+                                                           str(ro.baseline_report), ro.max_regression)
+            status = gate.report_status(checks)
+            if status in ("pass", "warn") and outcome.inconclusive:  # nothing failed, and no evidence either way
+                status = "inconclusive"
+            code = gate.exit_code_for(status, ro.exit_zero)
+            if res.partial:
+                status = "partial" if status != "fail" else status
+                code = code or 2
+            code = code or outcome.exit_floor
+            ctx.timings["total"] = round(time.perf_counter() - t_start, 4)
+            report = make_report(command, res.result, model=outcome.model, settings=outcome.settings,
+                                 timings=ctx.timings, warnings=res.warnings, exit_code=code, status=status,
+                                 device=outcome.device, checks=checks, metrics=metrics, baseline=comparison)
+            written = _write_artifacts(res.artifacts, ro.out_dir)
+            n_artifacts = len(written)
+            written += write_reports(report, str(ro.out_dir), fmts) if fmts else []
+            for path, fmt in ((ro.junit, "junit"), (ro.sarif, "sarif")):
+                if path is not None:
+                    write_atomic(path, render(report, fmt))
+                    written.append(str(path))
+            from ..report.summary import append_job_summary
+            summary_path = append_job_summary(report)
     for w in res.warnings:
         warn(w)
     if ro.json_out:
@@ -188,6 +192,58 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
     if res.partial:
         err.print("some inputs were skipped (see the report); exit 2", style="yellow", markup=False)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _no_empty_out(out_dir: Path, existed: bool):
+    """A failed run leaves no empty --out folder behind (one it created)."""
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                for root, dirs, files in os.walk(out_dir, topdown=False):
+                    if not files and not os.listdir(root):
+                        os.rmdir(root)
+        raise
+
+
+def _writable_folder(path: Path, option: str, shown: Path) -> None:
+    """``path`` is a folder we can write into, or can be created (its nearest existing parent is a writable
+    folder). Nothing is created here."""
+    from ..errors import InputError
+
+    p = Path(os.path.abspath(path))
+    if p.exists():
+        if not p.is_dir():
+            raise InputError(f"{option} {shown}: {p} is a file, not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise InputError(f"{option} {shown}: the folder {p} is not writable")
+        return
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{option} {shown}: cannot create it, {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {shown}: cannot create it, the folder {parent} is not writable")
+
+
+def check_writable(ro: ReportOptions) -> None:
+    """--out, --junit and --sarif can be written: checked before the computation, so a long run never ends in
+    an unwritable path (exit 2, one line)."""
+    from ..errors import InputError
+
+    _writable_folder(ro.out_dir, "--out", ro.out_dir)
+    for path, option in ((ro.junit, "--junit"), (ro.sarif, "--sarif")):
+        if path is None:
+            continue
+        p = Path(os.path.abspath(path))
+        if p.is_dir():
+            raise InputError(f"{option} {path}: is a folder; give a file name")
+        if p.exists() and not os.access(p, os.W_OK):
+            raise InputError(f"{option} {path}: the file is not writable")
+        _writable_folder(p.parent, option, path)
 
 
 def _write_artifacts(artifacts: list, out_dir: Path) -> list[str]:

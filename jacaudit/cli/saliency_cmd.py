@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
             samples, failures, masks, csv_names = [D.synthetic_sample(spec, seed, pp)], [], {}, None
             warnings = ["no inputs given: a seeded synthetic input was used (flagged synthetic)"]
         if not samples:
-            raise DataError(f"none of the {len(failures)} input(s) could be read")
+            raise DataError(f"none of the {len(failures)} input(s) could be read"
+                            + (f" ({failures[0][1]})" if failures else ""))
         opts = SaliencyOptions(methods=methods_list, target=target, labels=label_list, reduction=reduce,
                                steps=ig_steps, baseline=ig_baseline, samples=sg_samples, sigma=sg_sigma, seed=seed,
                                batch_size=batch_size, chunk_rows=chunk, use_logits=(score == "logit"),

@@ -107,9 +107,25 @@ def _check_shape(arr: np.ndarray, spec: Any, path: str, name: str) -> None:
                         f"{getattr(spec, 'name', '?')!r} expects (N, {', '.join(map(str, shown[1:]))})")
 
 
+def check_finite(arr: np.ndarray, where: str) -> None:
+    """Refuse NaN / inf input values (:class:`DataError`, exit 2): every derivative at such a point is
+    meaningless, and a report on it would pass silently."""
+    if arr.dtype.kind not in "fc" or arr.size == 0:
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        n_nan = int(np.isnan(arr).sum())
+        n_inf = int(bad.sum()) - n_nan
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        what = ", ".join(p for p in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} inf" if n_inf else "") if p)
+        raise DataError(f"{where}: holds {what} value(s) (first at index {first}); non-finite inputs make every "
+                        "derivative meaningless")
+
+
 def _as_input(arr: np.ndarray, spec: Any, path: str) -> np.ndarray:
     if arr.dtype == object:
         raise DataError(f"{path}: object arrays are not supported")
+    check_finite(arr, path)
     dt = getattr(spec, "dtype", None)
     is_float = dt is None or getattr(dt, "is_floating_point", True)
     if is_float:

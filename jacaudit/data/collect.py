@@ -65,6 +65,7 @@ def read_table(path: str, spec, label_column: str | None = None) -> tuple[list, 
         arr = np.array([[float(r[i]) for i in keep] for r in body], dtype=np.float32)
     except (ValueError, IndexError):
         raise DataError(f"{path}: every data row needs {ncol} numeric values") from None
+    D.check_finite(arr, path)
     stem = os.path.basename(path)
     samples = [D.Sample(name=f"{stem}[{k}]", source=path, array=arr[k], index=k) for k in range(arr.shape[0])]
     names = None if header is None else [header[i] for i in keep]

@@ -118,7 +118,9 @@ def _npz(path: str, spec: Any, input_names: Sequence[str], classes: Sequence[str
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise DataError(f"{path}: cannot read array file ({type(e).__name__})") from None
+        from .feeds import _array_error
+
+        raise _array_error(path, e) from None
     main_name = spec.name if spec.name in arrays else ("x" if "x" in arrays else None)
     if main_name is None:
         if len(arrays) == 1:

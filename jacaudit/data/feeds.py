@@ -181,6 +181,7 @@ def load_feeds(model: Any, input: str | Sequence[str] | None = None, *, input_na
             arrays[k] = _as_stored(_np_load(path), s, path, notes)
         sources[k] = path
     for k, a in arrays.items():
+        D.check_finite(a, sources[k] if k == main else f"{sources[k]} (input {k!r})")
         arrays[k] = _cast(a, specs[k], sources[k])
         _check_static(specs[k], a.shape, sources[k])
         if k in given_shape and tuple(a.shape) != given_shape[k]:
@@ -296,8 +297,8 @@ def _array_error(path: str, e: Exception):
     if isinstance(e, FileNotFoundError):
         return DataError(f"{path}: no such file")
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if "pickle" in msg.lower():
-        msg = "holds pickled objects; only plain numeric arrays are read"
+    if "pickle" in msg.lower():  # numpy says so for any file without the .npy header, too
+        msg = "not a plain .npy array: pickled objects or another format; only plain numeric arrays are read"
     return DataError(f"{path}: cannot read array file ({msg})")
 
 
@@ -374,8 +375,8 @@ def _cast(a: np.ndarray, spec: Any, where: str) -> np.ndarray:
     if dt.is_floating_point:
         if a.dtype.kind not in "fiub":
             raise DataError(f"{where}: array of dtype {a.dtype} cannot feed the float input {spec.name!r}")
-        return _contig(a, dtype=np.float64 if a.dtype == np.float64 or dt == torch.float64
-                                    else np.float32)
+        # the declared dtype (float64 data for a float32 input is narrowed: the graph computes in float32)
+        return _contig(a, dtype=np.float64 if dt == torch.float64 else np.float32)
     np_dt = torch.empty((), dtype=dt).numpy().dtype
     if a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.round(a))):
         raise DataError(f"{where}: input {spec.name!r} is {str(dt).replace('torch.', '')}, the array holds "

@@ -64,7 +64,15 @@ def load(path: str, device: str | torch.device | None = "cpu", dtype: str | torc
         if extra_args:
             raise InputError("extra forward arguments (--model-arg) apply to TorchScript models only; an ONNX "
                              "graph takes tensors by input name")
-        from .onnx.model import load_onnx
-        return load_onnx(path, device=dev, dtype=dt)
+        import hashlib
+
+        from .onnx.model import OnnxModel, read_onnx
+        from .validate import check_model
+
+        # load_onnx's two steps, with the structural checks between them (cycles, undefined tensors, initializers
+        # that do not fill their declared shape, future opsets: bad input, exit 2, before anything is allocated)
+        proto, data = read_onnx(path)
+        check_model(proto, path)
+        return OnnxModel(proto, path=path, device=dev, dtype=dt, sha256=hashlib.sha256(data).hexdigest())
     from .torchscript import load_torchscript
     return load_torchscript(path, device=dev, dtype=dt, extra_args=extra_args)

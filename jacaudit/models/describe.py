@@ -95,7 +95,10 @@ def _describe_onnx(path: str, tensors: bool = False) -> dict[str, Any]:
     from ..errors import UnsupportedOpError
     from .onnx.model import OnnxModel, _value_info_spec, float_parameter_count, read_onnx
 
+    from .validate import check_model
+
     proto, data = read_onnx(path)
+    check_model(proto, path)
     sha = hashlib.sha256(data).hexdigest()
     extra: dict[str, Any] = {}
     if tensors:

@@ -22,6 +22,21 @@ _DTYPE_CLASH = re.compile(r"same dtype|should be the same|expected scalar type|E
                           r"found (Double|Float)|dtype.*(Float|Double).*(Double|Float)")
 from .base import Model, ParameterLayer, TensorSpec, gaussian_like
 
+#: TorchScript's message for a forward argument that got no value
+_MISSING_ARG = re.compile(r"forward\(\) is missing value for argument '([^']+)'")
+
+
+def _missing_arg_message(module, name: str, given: int) -> str:
+    """The non-tensor arguments of ``forward`` (name: type), pointing to --model-arg."""
+    try:
+        args = [a for a in module.forward.schema.arguments if a.name != "self"]
+        extra = [f"{a.name}: {a.type}" for a in args if not str(a.type).startswith("Tensor")]
+    except Exception:
+        extra = [name]
+    return (f"the model's forward needs argument {name!r} after its tensor input(s) (non-tensor arguments: "
+            f"{', '.join(extra)}; {given} given): pass each with --model-arg VALUE, in order, e.g. "
+            f"jacaudit --model-arg 16000 <command> ...")
+
 _CONV_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
 
 
@@ -122,6 +137,10 @@ class TorchScriptModel(Model):
             with torch.jit.optimized_execution(False):
                 out = self.module(*args, *self.extra_args)
         except RuntimeError as e:
+            missing = _MISSING_ARG.search(str(e))
+            if missing:
+                raise InputError(_missing_arg_message(self.module, missing.group(1), len(self.extra_args))) \
+                    from None
             if self.dtype is not None and _DTYPE_CLASH.search(str(e)):
                 raise UnsupportedError(
                     f"this TorchScript model cannot run in {str(self.dtype).replace('torch.', '')}: its code makes "
