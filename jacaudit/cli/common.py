@@ -153,7 +153,7 @@ def handle_errors() -> Iterator[None]:
         if state.debug:
             raise
         name = type(e).__name__
-        if name == "OutOfMemoryError":
+        if name == "OutOfMemoryError" or isinstance(e, MemoryError):
             raise fail(f"out of memory: {e}".splitlines()[0], EXIT_RUNTIME) from None
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         first = lines[0] if lines else ""

@@ -54,6 +54,9 @@ def register(app: typer.Typer) -> None:
                 fmt = format_for_path(str(output)) if output and str(output) != "-" else "html"
                 if fmt is None:
                     raise InputError(f"cannot tell the format from {output}; pass --format ({formats_help()})")
+            if output is not None and str(output) != "-":
+                from .runner import check_file_writable
+                check_file_writable(output, "--out")
             data_out = render(rep, fmt)
             if output is None or str(output) == "-":
                 sys.stdout.buffer.write(data_out)

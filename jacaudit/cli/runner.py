@@ -232,18 +232,22 @@ def _writable_folder(path: Path, option: str, shown: Path) -> None:
 def check_writable(ro: ReportOptions) -> None:
     """--out, --junit and --sarif can be written: checked before the computation, so a long run never ends in
     an unwritable path (exit 2, one line)."""
-    from ..errors import InputError
-
     _writable_folder(ro.out_dir, "--out", ro.out_dir)
     for path, option in ((ro.junit, "--junit"), (ro.sarif, "--sarif")):
-        if path is None:
-            continue
-        p = Path(os.path.abspath(path))
-        if p.is_dir():
-            raise InputError(f"{option} {path}: is a folder; give a file name")
-        if p.exists() and not os.access(p, os.W_OK):
-            raise InputError(f"{option} {path}: the file is not writable")
-        _writable_folder(p.parent, option, path)
+        if path is not None:
+            check_file_writable(path, option)
+
+
+def check_file_writable(path: Path | str, option: str) -> None:
+    """A file ``path`` can be written (created with its folders): else InputError naming ``option``."""
+    from ..errors import InputError
+
+    p = Path(os.path.abspath(path))
+    if p.is_dir():
+        raise InputError(f"{option} {path}: is a folder; give a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise InputError(f"{option} {path}: the file is not writable")
+    _writable_folder(p.parent, option, Path(path))
 
 
 def _write_artifacts(artifacts: list, out_dir: Path) -> list[str]:

@@ -232,6 +232,22 @@ def load_inputs(paths: Sequence[str], preprocess: Preprocess, spec: Any = None) 
     return out
 
 
+#: the most values a synthetic input may hold (4 GiB as float32): a larger declared shape is refused before
+#: anything is allocated
+SYNTHETIC_MAX_VALUES = 1 << 30
+
+
+def check_synthetic_size(shape: Sequence[int], name: str) -> None:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n > SYNTHETIC_MAX_VALUES:
+        gib = n * 4 / (1 << 30)
+        raise DataError(f"input {name!r} of shape {tuple(int(d) for d in shape)} would hold {n:,} values "
+                         f"({gib:,.0f} GiB as float32): too large for a synthetic input; give data (--input) or a "
+                         "smaller --shape")
+
+
 def synthetic_sample(spec: Any, seed: int = 0, preprocess: Preprocess | None = None,
                      fill: dict[str, int] | int | None = None) -> Sample:
     """A seeded synthetic input of the declared shape (batch axis dropped), flagged ``synthetic=True``.
@@ -251,6 +267,7 @@ def synthetic_sample(spec: Any, seed: int = 0, preprocess: Preprocess | None = N
         shape = (1, *preprocess.tensor_shape(*preprocess.size))
     else:
         shape = _synthetic_shape(spec, preprocess, fill)
+    check_synthetic_size(shape, getattr(spec, "name", "?"))
     sample_shape = tuple(shape[1:])
     pixels = None
     if preprocess is not None and len(shape) == 4:

@@ -239,6 +239,7 @@ def load_feeds(model: Any, input: str | Sequence[str] | None = None, *, input_na
         if s.name in arrays:
             continue
         shp = run_shape[s.name]
+        D.check_synthetic_size(shp, s.name)
         s2 = dataclasses.replace(s, shape=shp)
         is_main = s.name == main
         pp = pp_for(s2, False) if is_main else None

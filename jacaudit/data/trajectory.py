@@ -77,6 +77,9 @@ def load_trajectory(path: str, spec: Any) -> Trajectory:
         raise DataError(f"{path}: the trajectory must be an array with one input per row")
     if a.ndim == 1:
         a = a[:, None]
+    from . import check_finite
+
+    check_finite(a, path)
     notes: list[str] = []
     pts = _tensors(a, spec, notes, path)
     return Trajectory(pts, [f"#{i}" for i in range(len(pts))], None, "trajectory",
@@ -89,13 +92,18 @@ def parse_point(text: str, where: str) -> np.ndarray:
         if not os.path.exists(text):
             raise DataError(f"{text}: no such file")
         try:
-            return np.asarray(np.load(text, allow_pickle=False))
+            a = np.asarray(np.load(text, allow_pickle=False))
         except Exception as e:
             raise DataError(f"{text}: cannot read array ({str(e).splitlines()[0] if str(e) else e})") from None
-    try:
-        return np.array([float(v) for v in text.replace(";", ",").split(",") if v.strip()], dtype=np.float64)
-    except ValueError:
-        raise InputError(f"{where}: {text!r} is neither an .npy file nor comma-separated numbers") from None
+    else:
+        try:
+            a = np.array([float(v) for v in text.replace(";", ",").split(",") if v.strip()], dtype=np.float64)
+        except ValueError:
+            raise InputError(f"{where}: {text!r} is neither an .npy file nor comma-separated numbers") from None
+    from . import check_finite
+
+    check_finite(a, f"{where} {text}")
+    return a
 
 
 def line_trajectory(a_text: str, b_text: str, steps: int, spec: Any) -> Trajectory:

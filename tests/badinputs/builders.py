@@ -164,6 +164,12 @@ def huge_initializer(d: Path) -> Path:
     return save(onnx_model(nodes, [fvi("x", [1, 1 << 20])], [fvi("y", [1, 1 << 20])], [t]), d / "huge.onnx")
 
 
+def huge_input(d: Path) -> Path:
+    """An input declaring 2^40 values (no initializer): a synthetic input of that shape is refused, not allocated."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    return save(onnx_model(nodes, [fvi("x", [1 << 20, 1 << 20])], [fvi("y", [1 << 20, 1 << 20])]), d / "hugein.onnx")
+
+
 def wrong_size_initializer(d: Path) -> Path:
     t = numpy_helper.from_array(np.ones(5, np.float32), "W")
     t.dims[:] = [4, 2]  # declares 8 floats, holds 5
