@@ -45,8 +45,15 @@ def open_image(path: str):
     """Open, orient (EXIF) and decode fully; any failure is a :class:`DataError` naming the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    import warnings
+
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # past Pillow's pixel limit (Image.MAX_IMAGE_PIXELS) Pillow only warns up to twice the limit:
+            # refused like a larger bomb, before anything is decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im.seek(0)
             im.load()
             try:
@@ -61,8 +68,8 @@ def open_image(path: str):
     except (OSError, SyntaxError, ValueError) as e:  # truncated, corrupt, decompression bomb
         raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: refused by Pillow's decompression-bomb limit ({e})") from None
 
 
 def to_mode(img, channels: str):

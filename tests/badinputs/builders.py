@@ -411,13 +411,19 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def bomb_png(d: Path) -> Path:
-    """A PNG header declaring 40000 x 40000 pixels (1.6 G) with almost no data: Pillow's bomb limit refuses it."""
-    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+def bomb_png(d: Path, side: int = 40000) -> Path:
+    """A PNG header declaring side x side pixels (1.6 G by default) with almost no data: past Pillow's limit."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 1024)) \
         + _png_chunk(b"IEND", b"")
     (d / "bomb.png").write_bytes(data)
     return d / "bomb.png"
+
+
+def side_between_bomb_limits() -> int:
+    from PIL import Image
+
+    return int((1.5 * (Image.MAX_IMAGE_PIXELS or 89478485)) ** 0.5)
 
 
 def truncated_png(d: Path) -> Path:
