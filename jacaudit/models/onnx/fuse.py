@@ -61,12 +61,52 @@ _HSG_BOUNDS = {dt: _bounds(dt, 0.0, 1.0) for dt in _FAST}
 # ------------------------------------------------------------------------------------------------------------
 # HardSwish
 # ------------------------------------------------------------------------------------------------------------
-def _hardswish_grad(g, x):
+def _hardswish_grad_plain(g, x):
     """g * d/dx hardswish(x): hardsigmoid(x) + x/6 on the closed interval [-3, 3]; 0 below, 1 above (so -0.5 at
     -3 and 1.5 at 3). Linear in g (it is the jvp too); five fused kernels."""
     lo, hi = _HSW_BOUNDS[x.dtype]
     inner = torch.ops.aten.hardtanh_backward(g * x, x, lo, hi)
     return torch.add(g * F.hardsigmoid(x), inner, alpha=1.0 / 6.0)
+
+
+# x scaled by one minus half an ulp of 1: exactly -3 and 3 move one ulp inside [-3, 3] (their neighbours outside
+# move onto -3 and 3), every other value by a relative half ulp (the derivative changes by rounding only).
+_HSW_SHRINK = {torch.float32: 1.0 - 2.0 ** -24, torch.float64: 1.0 - 2.0 ** -53}
+
+
+def _hardswish_grad_fused(g, x):
+    """The same derivative in two kernels: torch's ``hardswish_backward`` (``x/3 + 1/2`` on the open interval
+    (-3, 3), 0 at and below -3, 1 at and above 3 in torch 2.13) at ``x`` shrunk by half an ulp, which puts -3
+    and 3 inside (-0.5 and 1.5 up to an ulp) and keeps every value outside [-3, 3] outside. Used only when
+    ``_hardswish_grad_probe`` finds this torch's kernel so (the kink convention must not follow a release)."""
+    return torch.ops.aten.hardswish_backward(g, x * _HSW_SHRINK[x.dtype])
+
+
+def _hardswish_grad_probe() -> bool:
+    """Does the fused form give the plain form's derivative here: exactly at and outside the kinks (and their
+    float neighbours), to rounding inside?"""
+    try:
+        for dt in _FAST:
+            k = [torch.tensor(v, dtype=dt) for v in (-3.0, 3.0)]
+            near = []
+            for v in k:
+                near += [v, torch.nextafter(v, torch.tensor(-math.inf, dtype=dt)),
+                         torch.nextafter(v, torch.tensor(math.inf, dtype=dt))]
+            x = torch.stack(near + [torch.tensor(v, dtype=dt) for v in
+                                    (0.0, 1.0, -1.0, 2.5, -2.5, 3.5, -3.5, 1e6, -1e6, math.inf, -math.inf)])
+            g = torch.linspace(0.5, 2.0, x.numel(), dtype=dt)
+            a, b = _hardswish_grad_fused(g, x), _hardswish_grad_plain(g, x)
+            outside = (x < -3) | (x > 3)
+            if not torch.equal(a[outside], b[outside]):
+                return False
+            if not torch.allclose(a, b, rtol=4 * torch.finfo(dt).eps, atol=0):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 -- any surprise: the plain form
+        return False
+
+
+_hardswish_grad = _hardswish_grad_fused if _hardswish_grad_probe() else _hardswish_grad_plain
 
 
 class _HardSwish(torch.autograd.Function):
