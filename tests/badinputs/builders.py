@@ -170,6 +170,11 @@ def huge_input(d: Path) -> Path:
     return save(onnx_model(nodes, [fvi("x", [1 << 20, 1 << 20])], [fvi("y", [1 << 20, 1 << 20])]), d / "hugein.onnx")
 
 
+def relu_model(d: Path, shape, name: str = "relu.onnx") -> Path:
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    return save(onnx_model(nodes, [fvi("x", shape)], [fvi("y", shape)]), d / name)
+
+
 def wrong_size_initializer(d: Path) -> Path:
     t = numpy_helper.from_array(np.ones(5, np.float32), "W")
     t.dims[:] = [4, 2]  # declares 8 floats, holds 5
@@ -301,6 +306,25 @@ def torch_package(d: Path) -> Path:
         z.writestr("pkg/.data/extern_modules", "")
         z.writestr("pkg/model/model.pkl", pickle.dumps({"a": 1}))
     return d / "pkg.pt"
+
+
+def real_torch_package(d: Path) -> Path:
+    """An archive written by torch.package's own PackageExporter (skipped where torch no longer has it)."""
+    import warnings
+
+    import pytest
+
+    try:
+        from torch.package import PackageExporter
+    except ImportError:
+        pytest.skip("this torch has no torch.package")
+    torch = _torch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with PackageExporter(str(d / "real_pkg.pt")) as e:
+            e.intern("**")
+            e.save_pickle("model", "model.pkl", {"w": torch.ones(2)})
+    return d / "real_pkg.pt"
 
 
 def plain_zip(d: Path) -> Path:
