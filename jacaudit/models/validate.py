@@ -69,7 +69,13 @@ def _stored_values(t) -> int | None:
 
 
 def check_initializers(proto, path: str) -> None:
+    from onnx import TensorProto
+
+    known = set(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
     for t in proto.graph.initializer:
+        if t.data_type not in known:
+            raise ModelLoadError(f"{path}: initializer {t.name!r} has an undefined or unknown element type "
+                                 f"({t.data_type})")
         declared = _declared_values(t)
         if declared is None:
             raise ModelLoadError(f"{path}: initializer {t.name!r} declares a negative dim {tuple(t.dims)}")
@@ -141,8 +147,28 @@ def check_graph_structure(proto, path: str) -> None:
             raise ModelLoadError(f"{path}: graph output {o.name!r} is computed by no node")
 
 
+def check_strings(proto, path: str) -> None:
+    """Names and op types are text: protobuf hands back bytes for a string field that is not valid UTF-8 (a
+    corrupt file)."""
+    g = proto.graph
+
+    def bad(x) -> bool:
+        return isinstance(x, bytes)
+
+    for k, n in enumerate(g.node):
+        if any(bad(x) for x in (n.op_type, n.domain, n.name, *n.input, *n.output)):
+            raise ModelLoadError(f"{path}: node #{k} holds a name or op type that is not valid UTF-8 (corrupt file)")
+    for field in ("input", "output", "value_info", "initializer"):
+        for item in getattr(g, field):
+            if bad(item.name):
+                raise ModelLoadError(f"{path}: a graph {field} name is not valid UTF-8 (corrupt file)")
+    if any(bad(imp.domain) for imp in proto.opset_import):
+        raise ModelLoadError(f"{path}: an opset domain is not valid UTF-8 (corrupt file)")
+
+
 def check_model(proto, path: str) -> None:
     """All checks above, in the order a user would fix them."""
+    check_strings(proto, path)
     check_opset(proto, path)
     check_graph_structure(proto, path)
     check_initializers(proto, path)

@@ -137,3 +137,26 @@ def test_a_missing_forward_argument_points_to_model_arg(tmp_path):
         m.run({"x": torch.ones(1, 3)})
     m2 = load(str(B.extra_arg_ts(tmp_path)), extra_args=(2,))
     assert torch.equal(m2.run({"x": torch.ones(1, 3)})[0], torch.full((1, 3), 2.0))
+
+
+def test_a_name_that_is_not_utf8_is_a_load_error(tmp_path):
+    """protobuf hands back bytes for an invalid UTF-8 string field (found by the fuzz test)."""
+    from jacaudit.models import describe_file
+
+    p = B.linear(tmp_path)
+    data = p.read_bytes()
+    assert data.count(b"MatMul") == 1
+    p.write_bytes(data.replace(b"MatMul", b"MatM\xe1l"))
+    for loader in (load, describe_file):
+        with pytest.raises(ModelLoadError, match="not valid UTF-8"):
+            loader(str(p))
+
+
+def test_an_initializer_of_undefined_type_is_a_load_error(tmp_path):
+    import onnx
+
+    m = onnx.load(str(B.linear(tmp_path)))
+    m.graph.initializer[0].data_type = onnx.TensorProto.UNDEFINED
+    B.save(m, tmp_path / "undef.onnx")
+    with pytest.raises(ModelLoadError, match="element type"):
+        load(str(tmp_path / "undef.onnx"))
