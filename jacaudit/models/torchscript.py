@@ -54,8 +54,8 @@ def sniff_torch_file(path: str) -> str:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except zipfile.BadZipFile:
-        return "truncated"
+    except (zipfile.BadZipFile, UnicodeDecodeError, NotImplementedError, ValueError, EOFError, OSError):
+        return "truncated"  # a corrupt directory: undecodable names, an unknown zip version, short records
     parts = [n.split("/", 1)[1] if "/" in n else n for n in names]
     if any(p.startswith(".data/extern_modules") for p in parts) or any(p == ".data/version" for p in parts):
         return "torch.package"

@@ -333,6 +333,15 @@ def plain_zip(d: Path) -> Path:
     return d / "zip.pt"
 
 
+def zip_bad_names(d: Path) -> Path:
+    """A zip whose file names are flagged UTF-8 but are not (zipfile raises UnicodeDecodeError reading it)."""
+    with zipfile.ZipFile(d / "names.pt", "w") as z:
+        z.writestr("m/caf\u00e9/data.pkl", b"x")
+    data = (d / "names.pt").read_bytes().replace("\u00e9".encode(), b"\xc3\x28")
+    (d / "names.pt").write_bytes(data)
+    return d / "names.pt"
+
+
 def json_pt(d: Path) -> Path:
     (d / "model.pt").write_text(json.dumps({"weights": [1, 2, 3]}))
     return d / "model.pt"

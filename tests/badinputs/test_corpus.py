@@ -120,6 +120,7 @@ CASES: list[Case] = [
     Case("torch-package", "model", lambda d, m: J(str(B.torch_package(d))), 2, msg="torch.package"),
     Case("torch-package-real", "model", lambda d, m: J(str(B.real_torch_package(d))), 2, msg="torch.package"),
     Case("plain-zip-pt", "model", lambda d, m: J(str(B.plain_zip(d))), 2),
+    Case("zip-with-undecodable-names", "model", lambda d, m: J(str(B.zip_bad_names(d))), 2, msg="corrupt"),
     Case("json-named-pt", "model", lambda d, m: J(str(B.json_pt(d))), 2),
     Case("hostile-legacy-pickle", "model", lambda d, m: J(str(B.hostile_legacy_pt(d, m))), 2),
     Case("hostile-pickle-in-zip", "model", lambda d, m: J(str(B.hostile_zip_pt(d, m))), 2),

@@ -117,3 +117,25 @@ def test_edited_protobuf_loads_or_raises_our_error(which, edits):
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.stem for p in SAMPLES])
 def test_the_unmutated_samples_load(path):
     assert load(str(path)).inputs
+
+
+TS_RAW = (ROOT / "sample_models/arm/arm.pt").read_bytes()
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=6),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_flipped_torchscript_bytes_load_or_raise_our_error(flips, cut):
+    """The same property for a TorchScript archive (the zip directory is read before torch sees the file)."""
+    data = bytearray(TS_RAW)
+    for pos, x in flips:
+        data[int(pos * len(data))] ^= x
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = os.path.join(_TMP, "m.pt")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    try:
+        load(path)
+    except JacauditError as e:
+        assert str(e).strip() and "\n" not in str(e).strip(), repr(str(e))
