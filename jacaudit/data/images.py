@@ -48,19 +48,25 @@ def open_image(path: str):
     import warnings
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            # Pillow's warnings about a file (broken metadata, a short read) never reach stderr as extra lines:
+            # a truncated read is an error, metadata noise is dropped
+            warnings.simplefilter("always")
             # past Pillow's pixel limit (Image.MAX_IMAGE_PIXELS) Pillow only warns up to twice the limit:
             # refused like a larger bomb, before anything is decoded
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            im.seek(0)
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:
-                pass  # a broken EXIF block: keep the stored orientation
-            return im.copy()
+            with Image.open(path) as im:
+                im.seek(0)
+                im.load()
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:
+                    pass  # a broken EXIF block: keep the stored orientation
+                img = im.copy()
+        short = [w for w in caught if "truncated" in str(w.message).lower()]
+        if short:
+            raise DataError(f"{path}: cannot decode image ({str(short[0].message).splitlines()[0]})")
+        return img
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except UnidentifiedImageError:

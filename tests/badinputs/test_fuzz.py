@@ -1,6 +1,9 @@
-"""Property: an ONNX file mutated from a sample model (bytes flipped, fields deleted, dims changed) either loads
-(and is described, as `inspect` does) or raises one of jacaudit's own errors (:class:`jacaudit.errors.JacauditError`, a one-line message and an exit
-code) -- never anything else. Bounded examples, no deadline per example, the whole file in well under 30 s."""
+"""Properties over mutated files: an ONNX file mutated from a sample model (bytes flipped, fields deleted, dims,
+op types and element types changed), a TorchScript archive with flipped bytes, and corrupt images / .npy files
+either load (ONNX: and are described, as `inspect` does) or raise one of jacaudit's own errors
+(:class:`jacaudit.errors.JacauditError`, one line, an exit code) -- never anything else. Bounded examples, no
+deadline per example, the whole file in well under 30 s; JACAUDIT_FUZZ_EXAMPLES=N and JACAUDIT_FUZZ_RANDOM=1
+explore further."""
 from __future__ import annotations
 
 import os
@@ -139,3 +142,52 @@ def test_flipped_torchscript_bytes_load_or_raise_our_error(flips, cut):
         load(path)
     except JacauditError as e:
         assert str(e).strip() and "\n" not in str(e).strip(), repr(str(e))
+
+
+def _image_sources() -> dict[str, bytes]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    out = {}
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg"), ("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tif"),
+                     ("PPM", "ppm")):
+        b = io.BytesIO()
+        Image.fromarray(arr).save(b, format=fmt)
+        out[ext] = b.getvalue()
+    b = io.BytesIO()
+    np.save(b, np.ones((2, 12), np.float32))
+    out["npy"] = b.getvalue()
+    return out
+
+
+IMAGES = _image_sources()
+
+
+@FUZZ
+@given(ext=st.sampled_from(sorted(IMAGES)),
+       flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=5),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_flipped_image_and_array_bytes_read_or_raise_our_error(ext, flips, cut):
+    """Input files too: a corrupt image or .npy reads, or raises DataError; Pillow's warnings stay inside."""
+    import warnings
+
+    from jacaudit import data as D
+
+    data = bytearray(IMAGES[ext])
+    for pos, x in flips:
+        data[int(pos * len(data))] ^= x
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = os.path.join(_TMP, f"x.{ext}")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            D.load_arrays(path) if ext == "npy" else D.read_pixels(path, "RGB", (8, 8))
+        except JacauditError as e:
+            assert str(e).strip() and "\n" not in str(e).strip(), repr(str(e))
+    assert not [w for w in caught if "PIL" in (w.filename or "")], [str(w.message) for w in caught]
