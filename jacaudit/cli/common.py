@@ -53,16 +53,33 @@ def warn(msg: str) -> None:
 def deferred_messages() -> Iterator[None]:
     """Hold info/warn lines back until the block completes; they are printed then, dropped when it raised
     (the error line stands alone; ``--debug`` prints them before the traceback)."""
+    import warnings
+
     state.deferred = []
     ok = False
+    caught: list = []
     try:
-        yield
-        ok = True
+        # Python warnings of the model or a library (a TorchScript forward's warnings.warn, say) become one
+        # "warning:" line each, once, instead of two raw lines per call
+        with warnings.catch_warnings(record=True) as rec:
+            try:
+                yield
+                ok = True
+            finally:
+                caught = list(rec)
     finally:
         pending, state.deferred = state.deferred, None
         if ok or state.debug:
             for msg, style in pending:
                 err.print(msg, style=style, markup=False)
+            seen = set()
+            for w in caught:
+                if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
+                    continue  # API deprecations inside libraries are for developers, not for this run's user
+                text = (str(w.message).strip().splitlines() or [""])[0]
+                if (w.category.__name__, text) not in seen:
+                    seen.add((w.category.__name__, text))
+                    err.print(f"warning: {text} ({w.category.__name__})", style="yellow", markup=False)
 
 
 def fail(msg: str, code: int) -> "typer.Exit":

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -398,6 +399,19 @@ def extra_arg_ts(d: Path) -> Path:
 
     torch.jit.script(M()).save(str(d / "extra.pt"))
     return d / "extra.pt"
+
+
+def warning_ts(d: Path) -> Path:
+    """A TorchScript forward that calls warnings.warn on every call."""
+    torch = _torch()
+
+    class M(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            warnings.warn("this model is deprecated")
+            return x * 2
+
+    torch.jit.script(M()).save(str(d / "warn.pt"))
+    return d / "warn.pt"
 
 
 def raising_ts(d: Path) -> Path:

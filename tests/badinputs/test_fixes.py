@@ -160,3 +160,15 @@ def test_an_initializer_of_undefined_type_is_a_load_error(tmp_path):
     B.save(m, tmp_path / "undef.onnx")
     with pytest.raises(ModelLoadError, match="element type"):
         load(str(tmp_path / "undef.onnx"))
+
+
+def test_python_warnings_of_a_model_are_one_line_each(tmp_path):
+    """warnings.warn inside a TorchScript forward: one 'warning:' line however often it is called; nothing of
+    it when the run fails (the error stands alone)."""
+    p = B.warning_ts(tmp_path)
+    r = _cli(["jacobian", p, "--shape", "1,3", "--out", tmp_path / "a"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if "deprecated" in ln]
+    assert lines == ["warning: this model is deprecated (UserWarning)"], r.stderr
+    r = _cli(["jacobian", p, "--shape", "1,3", "--out", tmp_path / "b", "--output-name", "nope"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
