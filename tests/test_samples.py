@@ -441,7 +441,7 @@ def test_full_rebuild_reproduces_cards(tmp_path):
     from jacaudit.samples import build
 
     cards = build(None, out_dir=str(tmp_path), seed=0, log=lambda *_: None)
-    for n in NAMES:
+    for n in MODELS:
         a, b = cards[n], card(n)
         for k in ("inputs", "outputs", "classes"):
             assert a[k] == b[k], (n, k)

@@ -100,8 +100,7 @@ def check_inputs(proto, path: str) -> None:
             if d.HasField("dim_value") and d.dim_value == 0:
                 raise ModelLoadError(f"{path}: input {vi.name!r} declares size 0 on axis {axis}: an empty tensor "
                                      "has no values to differentiate")
-            if d.HasField("dim_value") and d.dim_value < 0:
-                raise ModelLoadError(f"{path}: input {vi.name!r} declares a negative size on axis {axis}")
+            # a negative size is how some exporters (paddle2onnx: -1) write a dynamic dim: it stays dynamic
 
 
 def check_graph_structure(proto, path: str) -> None:
