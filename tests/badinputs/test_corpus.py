@@ -69,6 +69,13 @@ def _imgdir(d, *names):
     return str(d / "imgs")
 
 
+def _folder(d, name, *files):
+    (d / name).mkdir()
+    for f in files:
+        (d / name / f).write_text("not an input\n")
+    return str(d / name)
+
+
 def _tab_csv(d, text):
     return str(B.csv(d, "t.csv", text))
 
@@ -143,11 +150,8 @@ CASES: list[Case] = [
     Case("image-text-named-png", "input", lambda d, m: S(str(B.image_model(d)), str(B.text_png(d))), 2),
     Case("image-empty-file", "input", lambda d, m: S(str(B.image_model(d)), str(B.empty_file(d, "e.png"))), 2),
     Case("image-missing", "input", lambda d, m: S(str(B.image_model(d)), str(d / "nope.png")), 2),
-    Case("folder-empty", "input", lambda d, m: S(str(B.image_model(d)), str((d / "empty").mkdir() or d / "empty")),
-         2),
-    Case("folder-no-images", "input",
-         lambda d, m: S(str(B.image_model(d)), str((B.csv(d / "x", "a.txt", "hi") if (d / "x").mkdir() is None
-                                                     else None).parent)), 2),
+    Case("folder-empty", "input", lambda d, m: S(str(B.image_model(d)), _folder(d, "empty")), 2),
+    Case("folder-no-images", "input", lambda d, m: S(str(B.image_model(d)), _folder(d, "x", "a.txt", "b.csv")), 2),
     Case("folder-mixed-good-bad", "input",
          lambda d, m: S(str(B.image_model(d)), (_imgdir(d, "a.png", "b.png"), B.text_png(d / "imgs"))[0]), 2,
          report=True, msg="skipped"),
