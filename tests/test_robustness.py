@@ -253,6 +253,14 @@ def test_refusals_are_one_line(tmp_path):
     assert "out of range" in r.output
     r = _run(["robustness", lin, tmp_path / "missing.npz"], code=2)
     assert "no such file" in r.output
+    # a rank-0 output (a graph summing everything): one score for the whole batch, no classes to attack
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("ReduceSum", ["m"], ["y"], keepdims=0)]
+    g = helper.make_graph(nodes, "r0", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                          [numpy_helper.from_array(np.ones((6, 1), np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "r0.onnx"))
+    r = _run(["robustness", tmp_path / "r0.onnx", data], code=2)
+    assert "at least two class scores" in r.output and "Traceback" not in r.output
 
 
 def test_labels_csv_unknown_class_and_limit(tmp_path):

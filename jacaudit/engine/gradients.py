@@ -213,7 +213,7 @@ class Scorer:
             self.warnings.append("the model does not run batched (fixed batch size in the graph?); inputs are "
                                  "evaluated one at a time, which is slower")
         parts = [self._run(x[i:i + 1], {k: v[i:i + 1] for k, v in extra.items()}) for i in range(n)]
-        res = [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+        res = [torch.cat([p[j].reshape(1) if p[j].dim() == 0 else p[j] for p in parts]) for j in range(len(parts[0]))]
         return self._shape(res, n)
 
     def _shape(self, res: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
