@@ -694,7 +694,8 @@ def _metrics(r: RobustnessResult, o: RobustnessOptions, nz: int, nnf: int, n: in
     if r.norms is not None:
         nm = r.norms
         ms += [Metric("jacobian_frobenius_mean", subj, nm.frobenius.get("mean"), ">",
-                      note=f"{nm.frobenius_method}, {nm.frobenius_probes} probes",
+                      note=(f"exact from {nm.frobenius_probes} vjps" if nm.frobenius_method == "exact" else
+                            f"{nm.frobenius_method}, {nm.frobenius_probes} probes"),
                       properties={"stderr_mean": nm.frobenius_stderr_mean},
                       description="mean ||J||_F of the scores w.r.t. the input (attack units)"),
                Metric("jacobian_frobenius_sq_mean", subj, nm.frobenius_sq_mean, ">",
