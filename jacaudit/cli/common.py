@@ -49,6 +49,13 @@ def warn(msg: str) -> None:
         err.print(f"warning: {msg}", style="yellow", markup=False)
 
 
+def _from_torch(filename: str) -> bool:
+    """A warning raised by torch's own code (not by a model's forward)."""
+    mod = sys.modules.get("torch")
+    base = os.path.dirname(getattr(mod, "__file__", "") or "") if mod is not None else ""
+    return bool(base) and os.path.abspath(str(filename)).startswith(base + os.sep)
+
+
 @contextlib.contextmanager
 def deferred_messages() -> Iterator[None]:
     """Hold info/warn lines back until the block completes; they are printed then, dropped when it raised
@@ -76,6 +83,8 @@ def deferred_messages() -> Iterator[None]:
             for w in caught:
                 if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
                     continue  # API deprecations inside libraries are for developers, not for this run's user
+                if issubclass(w.category, FutureWarning) and _from_torch(w.filename):
+                    continue  # torch announcing its own API changes (torch.jit.load's deprecation, 2.14)
                 text = (str(w.message).strip().splitlines() or [""])[0]
                 if (w.category.__name__, text) not in seen:
                     seen.add((w.category.__name__, text))
