@@ -116,6 +116,34 @@ def load_model(path: str, device: str | None = "cpu", dtype: str | None = None):
     return load(path, device=device, dtype=dtype, extra_args=state.model_args)
 
 
+def fixed_feeds(items: list[str] | None, model, main: str) -> dict:
+    """``--input NAME=FILE`` (.npy) for the model's other inputs: one value fed with every sample."""
+    import numpy as np
+    import torch
+
+    from ..errors import DataError, InputError
+
+    feeds = {}
+    names = [s.name for s in model.inputs]
+    for it in items or []:
+        if "=" not in it:
+            raise InputError(f"--input {it!r}: give NAME=FILE for another model input (the data is DATA)")
+        name, path = it.split("=", 1)
+        if name not in names or name == main:
+            raise InputError(f"--input {it!r}: {name!r} is not another input of the model "
+                             f"({', '.join(n for n in names if n != main) or 'it has none'})")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read a .npy array ({type(e).__name__})") from None
+        spec = model.input_spec(name)
+        t = torch.as_tensor(arr)
+        if spec.shape is not None and t.dim() == len(spec.shape) - 1:
+            t = t[None]
+        feeds[name] = t
+    return feeds
+
+
 def labels_file(model_path, labels) -> str | None:
     """The class-labels file: the one given, else a labels.txt beside the model (said on stderr), else None."""
     if labels:

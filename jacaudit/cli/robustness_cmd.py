@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import labels_file, load_model, out
+from .common import fixed_feeds, labels_file, load_model, out
 from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
                       OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt)
 from .runner import Outcome, audit_command
@@ -16,34 +16,6 @@ from .runner import Outcome, audit_command
 ATK = "Attacks"
 NRM = "Norms and directions"
 DAT = "Data"
-
-
-def _fixed_feeds(items: list[str] | None, model, main: str) -> dict:
-    """``--input NAME=FILE`` (.npy) for the model's other inputs: one value fed with every sample."""
-    import numpy as np
-    import torch
-
-    from ..errors import DataError, InputError
-
-    feeds = {}
-    names = [s.name for s in model.inputs]
-    for it in items or []:
-        if "=" not in it:
-            raise InputError(f"--input {it!r}: give NAME=FILE for another model input (the data is DATA)")
-        name, path = it.split("=", 1)
-        if name not in names or name == main:
-            raise InputError(f"--input {it!r}: {name!r} is not another input of the model "
-                             f"({', '.join(n for n in names if n != main) or 'it has none'})")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot read a .npy array ({type(e).__name__})") from None
-        spec = model.input_spec(name)
-        t = torch.as_tensor(arr)
-        if spec.shape is not None and t.dim() == len(spec.shape) - 1:
-            t = t[None]
-        feeds[name] = t
-    return feeds
 
 
 def register(app: typer.Typer) -> None:
@@ -163,7 +135,7 @@ def register(app: typer.Typer) -> None:
             box, range_src = image_box(pp), "the pixel range"
         else:
             box, range_src = array_box(np.stack([s.array for s in data.samples]), rng)
-        fixed = _fixed_feeds(feeds, model, spec.name)
+        fixed = fixed_feeds(feeds, model, spec.name)
         opts = RobustnessOptions(eps=eps_list, eps_l2=l2, pgd_norms=norms, pgd_steps=pgd_steps,
                                  pgd_alpha=pgd_step, random_start=random_start, bisect_steps=bisect,
                                  directions=directions, norm_limit=norm_limit, probes=probes,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import info, load_model, out
+from .common import fixed_feeds, labels_file, load_model, out
 from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
                       OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt)
 from .runner import Outcome, audit_command
@@ -120,7 +120,6 @@ def register(app: typer.Typer) -> None:
         from ..analyses.transfer import TransferOptions, transfer
         from ..data.collect import read_feature_names
         from ..errors import InputError
-        from .robustness_cmd import _fixed_feeds
 
         if score not in ("logit", "output"):
             raise InputError("--score must be logit or output")
@@ -129,12 +128,7 @@ def register(app: typer.Typer) -> None:
         spec = model.input_spec(input_name)
         pp = D.Preprocess.infer(spec.shape, preset=preset, size=size, mean=mean, std=std, scale=scale,
                                 layout=layout, channels=channels, resize=resize)
-        label_path = str(labels) if labels else None
-        if label_path is None:
-            cand = os.path.join(os.path.dirname(os.path.abspath(str(model_path))), "labels.txt")
-            if os.path.isfile(cand):
-                label_path = cand
-                info(f"labels: {cand}")
+        label_path = labels_file(model_path, labels)
         classes = read_labels(label_path)
         names_in = [s.name for s in model.inputs]
         with ctx.timed("data"):
@@ -145,7 +139,7 @@ def register(app: typer.Typer) -> None:
                 if csv_names and t_names and t_names != csv_names:
                     raise InputError(f"{target_data}: its columns differ from the source data's")
         is_image = all(s.pixels is not None for s in src.samples)
-        fixed = _fixed_feeds(feeds, model, spec.name)
+        fixed = fixed_feeds(feeds, model, spec.name)
         names = read_feature_names(feature_names) or csv_names
         opts = TransferOptions(layers=tuple(layers or ()), feature_axis=feature_axis, probes=probes,
                                batch_size=batch_size, seed=seed, max_outputs=max_outputs,
