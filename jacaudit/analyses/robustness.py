@@ -316,7 +316,9 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
     ratio_max = 0.0
     g0_safe = torch.where(torch.isfinite(g0), g0, torch.zeros_like(g0))
 
-    def record(attack: str, eps: float, adv: torch.Tensor, linear: bool) -> tuple[SweepPoint, torch.Tensor]:
+    def record(attack: str, eps: float, adv: torch.Tensor, linear: bool, linf: bool = True
+               ) -> tuple[SweepPoint, torch.Tensor]:
+        """One sweep point; an L-inf point also feeds the observed ratio and each input's first flip."""
         nonlocal ratio_max
         z = runner.scores(adv)
         pred = z.argmax(1)
@@ -328,6 +330,9 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
         dn = _flat(d).norm(dim=1)
         ratios = torch.where(dn > 0, dz / dn.clamp_min(1e-30), torch.zeros_like(dz))
         rmax = float(ratios.max()) if ratios.numel() else 0.0
+        if not linf:
+            return SweepPoint(attack, float(eps), _share(pred == y), _share(flipped), float(drop.mean()),
+                              float(drop.max()), None, None, None, rmax), flipped
         ratio_max = max(ratio_max, rmax)
         pred_change = actual = lin = None
         if linear:
@@ -378,7 +383,7 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
             adv = run_pgd(float(eps), norm, u0, y, None, gen)
             attack = "pgd-linf" if norm == "linf" else "pgd-l2"
             if norm != "linf":
-                sweep.append(_l2_point(runner, adv, eps, y, m0, z0, pred0))
+                sweep.append(record(attack, eps, adv, False, linf=False)[0])
                 continue
             pt, flipped = record(attack, eps, adv, False)
             sweep.append(pt)
@@ -618,18 +623,6 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
     timings["analysis"] = round(time.perf_counter() - t0, 4)
     return AnalysisOutput(result=result, metrics=metrics, warnings=warnings, artifacts=artifacts,
                           partial=bool(data.failures))
-
-
-def _l2_point(runner: _Runner, adv: torch.Tensor, eps: float, y: torch.Tensor, m0: torch.Tensor, z0: torch.Tensor,
-              pred0: torch.Tensor) -> SweepPoint:
-    z = runner.scores(adv)
-    pred = z.argmax(1)
-    drop = m0 - margin(z, y)
-    d = _flat(adv - runner.u0).norm(dim=1)
-    dz = _flat(z - z0).norm(dim=1)
-    ratios = torch.where(d > 0, dz / d.clamp_min(1e-30), torch.zeros_like(dz))
-    return SweepPoint("pgd-l2", float(eps), _share(pred == y), _share(pred != pred0),
-                      float(drop.mean()), float(drop.max()), None, None, None, float(ratios.max()))
 
 
 def _amplify(d: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,7 @@ def register(app: typer.Typer) -> None:
         bad = [p for p in norms if p not in ("linf", "l2")]
         if bad:
             raise InputError(f"--pgd-norm: {', '.join(bad)} is not linf or l2")
-        l2 = parse_eps(eps_l2) if eps_l2 else None
-        if l2 is not None and len(l2) != len(eps_list) and "l2" in norms:
-            pass  # independent sweeps: any number of radii
+        l2 = parse_eps(eps_l2) if eps_l2 else None  # its own sweep: any number of radii
         if score not in ("logit", "output"):
             raise InputError("--score must be logit or output")
         rng = None
