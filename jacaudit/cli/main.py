@@ -63,7 +63,7 @@ app = typer.Typer(
 
 # Command modules, in the order of the help listing.
 COMMANDS = ("inspect_cmd", "saliency_cmd", "robustness_cmd", "transfer_cmd", "jacobian_cmd", "geometry_cmd", "gradflow_cmd", "verify_cmd",
-            "render_cmd", "schema_cmd")
+            "render_cmd", "schema_cmd", "ops_cmd")
 
 for _mod in COMMANDS:
     import_module(f"{__package__}.{_mod}").register(app)
