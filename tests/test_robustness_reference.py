@@ -5,7 +5,8 @@ The reference below is plain torch on ``torch.jit.load`` of the sample CNN and s
 follows the recipe documented in ``jacaudit/engine/attacks.py`` (loss: cross-entropy summed over the batch;
 FGSM ``clip(u + eps * sign(g))``; PGD L-inf random start ``clip(u + (2 * rand - 1) * eps)``, steps
 ``delta = clamp(u' + alpha * sign(g) - u, -eps, eps)``, ``u' = clip(u + delta)``; PGD L2 as torchattacks'
-PGDL2; one ``torch.Generator`` seeded with the seed, drawn on the CPU batch after batch). The shapes model takes
+PGDL2; the engine's ``pgd`` draws its random start from one ``torch.Generator`` batch after batch, the analysis per
+input: a generator per input seeded with BLAKE2b(seed, use, input id)). The shapes model takes
 pixel / 255 unnormalised, so the attack space is the model input and the valid range is [0, 1].
 
 Why these comparisons can fail (no vacuous test):
@@ -58,15 +59,36 @@ def l2(t):
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).reshape(-1, 1, 1, 1)
 
 
+def ref_input_generators(seed, stream, ids):
+    """The analysis' per-input random numbers (documented in jacaudit.engine.attacks): a CPU generator per input,
+    seeded with the first 8 bytes (little-endian, top bit cleared) of BLAKE2b("seed\x1fstream\x1fid")."""
+    import hashlib
+
+    out = []
+    for i in ids:
+        h = hashlib.blake2b(f"{seed}\x1f{stream}\x1f{i}".encode(), digest_size=8).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(h, "little") & (2 ** 63 - 1)))
+    return out
+
+
 def ref_pgd(net, u, y, eps, alpha, steps, norm, random_start, gen):
-    """One batch."""
+    """One batch; ``gen`` one generator for the batch, or a list of one per input."""
     adv = u.clone()
     if random_start:
-        if norm == "linf":
-            adv = (adv + (2 * torch.rand(u.shape, generator=gen, dtype=u.dtype) - 1) * eps).clamp(0, 1)
+        if isinstance(gen, list) and norm == "linf":
+            noise = torch.stack([torch.rand(u.shape[1:], generator=g, dtype=u.dtype) for g in gen])
+        elif norm == "linf":
+            noise = torch.rand(u.shape, generator=gen, dtype=u.dtype)
+        elif isinstance(gen, list):
+            pairs = [(torch.randn(u.shape[1:], generator=g, dtype=u.dtype),
+                      torch.rand((1, 1, 1), generator=g, dtype=u.dtype)) for g in gen]
+            n, r = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
         else:
             n = torch.randn(u.shape, generator=gen, dtype=u.dtype)
             r = torch.rand((u.shape[0], 1, 1, 1), generator=gen, dtype=u.dtype)
+        if norm == "linf":
+            adv = (adv + (2 * noise - 1) * eps).clamp(0, 1)
+        else:
             # grouped as the engine computes it: n * (r / ||n||) * eps. The docstring's ``r * eps * n / ||n||``
             # rounds differently (about a third of the elements differ in the last bit).
             adv = (adv + n * (r / l2(n)) * eps).clamp(0, 1)
@@ -83,7 +105,8 @@ def ref_pgd(net, u, y, eps, alpha, steps, norm, random_start, gen):
 
 def ref_pgd_all(net, u, y, eps, steps, norm, B, gen, random_start=True):
     alpha = eps * (2.5 / steps)   # the default step: eps * 2.5 / steps (Madry et al.)
-    return torch.cat([ref_pgd(net, u[s:s + B], y[s:s + B], eps, alpha, steps, norm, random_start, gen)
+    return torch.cat([ref_pgd(net, u[s:s + B], y[s:s + B], eps, alpha, steps, norm, random_start,
+                              gen[s:s + B] if isinstance(gen, list) else gen)
                       for s in range(0, len(u), B)])
 
 
@@ -94,8 +117,9 @@ def ref_margin(z, y):
     return zy - other.max(1).values
 
 
-def ref_analysis(net, u, y, eps, eps_l2, steps, B, seed, worst):
-    """The sweep (FGSM, PGD L-inf, PGD L2) and the adversarial examples of the most fragile inputs."""
+def ref_analysis(net, u, y, eps, eps_l2, steps, B, seed, worst, ids):
+    """The sweep (FGSM, PGD L-inf, PGD L2) and the adversarial examples of the most fragile inputs (``ids``: the
+    inputs' stable ids, which seed their random starts). Means over inputs in float64 (numpy), in run order."""
     n = len(u)
     z0 = ref_scores(net, u, B)
     pred0, m0 = z0.argmax(1), ref_margin(z0, y)
@@ -107,8 +131,8 @@ def ref_analysis(net, u, y, eps, eps_l2, steps, B, seed, worst):
         pred = z.argmax(1)
         drop = m0 - ref_margin(z, y)
         flipped = pred != pred0
-        sweep.append((attack, float(e), int((pred == y).sum()) / n, int(flipped.sum()) / n, float(drop.mean()),
-                      float(drop.max())))
+        sweep.append((attack, float(e), int((pred == y).sum()) / n, int(flipped.sum()) / n,
+                      float(np.mean(drop.numpy().astype(np.float64))), float(drop.max())))
         if attack != "pgd-l2":
             for i in torch.nonzero(flipped).flatten().tolist():
                 if i not in first or e < first[i][1]:
@@ -117,12 +141,12 @@ def ref_analysis(net, u, y, eps, eps_l2, steps, B, seed, worst):
 
     for e in eps:
         point("fgsm", e, (u + e * g0.sign()).clamp(0, 1))
-    gen = torch.Generator().manual_seed(seed)
-    for e in eps:
-        point("pgd-linf", e, ref_pgd_all(net, u, y, e, steps, "linf", B, gen))
-    for e in eps_l2:
-        point("pgd-l2", e, ref_pgd_all(net, u, y, e, steps, "l2", B, gen))
-    order = sorted(first, key=lambda i: (first[i][1], float(m0[i])))[:worst]
+    for k, e in enumerate(eps):
+        point("pgd-linf", e, ref_pgd_all(net, u, y, e, steps, "linf", B,
+                                         ref_input_generators(seed, f"pgd-linf/{k}", ids)))
+    for k, e in enumerate(eps_l2):
+        point("pgd-l2", e, ref_pgd_all(net, u, y, e, steps, "l2", B, ref_input_generators(seed, f"pgd-l2/{k}", ids)))
+    order = sorted(first, key=lambda i: (first[i][1], float(m0[i]), i))[:worst]
     arts = {f"adversarial/{i:04d}_{first[i][0]}_eps{first[i][1]:.6g}.npy": first_adv[i].numpy() for i in order}
     return sweep, arts, l2(g0).flatten()
 
@@ -287,7 +311,8 @@ def test_cli_sweep_and_artifacts_equal_reference(heldout, net, tmp_path):
     u, yy = x[order], y[order]
     eps_l2 = tuple(res["eps_l2"])
     assert eps_l2 == tuple(e * float(np.sqrt(3 * 64 * 64)) for e in eps)
-    sweep, arts, gnorm = ref_analysis(net, u, yy, eps, eps_l2, steps, B, 0, 4)
+    ids = [str(Path(i["source"]).relative_to(root)).replace("\\", "/") for i in res["inputs"]]
+    sweep, arts, gnorm = ref_analysis(net, u, yy, eps, eps_l2, steps, B, 0, 4, ids)
     got = [(p["attack"], p["eps"], p["robust_accuracy"], p["flip_rate"], p["mean_margin_drop"],
             p["worst_margin_drop"]) for p in res["sweep"]]
     assert got == sweep

@@ -15,7 +15,7 @@ zero / non-finite gradients, autodiff slopes that disagree with finite differenc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,7 +29,8 @@ from ..results.robustness import (AdversarialExample, Direction, FailedInput, Fl
                                   MaskingFinding, NormSummary, RobustnessResult, SweepPoint)
 from .base import AnalysisOutput, Artifact
 
-__all__ = ["RobustnessOptions", "robustness", "image_box", "array_box", "parse_eps"]
+__all__ = ["RobustnessOptions", "robustness", "image_box", "array_box", "parse_eps", "Plan", "BatchContext",
+           "make_plan", "compute_batch", "aggregate", "run_batches", "total_work"]
 
 
 @dataclass(frozen=True)
@@ -156,357 +157,572 @@ def _fmt(e: float) -> str:
     return f"{e:.6g}"
 
 
-class _Runner:
-    """The objective over the dataset in batches, with the batch-aligned extra feeds."""
-
-    def __init__(self, obj: Objective, u0: torch.Tensor, y: torch.Tensor, extra: dict[str, torch.Tensor],
-                 batch: int):
-        self.obj, self.u0, self.y, self.extra, self.batch = obj, u0, y, extra, batch
-        self.n = u0.shape[0]
-
-    def ex(self, s: int, e: int, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if idx is not None:
-            return {k: v[idx] for k, v in self.extra.items()}
-        return {k: v[s:e] for k, v in self.extra.items()}
-
-    def scores(self, u: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        out = []
-        for s, e in _batches(u.shape[0], self.batch):
-            sub = None if idx is None else idx[s:e]
-            with torch.no_grad():
-                out.append(self.obj(u[s:e], self.ex(s, e, sub)).detach())
-        return torch.cat(out)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The analysis
+# The analysis, in three parts: a plan (decided once, on the first batch), one batch of inputs (anywhere: in
+# this process or on a worker; its result is plain data), and the aggregate over all batches (here). One process
+# and a sharded run go through the same three, so their reports are the same.
 # ---------------------------------------------------------------------------------------------------------
-def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, preprocess: Any = None,
-               image: bool = False, fixed: dict[str, torch.Tensor] | None = None, range_source: str = "",
-               progress: Callable[[int, int], None] | None = None,
-               timings: dict[str, float] | None = None) -> AnalysisOutput:
-    """Probe ``data`` (:class:`jacaudit.data.dataset.LabelledData`) with FGSM and PGD; see the module docstring.
+@dataclass(frozen=True)
+class Plan:
+    """What every batch needs besides the model: the options and what the driver decided on the first batch."""
 
-    ``box`` maps the attack space to the model input; ``image`` says the samples are images laid out by
-    ``preprocess`` (pictures in the report); ``fixed`` holds other model inputs (batch 1, broadcast)."""
-    import time
+    options: RobustnessOptions
+    box: Box                      # on the CPU, float64
+    log_probs: bool               # attack the log of probability outputs
+    n_classes: int
+    eps_l2: tuple[float, ...]
+    alpha_frac: float
+    image: bool
+    preprocess: Any
+    fixed: dict[str, torch.Tensor]
+    input_name: str
+    labelled: bool
+    n_entries: int                # inputs listed for the run (the work estimate)
+    score_tensor: str = ""        # the attacked tensor's name
+    score: str = "logit"          # the scorer's kind: logit (a Softmax input) or output
+    sample_rank: int = 1          # dims of one sample (1: a feature vector)
 
-    from .. import data as D
-    from ..engine.core import Target
-    from ..engine.estimators import frobenius_norm, top_singular
-    from ..engine.gradients import TargetNeeded, make_scorer
+    def work_per_input(self) -> int:
+        o = self.options
+        return 1 + len(o.eps) * (1 + o.pgd_steps * len(o.pgd_norms)) + o.bisect_steps * o.pgd_steps
 
-    o = options
-    timings = timings if timings is not None else {}
-    t0 = time.perf_counter()
-    warnings: list[str] = list(data.warnings)
-    spec = model.input_spec(o.input_name)
-    scorer = make_scorer(model, spec.name, o.output, use_logits=o.use_logits)
-    samples = data.samples
-    n = len(samples)
-    dev = model.device
-    x = D.stack(samples, device=dev, dtype=model.dtype)
-    dtype = x.dtype
-    box = box.to(dev, dtype)
-    u0 = box.attack_point(x)
-    outside = float(((box.model_input(u0) - x).abs() > 1e-4 * (1 + x.abs())).float().mean())
-    if outside > 0.01:
-        warnings.append(f"{100 * outside:.1f}% of the input values lie outside the valid range "
-                        f"[{box.lo:g}, {box.hi:g}] and were clipped to it before attacking")
+
+class BatchContext:
+    """A worker's view of the model: the scorer and the objective, built once per process."""
+
+    def __init__(self, model: Any, plan: Plan):
+        from ..engine.gradients import make_scorer
+
+        o = plan.options
+        self.model, self.plan = model, plan
+        self.scorer = make_scorer(model, plan.input_name, o.output, use_logits=o.use_logits)
+        self.box = plan.box.to(model.device, model.dtype or torch.float32)
+        self.obj = Objective(self.scorer, self.box, log_probs=plan.log_probs)
+
+
+def _extra(items: Sequence[tuple[Any, Any]], plan: Plan, dev: Any) -> dict[str, torch.Tensor]:
+    n = len(items)
     extra: dict[str, torch.Tensor] = {}
-    keys = sorted({k for s in samples for k in s.extra})
+    keys = sorted({k for _, s in items for k in s.extra})
     for k in keys:
-        if any(k not in s.extra for s in samples):
+        if any(k not in s.extra for _, s in items):
             raise InputError(f"input {k!r} is given for some samples only")
-        extra[k] = torch.stack([torch.as_tensor(s.extra[k]) for s in samples]).to(dev)
-    for k, v in (fixed or {}).items():
+        extra[k] = torch.stack([torch.as_tensor(s.extra[k]) for _, s in items]).to(dev)
+    for k, v in plan.fixed.items():
         if k not in extra:
             extra[k] = v.to(dev).expand((n,) + tuple(v.shape[1:])) if v.dim() and v.shape[0] == 1 else \
                 v.to(dev)[None].expand((n,) + tuple(v.shape))
-    missing = [s.name for s in model.inputs if s.name != spec.name and s.name not in extra]
+    return extra
+
+
+def _sub(extra: dict[str, torch.Tensor], idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return extra if idx is None else {k: v[idx] for k, v in extra.items()}
+
+
+def _f(v: Any) -> float | None:
+    if v is None:
+        return None
+    return float(v)
+
+
+def make_plan(model: Any, index: Any, box: Box, options: RobustnessOptions, *, preprocess: Any = None,
+              image: bool = False, fixed: dict[str, torch.Tensor] | None = None) -> tuple[Plan, list[str]]:
+    """Decide, on the first batch that can be read, what the whole run attacks: the scored tensor, whether
+    the outputs are probabilities (their log is attacked), the number of classes. Raises InputError for a
+    model robustness cannot attack. Returns the plan and its warnings."""
+    from .. import data as D
+    from ..data.dataset import decode
+    from ..engine.gradients import TargetNeeded
+
+    o = options
+    spec = model.input_spec(o.input_name)
+    missing = [s.name for s in model.inputs if s.name != spec.name and s.name not in (fixed or {})
+               and not any(s.name in (e.sample.extra if e.sample is not None else {}) for e in index.entries[:1])]
     if missing:
         raise InputError(f"the model has other inputs without data: {', '.join(missing)}; give them as fixed "
                          "feeds (one value for every sample) or in the .npz")
-
-    obj = Objective(scorer, box)
     B = max(1, int(o.batch_size))
-    runner = _Runner(obj, u0, torch.zeros(n, dtype=torch.long, device=dev), extra, B)
+    probe = None
+    for s in range(0, len(index.entries), B):
+        good, _ = decode(index.entries[s:s + B], preprocess, spec)
+        if good:
+            probe = good
+            break
+    if probe is None:
+        raise InputError("no sample of the data could be read")
+    plan0 = Plan(o, box, False, 0, (), 0.0, image, preprocess, dict(fixed or {}), spec.name, index.labelled,
+                 len(index.entries))
+    ctx = BatchContext(model, plan0)
+    x = D.stack([smp for _, smp in probe], device=model.device, dtype=model.dtype)
+    u0 = ctx.box.attack_point(x)
     try:
-        z_raw = runner.scores(u0)
+        with torch.no_grad():
+            z_raw = ctx.obj(u0, _extra(probe, plan0, model.device))
     except TargetNeeded as e:
         raise InputError(f"robustness attacks a classifier: output {e.output!r} has shape (batch, "
                          f"{', '.join(map(str, e.shape))}), not one score per class; choose the class-score "
                          "output (detector and sequence outputs are not attacked)") from None
-    if z_raw.shape[1] < 2:
-        raise InputError(f"output {scorer.score_tensor!r} gives one score per sample; robustness needs at least "
-                         "two class scores (for a sigmoid output, export the two-class logits)")
-    # probabilities without a Softmax node to step back from: attack their log (= the logits up to a constant)
-    score_kind = "logit" if scorer.score == "logit" else "output"
-    findings: list[MaskingFinding] = []
-    looks_prob = bool((z_raw >= -1e-6).all() and ((z_raw.sum(1) - 1).abs() < 1e-3).all())
-    if score_kind == "output" and looks_prob:
-        obj.log_probs = True
-        score_kind = "log-probability"
-        findings.append(MaskingFinding("probability_outputs", True,
-                                       f"output {scorer.score_tensor!r} looks like probabilities (rows are "
-                                       "non-negative and sum to 1) and no Softmax input is reachable: the log of "
-                                       "the probabilities was attacked; saturated probabilities can hide "
-                                       "gradients, attack a logits output if the model has one"))
-        warnings.append(findings[-1].evidence)
-    elif score_kind == "logit":
-        findings.append(MaskingFinding("probability_outputs", False,
-                                       f"the model ends in a Softmax: its input {scorer.score_tensor!r} (the "
-                                       "logits) was attacked, not the probabilities"))
-    else:
-        findings.append(MaskingFinding("probability_outputs", False,
-                                       f"output {scorer.score_tensor!r} does not look like probabilities: "
-                                       "attacked as logits"))
+    if z_raw.dim() != 2 or z_raw.shape[1] < 2:
+        raise InputError(f"output {ctx.scorer.score_tensor!r} gives one score per sample; robustness needs at "
+                         "least two class scores (for a sigmoid output, export the two-class logits)")
     K = int(z_raw.shape[1])
-    z0 = z_raw if not obj.log_probs else runner.scores(u0)
+    labels = [e.label for e in index.entries if e.label is not None]
+    if labels and max(labels) >= K:
+        raise InputError(f"label {max(labels)} is out of range: the model scores {K} classes")
+    looks_prob = bool((z_raw >= -1e-6).all() and ((z_raw.sum(1) - 1).abs() < 1e-3).all())
+    log_probs = ctx.scorer.score != "logit" and looks_prob
+    d_in = int(u0[0].numel())
+    eps_l2 = tuple(o.eps_l2) if o.eps_l2 else tuple(e * math.sqrt(d_in) for e in o.eps)
+    alpha_frac = o.pgd_alpha if o.pgd_alpha is not None else 2.5 / o.pgd_steps
+    plan = Plan(o, box, log_probs, K, eps_l2, alpha_frac, image, preprocess, dict(fixed or {}), spec.name,
+                index.labelled, len(index.entries), ctx.scorer.score_tensor, ctx.scorer.score, u0.dim() - 1)
+    return plan, []
 
-    # labels
-    if data.labels is not None:
-        y = torch.as_tensor(data.labels, dtype=torch.long, device=dev)
-        if int(y.max()) >= K:
-            raise InputError(f"label {int(y.max())} is out of range: the model scores {K} classes")
+
+def compute_batch(bctx: BatchContext, entries: Sequence[Any], slot0: int) -> dict[str, Any]:
+    """One batch of dataset entries (``slot0``: the run index of the first) -> its per-input measurements and
+    its candidate pictures, as plain data (JSON-able, plus an ``arrays`` dict of numpy arrays)."""
+    import time
+
+    from .. import data as D
+    from ..data.dataset import decode
+    from ..engine.attacks import input_noise, stream_seed
+    from ..engine.core import Target
+    from ..engine.estimators import frobenius_norm, top_singular
+
+    t0 = time.perf_counter()
+    plan, obj, model = bctx.plan, bctx.obj, bctx.model
+    o = plan.options
+    box = bctx.box
+    dev = model.device
+    spec = model.input_spec(plan.input_name)
+    slots = {id(e): slot0 + k for k, e in enumerate(entries)}
+    good, bad = decode(entries, plan.preprocess, spec)
+    rec: dict[str, Any] = {"slot0": slot0, "n_entries": len(entries),
+                           "failures": [[e.path or e.id, msg] for e, msg in bad], "arrays": {}, "timings": {}}
+    n = len(good)
+    rec["n"] = n
+    if not n:
+        return rec
+    ids = [e.id for e, _ in good]
+    slot = [slots[id(e)] for e, _ in good]
+    x = D.stack([s for _, s in good], device=dev, dtype=model.dtype)
+    dtype = x.dtype
+    u0 = box.attack_point(x)
+    extra = _extra(good, plan, dev)
+    outside = ((box.model_input(u0) - x).abs() > 1e-4 * (1 + x.abs())).reshape(n, -1).float().mean(1)
+
+    def scores(u: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return obj(u, _sub(extra, idx)).detach()
+
+    z0 = scores(u0)
+    if good[0][0].label is not None:
+        y = torch.as_tensor([e.label for e, _ in good], dtype=torch.long, device=dev)
     else:
         y = z0.argmax(1)
-        warnings.append("the data has no labels: the model's own predictions are the labels (clean accuracy 1 "
-                        "by construction); robust accuracy is then the share of predictions that survive")
-    runner.y = y
-    classes = list(o.classes) if o.classes and len(o.classes) == K else None
-    if o.classes and len(o.classes) != K:
-        warnings.append(f"{len(o.classes)} labels for {K} classes: labels not used")
-
-    def cname(k: int) -> str:
-        return classes[k] if classes else str(k)
-
-    # clean gradients (loss and margin), in batches
-    g0 = torch.empty_like(u0)
-    gm = torch.empty_like(u0)
-    work_total = (n * (1 + len(o.eps) * (1 + o.pgd_steps * len(o.pgd_norms)) + o.bisect_steps * o.pgd_steps)
-                  + min(n, o.norm_limit or n) * 2 + min(n, 64) * o.pgd_steps)
-    done = 0
-
-    def tick(k: int) -> None:
-        nonlocal done
-        done += k
-        if progress:
-            progress(done, work_total)
-
-    for s, e in _batches(n, B):
-        g, _, gmb = loss_and_grad(obj, u0[s:e], y[s:e], runner.ex(s, e), with_margin=True)
-        g0[s:e], gm[s:e] = g, gmb
-        tick(e - s)
+    g0, _, gm = loss_and_grad(obj, u0, y, extra, with_margin=True)
     pred0 = z0.argmax(1)
-    correct0 = pred0 == y
     m0 = margin(z0, y)
-    clean_acc = _share(correct0)
     gnorm = _flat(g0).norm(dim=1)
     finite = torch.isfinite(_flat(g0)).all(1)
-    zero_grad = (gnorm == 0) & finite
-    timings["clean"] = round(time.perf_counter() - t0, 4)
-
-    # ---- FGSM sweep
-    t1 = time.perf_counter()
-    sweep: list[SweepPoint] = []
-    first_flip: dict[int, tuple[str, float]] = {}
-    first_adv = torch.zeros_like(u0)
-    fgsm_flip_eps: list[float | None] = [None] * n
-    ratio_max = 0.0
     g0_safe = torch.where(torch.isfinite(g0), g0, torch.zeros_like(g0))
+    rec.update(ids=ids, slots=slot, positions=[e.position for e, _ in good], names=[s.name for _, s in good],
+               sources=[s.source for _, s in good], y=y.tolist(), pred0=pred0.tolist(), m0=m0.tolist(),
+               gnorm=gnorm.tolist(), finite=finite.tolist(), outside=outside.tolist())
+    tm = rec["timings"]
+    tm["clean"] = time.perf_counter() - t0
 
-    def record(attack: str, eps: float, adv: torch.Tensor, linear: bool, linf: bool = True
-               ) -> tuple[SweepPoint, torch.Tensor]:
-        """One sweep point; an L-inf point also feeds the observed ratio and each input's first flip."""
-        nonlocal ratio_max
-        z = runner.scores(adv)
+    points: list[dict[str, Any]] = []
+    first: dict[int, tuple[str, float, torch.Tensor]] = {}
+
+    def record(attack: str, eps: float, adv: torch.Tensor, linear: bool, linf: bool = True) -> torch.Tensor:
+        z = scores(adv)
         pred = z.argmax(1)
         m = margin(z, y)
-        drop = (m0 - m)
         flipped = pred != pred0
         d = adv - u0
         dz = _flat(z - z0).norm(dim=1)
         dn = _flat(d).norm(dim=1)
         ratios = torch.where(dn > 0, dz / dn.clamp_min(1e-30), torch.zeros_like(dz))
-        rmax = float(ratios.max()) if ratios.numel() else 0.0
-        if not linf:
-            return SweepPoint(attack, float(eps), _share(pred == y), _share(flipped), float(drop.mean()),
-                              float(drop.max()), None, None, None, rmax), flipped
-        ratio_max = max(ratio_max, rmax)
-        pred_change = actual = lin = None
+        pt = {"attack": attack, "eps": float(eps), "correct": (pred == y).tolist(), "flipped": flipped.tolist(),
+              "drop": (m0 - m).tolist(), "ratio": ratios.tolist(), "linf": linf}
         if linear:
-            pc = _flat(gm * d).sum(1)
-            ac = m - m0
-            pred_change, actual = float(pc.mean()), float(ac.mean())
-            den = float(pc.abs().mean())
-            lin = float((ac - pc).abs().mean()) / den if den > 0 else None
-        for i in torch.nonzero(flipped).flatten().tolist():
-            if i not in first_flip or eps < first_flip[i][1]:
-                first_flip[i] = (attack, eps)
-                first_adv[i] = adv[i]
-        return SweepPoint(attack, float(eps), _share(pred == y), _share(flipped),
-                          float(drop.mean()), float(drop.max()), pred_change, actual, lin, rmax), flipped
-
-    for eps in o.eps:
-        adv = fgsm(u0, g0_safe, eps, box)
-        pt, flipped = record("fgsm", eps, adv, True)
-        sweep.append(pt)
-        for i in torch.nonzero(flipped).flatten().tolist():
-            if fgsm_flip_eps[i] is None:
-                fgsm_flip_eps[i] = float(eps)
-        tick(n)
-    timings["fgsm"] = round(time.perf_counter() - t1, 4)
-
-    # ---- PGD sweep
-    t2 = time.perf_counter()
-    gen = torch.Generator(device="cpu").manual_seed(int(o.seed))
-    d_in = int(u0[0].numel())
-    eps_l2 = tuple(o.eps_l2) if o.eps_l2 else tuple(e * math.sqrt(d_in) for e in o.eps)
-    alpha_frac = o.pgd_alpha if o.pgd_alpha is not None else 2.5 / o.pgd_steps
-    pgd_flip_first: list[int | None] = [None] * n  # index into o.eps of the first L-inf sweep point that flips
-
-    def run_pgd(eps_t: torch.Tensor | float, norm: str, u: torch.Tensor, yy: torch.Tensor,
-                idx: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
-        out = []
-        for s, e in _batches(u.shape[0], B):
-            ee = eps_t[s:e] if isinstance(eps_t, torch.Tensor) else eps_t
-            sub = None if idx is None else idx[s:e]
-            out.append(pgd(obj, u[s:e], yy[s:e], ee, box, steps=o.pgd_steps, alpha=ee * alpha_frac, norm=norm,
-                           random_start=o.random_start, generator=g, extra=runner.ex(s, e, sub)))
-            tick((e - s) * o.pgd_steps)
-        return torch.cat(out)
-
-    for norm in o.pgd_norms:
-        radii = o.eps if norm == "linf" else eps_l2
-        for k, eps in enumerate(radii):
-            adv = run_pgd(float(eps), norm, u0, y, None, gen)
-            attack = "pgd-linf" if norm == "linf" else "pgd-l2"
-            if norm != "linf":
-                sweep.append(record(attack, eps, adv, False, linf=False)[0])
-                continue
-            pt, flipped = record(attack, eps, adv, False)
-            sweep.append(pt)
+            pt["pc"] = _flat(gm * d).sum(1).tolist()
+            pt["ac"] = (m - m0).tolist()
+        points.append(pt)
+        if linf:
             for i in torch.nonzero(flipped).flatten().tolist():
-                if pgd_flip_first[i] is None:
-                    pgd_flip_first[i] = k
-    timings["pgd"] = round(time.perf_counter() - t2, 4)
+                if i not in first or eps < first[i][1]:
+                    first[i] = (attack, float(eps), adv[i])
+        return flipped
 
-    # ---- minimal flipping epsilon (PGD L-inf), bisection between sweep points
-    flip_eps_res = None
+    t1 = time.perf_counter()
+    fgsm_flip: list[float | None] = [None] * n
+    for eps in o.eps:
+        fl = record("fgsm", eps, fgsm(u0, g0_safe, eps, box), True)
+        for i in torch.nonzero(fl).flatten().tolist():
+            if fgsm_flip[i] is None:
+                fgsm_flip[i] = float(eps)
+    tm["fgsm"] = time.perf_counter() - t1
+
+    def run_pgd(eps: torch.Tensor | float, norm: str, stream: str, idx: torch.Tensor | None = None,
+                steps: int | None = None) -> torch.Tensor:
+        uu = u0 if idx is None else u0[idx]
+        yy = y if idx is None else y[idx]
+        sel = ids if idx is None else [ids[i] for i in idx.tolist()]
+        noise = input_noise(sel, o.seed, stream, tuple(uu.shape[1:]), dtype, norm) if o.random_start else None
+        st = o.pgd_steps if steps is None else steps
+        alpha = eps * (plan.alpha_frac if steps is None else 2.5 / st)
+        return pgd(obj, uu, yy, eps, box, steps=st, alpha=alpha, norm=norm, random_start=o.random_start,
+                   extra=_sub(extra, idx), noise=noise)
+
+    t2 = time.perf_counter()
+    pgd_first: list[int | None] = [None] * n
+    for norm in o.pgd_norms:
+        radii = o.eps if norm == "linf" else plan.eps_l2
+        for k, eps in enumerate(radii):
+            adv = run_pgd(float(eps), norm, f"pgd-{norm}/{k}")
+            if norm != "linf":
+                record("pgd-l2", eps, adv, False, linf=False)
+                continue
+            fl = record("pgd-linf", eps, adv, False)
+            for i in torch.nonzero(fl).flatten().tolist():
+                if pgd_first[i] is None:
+                    pgd_first[i] = k
+    rec["points"] = points
+    rec["fgsm_flip"] = fgsm_flip
+    tm["pgd"] = time.perf_counter() - t2
+
+    # minimal flipping epsilon (PGD L-inf): bisection between sweep points, bounds in float64
     pgd_min: list[float | None] = [None] * n
     if "linf" in o.pgd_norms:
         t3 = time.perf_counter()
-        gen_b = torch.Generator(device="cpu").manual_seed(int(o.seed) + 1)
-        # bounds in float64 (the sweep's epsilons exactly); PGD casts each midpoint to the input's dtype
+        correct0 = (pred0 == y).tolist()
         lo = torch.zeros(n, dtype=torch.float64, device=dev)
         hi = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
         for i in range(n):
-            if not bool(correct0[i]):
+            if not correct0[i]:
                 pgd_min[i] = 0.0
-            elif pgd_flip_first[i] is not None:
-                k = pgd_flip_first[i]
+            elif pgd_first[i] is not None:
+                k = pgd_first[i]
                 hi[i] = o.eps[k]
                 lo[i] = o.eps[k - 1] if k > 0 else 0.0
         todo = torch.nonzero(torch.isfinite(hi)).flatten()
         if todo.numel() and o.bisect_steps > 0:
-            for _ in range(int(o.bisect_steps)):
+            for b in range(int(o.bisect_steps)):
                 mid = (lo[todo] + hi[todo]) / 2
-                adv = run_pgd(mid, "linf", u0[todo], y[todo], todo, gen_b)
-                z = runner.scores(adv, todo)
-                fl = z.argmax(1) != pred0[todo]
+                adv = run_pgd(mid.to(dtype), "linf", f"bisect/{b}", todo)
+                fl = scores(adv, todo).argmax(1) != pred0[todo]
                 hi[todo] = torch.where(fl, mid, hi[todo])
                 lo[todo] = torch.where(fl, lo[todo], mid)
         for i in todo.tolist():
             pgd_min[i] = float(hi[i])
+        tm["bisection"] = time.perf_counter() - t3
+    rec["pgd_min"] = pgd_min
+
+    # Jacobian norms and sensitivity directions (the first --norm-limit inputs of the run)
+    t4 = time.perf_counter()
+    K = plan.n_classes
+    d_in = int(u0[0].numel())
+    limit = plan.n_entries if o.norm_limit is None else int(o.norm_limit)
+    norms: list[dict[str, Any] | None] = [None] * n
+    rights: dict[int, torch.Tensor] = {}
+    for i in range(n):
+        if slot[i] >= limit:
+            continue
+        ex_i = {k: v[i:i + 1] for k, v in extra.items()}
+        t = Target(lambda v, ex_i=ex_i: obj(v, ex_i), u0[i:i + 1], name=spec.name,
+                   output_name=bctx.scorer.score_tensor)
+        fe = frobenius_norm(t, probes=o.probes, seed=stream_seed(o.seed, "frobenius", ids[i]) % (1 << 31))
+        k = max(1, min(o.directions, K, d_in))
+        se = top_singular(t, k=k, seed=stream_seed(o.seed, "singular", ids[i]) % (1 << 31), max_iter=o.max_iter)
+        v1 = se.right[0].reshape(-1).to(torch.float64)
+        gi = g0_safe[i].reshape(-1).to(torch.float64)
+        sg = gi.sign()
+        cf = cg = None
+        if float(sg.norm()) > 0 and float(v1.norm()) > 0:
+            cf = abs(float(sg @ v1)) / (float(sg.norm()) * float(v1.norm()))
+            cg = abs(float(gi @ v1)) / (float(gi.norm()) * float(v1.norm()))
+        norms[i] = {"frobenius": _f(fe.value), "stderr": _f(fe.stderr), "method": fe.method, "probes": fe.probes,
+                    "spectral": _f(se.spectral_norm), "values": [float(v) for v in se.values],
+                    "converged": bool(se.converged), "matvecs": int(se.matvecs), "cos_fgsm": cf, "cos_grad": cg}
+        rights[i] = se.right.detach()
+    rec["norms"] = norms
+    tm["norms"] = time.perf_counter() - t4
+
+    # gradient masking evidence: finite differences along the FGSM direction (the first --fd inputs of the run)
+    t5 = time.perf_counter()
+    h = float(o.eps[0])
+    fd_idx = [i for i in range(n) if slot[i] < int(o.fd_inputs)]
+    fd: list[Any] = [None] * n
+    if fd_idx:
+        idx = torch.tensor(fd_idx, device=dev)
+        dirs = g0_safe[idx].sign()
+        rad = []
+        for i in fd_idx:
+            g = torch.Generator(device="cpu").manual_seed(stream_seed(o.seed, "fd", ids[i]))
+            rad.append(torch.randint(0, 2, tuple(u0.shape[1:]), generator=g))
+        rad_t = torch.stack(rad).to(dev, dtype) * 2 - 1
+        dirs = torch.where(_flat(dirs).abs().sum(1).reshape((-1,) + (1,) * (dirs.dim() - 1)) > 0, dirs, rad_t)
+        gm_safe = torch.where(torch.isfinite(gm[idx]), gm[idx], torch.zeros_like(gm[idx]))
+        rows = []
+        for step in (h, h / 10):
+            mu = margin(scores(u0[idx] + step * dirs, idx), y[idx])
+            md = margin(scores(u0[idx] - step * dirs, idx), y[idx])
+            central = ((mu - md) / 2).tolist()
+            predicted = _flat(gm_safe * step * dirs).sum(1).tolist()
+            row = []
+            for j, i in enumerate(fd_idx):
+                c, p = central[j], predicted[j]
+                floor = 1e-4 * step * (1 + abs(float(m0[i])))
+                row.append(None if max(abs(c), abs(p)) <= floor else [c, p])
+            rows.append(row)
+        for j, i in enumerate(fd_idx):
+            fd[i] = [rows[0][j], rows[1][j]]
+    rec["fd"] = fd
+
+    # a huge epsilon must break the model (the first 64 inputs of the run)
+    big_idx = [i for i in range(n) if slot[i] < BIG_EPS_INPUTS]
+    big: list[bool | None] = [None] * n
+    if "linf" in o.pgd_norms and big_idx:
+        idx = torch.tensor(big_idx, device=dev)
+        big_eps = 0.5 * (box.hi - box.lo)
+        big_steps = max(20, int(o.pgd_steps))  # a fixed, patient recipe: the probe must not depend on --pgd-steps
+        adv = run_pgd(big_eps, "linf", "huge-eps", idx, steps=big_steps)
+        ok = (scores(adv, idx).argmax(1) == y[idx]).tolist()
+        for j, i in enumerate(big_idx):
+            big[i] = bool(ok[j])
+    rec["big"] = big
+    tm["masking"] = time.perf_counter() - t5
+
+    # candidates for the report's pictures: this batch's most fragile inputs and its largest spectral norms
+    cls = list(o.classes) if o.classes and len(o.classes) == K else None
+
+    def cname(k: int) -> str:
+        return cls[k] if cls else str(k)
+
+    names = rec["names"]
+    worst = []
+    order = sorted(first, key=lambda i: (first[i][1], float(m0[i]), slot[i]))[: o.worst]
+    for i in order:
+        attack, eps, adv_i = first[i]
+        zi = scores(adv_i[None], torch.tensor([i], device=dev))
+        key = f"adv{i}"
+        rec["arrays"][key] = adv_i.detach().cpu().numpy()
+        pics = [None, None, None]
+        if plan.image and plan.preprocess is not None:
+            pics = [_picture(u0[i], plan.preprocess, f"{names[i]}: original"),
+                    _picture(_amplify(adv_i - u0[i]), plan.preprocess, f"{names[i]}: perturbation, amplified"),
+                    _picture(adv_i, plan.preprocess, f"{names[i]}: adversarial ({attack}, eps {_fmt(eps)})")]
+        worst.append({"i": i, "slot": slot[i], "attack": attack, "eps": eps, "m0": float(m0[i]), "array": key,
+                      "label": cname(int(y[i])), "clean": cname(int(pred0[i])),
+                      "adversarial": cname(int(zi.argmax(1)[0])),
+                      "pictures": [None if p is None else asdict(p) for p in pics]})
+    rec["worst"] = worst
+    dirs_out = []
+    for i in sorted(rights, key=lambda i: (-(norms[i]["spectral"] or 0), slot[i]))[: o.worst]:
+        R = rights[i]
+        vs = []
+        for r in range(R.shape[0]):
+            v = R[r][0] if R[r].dim() == u0.dim() else R[r]
+            key = f"dir{i}_{r + 1}"
+            rec["arrays"][key] = v.detach().cpu().numpy()
+            img = _picture(_amplify(v), plan.preprocess, f"{names[i]}: direction {r + 1}") if plan.image and \
+                plan.preprocess is not None else None
+            vs.append({"rank": r + 1, "value": norms[i]["values"][r], "array": key,
+                       "image": None if img is None else asdict(img)})
+        dirs_out.append({"i": i, "slot": slot[i], "spectral": norms[i]["spectral"], "vectors": vs})
+    rec["directions"] = dirs_out
+    rec["work"] = n * plan.work_per_input() + sum(2 for v in norms if v is not None) + \
+        len(big_idx) * o.pgd_steps
+    tm["batch"] = time.perf_counter() - t0
+    return rec
+
+
+#: the huge-epsilon masking probe runs on this many inputs (the first of the run)
+BIG_EPS_INPUTS = 64
+
+
+def run_batches(bctx: BatchContext, index: Any, progress: Callable[[int, int], None] | None = None
+                ) -> list[dict[str, Any]]:
+    """Every batch of ``index`` in this process, in order."""
+    B = max(1, int(bctx.plan.options.batch_size))
+    out, done = [], 0
+    total = total_work(bctx.plan)
+    for s in range(0, len(index.entries), B):
+        rec = compute_batch(bctx, index.entries[s:s + B], s)
+        out.append(rec)
+        done += rec.get("work", 0)
+        if progress:
+            progress(done, total)
+    return out
+
+
+def total_work(plan: Plan) -> int:
+    o = plan.options
+    n = plan.n_entries
+    return n * plan.work_per_input() + min(n, o.norm_limit or n) * 2 + min(n, BIG_EPS_INPUTS) * o.pgd_steps
+
+
+def robustness(model: Any, index: Any, box: Box, options: RobustnessOptions, *, preprocess: Any = None,
+               image: bool = False, fixed: dict[str, torch.Tensor] | None = None, range_source: str = "",
+               progress: Callable[[int, int], None] | None = None,
+               timings: dict[str, float] | None = None,
+               executor: Callable[[Plan], list[dict[str, Any]]] | None = None) -> AnalysisOutput:
+    """Probe the dataset ``index`` (:class:`jacaudit.data.dataset.DatasetIndex`) with FGSM and PGD; see the
+    module docstring. ``box`` maps the attack space to the model input; ``image`` says the samples are images
+    laid out by ``preprocess`` (pictures in the report); ``fixed`` holds other model inputs (batch 1,
+    broadcast). ``executor(plan)`` computes the batches elsewhere (e.g. sharded on Ray, resumed from shards)
+    and returns their records in order; default: here, in order."""
+    import time
+
+    from ..data.dataset import DatasetIndex
+
+    t0 = time.perf_counter()
+    timings = timings if timings is not None else {}
+    index = DatasetIndex.of(index)
+    plan, warnings = make_plan(model, index, box, options, preprocess=preprocess, image=image, fixed=fixed)
+    if executor is None:
+        records = run_batches(BatchContext(model, plan), index, progress)
+    else:
+        records = executor(plan)
+    timings["batches"] = round(time.perf_counter() - t0, 4)
+    out = aggregate(plan, index, records, range_source=range_source, timings=timings)
+    out.warnings[:0] = [w for w in warnings if w not in out.warnings]
+    return out
+
+
+def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, range_source: str = "",
+              timings: dict[str, float] | None = None) -> AnalysisOutput:
+    """The batch records (in run order) -> the result, metrics, warnings and artifacts. Plain arithmetic over
+    per-input values in run order (float64), so it does not matter where the batches ran."""
+    o = plan.options
+    box = plan.box
+    timings = timings if timings is not None else {}
+    records = sorted(records, key=lambda r: r["slot0"])
+    warnings: list[str] = list(index.warnings)
+    failures = [tuple(f) for f in index.failures]
+    for r in records:
+        for p, msg in r["failures"]:
+            failures.append((p, msg))
+            warnings.append(msg)
+        for k, v in r.get("timings", {}).items():
+            timings[k] = round(timings.get(k, 0.0) + v, 4)
+    recs = [r for r in records if r["n"]]
+    n = sum(r["n"] for r in recs)
+    if not n:
+        raise InputError("no sample of the data could be read" + (f" ({failures[0][1]})" if failures else ""))
+
+    def cat(key: str) -> list:
+        return [v for r in recs for v in r[key]]
+
+    names, sources = cat("names"), cat("sources")
+    y, pred0 = cat("y"), cat("pred0")
+    m0 = np.asarray(cat("m0"), dtype=np.float64)
+    gnorm = cat("gnorm")
+    finite = cat("finite")
+    outside = float(np.mean(cat("outside")))
+    if outside > 0.01:
+        warnings.append(f"{100 * outside:.1f}% of the input values lie outside the valid range "
+                        f"[{box.lo:g}, {box.hi:g}] and were clipped to it before attacking")
+    K = plan.n_classes
+    classes = list(o.classes) if o.classes and len(o.classes) == K else None
+    if o.classes and len(o.classes) != K:
+        warnings.append(f"{len(o.classes)} labels for {K} classes: labels not used")
+    if not plan.labelled:
+        warnings.append("the data has no labels: the model's own predictions are the labels (clean accuracy 1 "
+                        "by construction); robust accuracy is then the share of predictions that survive")
+    findings: list[MaskingFinding] = []
+    if plan.log_probs:
+        findings.append(MaskingFinding("probability_outputs", True,
+                                       f"output {_score_tensor(plan)!r} looks like probabilities (rows are "
+                                       "non-negative and sum to 1) and no Softmax input is reachable: the log of "
+                                       "the probabilities was attacked; saturated probabilities can hide "
+                                       "gradients, attack a logits output if the model has one"))
+        warnings.append(findings[-1].evidence)
+    score_kind = plan_score_kind(plan)
+    if score_kind == "logit":
+        findings.append(MaskingFinding("probability_outputs", False,
+                                       f"the model ends in a Softmax: its input {_score_tensor(plan)!r} (the "
+                                       "logits) was attacked, not the probabilities"))
+    elif score_kind == "output":
+        findings.append(MaskingFinding("probability_outputs", False,
+                                       f"output {_score_tensor(plan)!r} does not look like probabilities: "
+                                       "attacked as logits"))
+    correct0 = [a == b for a, b in zip(pred0, y)]
+    clean_acc = sum(correct0) / n
+
+    # the sweep: per-input values of every batch, in run order
+    sweep: list[SweepPoint] = []
+    ratio_max = 0.0
+    n_points = len(recs[0]["points"])
+    for k in range(n_points):
+        p0 = recs[0]["points"][k]
+        pts = [r["points"][k] for r in recs]
+        corr = sum(sum(p["correct"]) for p in pts)
+        flips = sum(sum(p["flipped"]) for p in pts)
+        drop = np.asarray([v for p in pts for v in p["drop"]], dtype=np.float64)
+        ratios = [v for p in pts for v in p["ratio"]]
+        rmax = max(ratios) if ratios else 0.0
+        pc = ac = lin = None
+        if "pc" in p0:
+            pcs = np.asarray([v for p in pts for v in p["pc"]], dtype=np.float64)
+            acs = np.asarray([v for p in pts for v in p["ac"]], dtype=np.float64)
+            pc, ac = float(pcs.mean()), float(acs.mean())
+            den = float(np.abs(pcs).mean())
+            lin = float(np.abs(acs - pcs).mean()) / den if den > 0 else None
+        if p0["linf"]:
+            ratio_max = max(ratio_max, rmax)
+        sweep.append(SweepPoint(p0["attack"], p0["eps"], corr / n, flips / n, float(drop.mean()),
+                                float(drop.max()), pc, ac, lin, rmax))
+
+    fgsm_flip_eps = cat("fgsm_flip")
+    pgd_min = cat("pgd_min")
+    flip_eps_res = None
+    if "linf" in o.pgd_norms:
         vals = [v for v in pgd_min if v is not None]
         edges, counts = _hist(vals)
         flipped_vals = [v for v in vals if v > 0]
         flip_eps_res = FlipEpsilons(pgd_min, float(np.median(flipped_vals)) if flipped_vals else None,
                                     sum(v is None for v in pgd_min), sum(v == 0.0 for v in vals),
                                     int(o.bisect_steps), edges, counts)
-        timings["bisection"] = round(time.perf_counter() - t3, 4)
 
-    # ---- Jacobian norms and sensitivity directions (per input)
-    t4 = time.perf_counter()
-    n_norm = n if o.norm_limit is None else min(n, int(o.norm_limit))
-    frob: list[float | None] = [None] * n
-    frob_se: list[float | None] = [None] * n
-    spec_n: list[float | None] = [None] * n
-    svals: list[list[float]] = [[] for _ in range(n)]
-    cos_f: list[float | None] = [None] * n
-    cos_g: list[float | None] = [None] * n
-    rights: dict[int, torch.Tensor] = {}
-    fmethod, fprobes, converged, matvecs = "exact", 0, 0, 0
-    for i in range(n_norm):
-        ex_i = {k: v[i:i + 1] for k, v in extra.items()}
-        t = Target(lambda v, ex_i=ex_i: obj(v, ex_i), u0[i:i + 1], name=spec.name, output_name=scorer.score_tensor)
-        fe = frobenius_norm(t, probes=o.probes, seed=o.seed + i)
-        frob[i], frob_se[i], fmethod, fprobes = fe.value, fe.stderr, fe.method, fe.probes
-        k = max(1, min(o.directions, K, d_in))
-        se = top_singular(t, k=k, seed=o.seed + i, max_iter=o.max_iter)
-        converged += int(se.converged)
-        matvecs += se.matvecs
-        spec_n[i] = se.spectral_norm
-        svals[i] = [float(v) for v in se.values]
-        v1 = se.right[0].reshape(-1).to(torch.float64)
-        gi = g0_safe[i].reshape(-1).to(torch.float64)
-        sg = gi.sign()
-        if float(sg.norm()) > 0 and float(v1.norm()) > 0:
-            cos_f[i] = abs(float(sg @ v1)) / (float(sg.norm()) * float(v1.norm()))
-            cos_g[i] = abs(float(gi @ v1)) / (float(gi.norm()) * float(v1.norm()))
-        rights[i] = se.right.detach()
-        tick(2)
+    # norms
+    nrm = cat("norms")
+    measured = [v for v in nrm if v is not None]
     norms = None
-    if n_norm:
+    if measured:
+        frob = [v["frobenius"] for v in measured]
+        spec_n = [v["spectral"] for v in measured]
         fq, sq_ = _q(frob), _q(spec_n)
         sq_mean = float(np.mean([f * f for f in frob if f is not None]))
-        se_mean = float(np.mean([s for s in frob_se if s is not None]))
+        ses = [v["stderr"] for v in measured if v["stderr"] is not None]
+        se_mean = float(np.mean(ses)) if ses else float("nan")
         he, hc = _hist(spec_n)
-        norms = NormSummary(n_norm, fmethod, fprobes, fq, se_mean, sq_mean, sq_, converged, ratio_max, matvecs,
-                            he, hc)
-        if converged < n_norm:
-            warnings.append(f"the singular-value iteration did not converge on {n_norm - converged} of {n_norm} "
-                            "inputs (their spectral norms are lower bounds)")
-    timings["norms"] = round(time.perf_counter() - t4, 4)
+        converged = sum(v["converged"] for v in measured)
+        norms = NormSummary(len(measured), measured[-1]["method"], measured[-1]["probes"], fq, se_mean, sq_mean,
+                            sq_, converged, ratio_max, sum(v["matvecs"] for v in measured), he, hc)
+        if converged < len(measured):
+            warnings.append(f"the singular-value iteration did not converge on {len(measured) - converged} of "
+                            f"{len(measured)} inputs (their spectral norms are lower bounds)")
 
-    # ---- gradient masking: the margin's autodiff slope vs central differences along the FGSM direction, at the
-    # smallest epsilon and a tenth of it. A correct gradient agrees better as the step shrinks (curvature fades);
-    # an input is flagged only when the disagreement (> 50%) holds at both steps. The margin, unlike the loss,
-    # does not saturate on confident inputs.
-    fd_checked, fd_bad, fd_examples = 0, 0, []
+    # finite differences
     h = float(o.eps[0])
-    nfd = min(n, int(o.fd_inputs))
-    if nfd:
-        gen_fd = torch.Generator(device="cpu").manual_seed(int(o.seed) + 2)
-        idx = torch.arange(nfd, device=dev)
-        dirs = g0_safe[:nfd].sign()
-        rad = (torch.randint(0, 2, dirs.shape, generator=gen_fd).to(dev, dtype) * 2 - 1)
-        dirs = torch.where(_flat(dirs).abs().sum(1).reshape((-1,) + (1,) * (dirs.dim() - 1)) > 0, dirs, rad)
-        gm_safe = torch.where(torch.isfinite(gm[:nfd]), gm[:nfd], torch.zeros_like(gm[:nfd]))
-        rel: list[list[tuple[float, float] | None]] = []
-        for step in (h, h / 10):
-            mu = margin(runner.scores(u0[:nfd] + step * dirs, idx), y[:nfd])
-            md = margin(runner.scores(u0[:nfd] - step * dirs, idx), y[:nfd])
-            central = (mu - md) / 2
-            predicted = _flat(gm_safe * step * dirs).sum(1)
-            row = []
-            for i in range(nfd):
-                c, p = float(central[i]), float(predicted[i])
-                floor = 1e-4 * step * (1 + abs(float(m0[i])))
-                row.append(None if max(abs(c), abs(p)) <= floor else (c, p))
-            rel.append(row)
-        for i in range(nfd):
-            a, b = rel[0][i], rel[1][i]
-            if a is None and b is None:
-                continue
-            fd_checked += 1
-            bad = [v is not None and abs(v[0] - v[1]) > 0.5 * max(abs(v[0]), abs(v[1])) for v in (a, b)]
-            if all(bad):
-                fd_bad += 1
-                if len(fd_examples) < 3:
-                    fd_examples.append(f"{samples[i].name}: margin change {a[0]:.3g} vs the gradient's "
-                                       f"{a[1]:.3g} at eps {_fmt(h)}, {b[0]:.3g} vs {b[1]:.3g} at {_fmt(h / 10)}")
+    fd_checked, fd_bad, fd_examples = 0, 0, []
+    for name, v in zip(names, cat("fd")):
+        if v is None:
+            continue
+        a, b = v
+        if a is None and b is None:
+            continue
+        fd_checked += 1
+        bad = [w is not None and abs(w[0] - w[1]) > 0.5 * max(abs(w[0]), abs(w[1])) for w in (a, b)]
+        if all(bad):
+            fd_bad += 1
+            if len(fd_examples) < 3:
+                fd_examples.append(f"{name}: margin change {a[0]:.3g} vs the gradient's "
+                                   f"{a[1]:.3g} at eps {_fmt(h)}, {b[0]:.3g} vs {b[1]:.3g} at {_fmt(h / 10)}")
     fd_frac = fd_bad / fd_checked if fd_checked else None
     findings.append(MaskingFinding(
         "fd_disagreement", bool(fd_frac is not None and fd_frac > 0.25),
@@ -515,58 +731,47 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
          f"both steps on {fd_bad}" + (": " + "; ".join(fd_examples) if fd_examples else "")) if fd_checked else
         "no input changed its margin measurably at the smallest epsilon: no finite-difference evidence"))
 
-    # ---- a huge epsilon must break the model (else the gradients do not lead anywhere)
     big_eps = 0.5 * (box.hi - box.lo)
-    big_acc = None
-    if "linf" in o.pgd_norms and n:
-        gen_big = torch.Generator(device="cpu").manual_seed(int(o.seed) + 3)
-        nb = min(n, 64)
-        big_steps = max(20, int(o.pgd_steps))  # a fixed, patient recipe: the probe must not depend on --pgd-steps
-        adv = torch.cat([pgd(obj, u0[s:e], y[s:e], big_eps, box, steps=big_steps, alpha=big_eps * 2.5 / big_steps,
-                             random_start=o.random_start, generator=gen_big, extra=runner.ex(s, e))
-                         for s, e in _batches(nb, B)])
-        tick(nb * o.pgd_steps)
-        big_acc = _share(runner.scores(adv, torch.arange(nb, device=dev)).argmax(1) == y[:nb])
-    timings["masking"] = round(time.perf_counter() - t4, 4)
+    big_steps = max(20, int(o.pgd_steps))
+    bigs = [v for v in cat("big") if v is not None]
+    big_acc = (sum(bigs) / len(bigs)) if bigs else None
 
-    # ---- worst inputs: their first flipping perturbation as pictures
+    # pictures: the most fragile inputs and the largest spectral norms over all batches
     artifacts: list[Artifact] = []
     examples: list[AdversarialExample] = []
-    order = sorted(first_flip, key=lambda i: (first_flip[i][1], float(m0[i])))
-    for i in order[: o.worst]:
-        attack, eps = first_flip[i]
-        adv_i = first_adv[i]
-        z = runner.scores(adv_i[None], torch.tensor([i], device=dev))
-        stem = f"adversarial/{i:04d}"
-        npy = f"{stem}_{attack}_eps{_fmt(eps)}.npy"
-        artifacts.append(Artifact(npy, adv_i.detach().cpu().numpy()))
-        orig = pert = advimg = None
-        if image and preprocess is not None:
-            orig = _picture(u0[i], preprocess, f"{samples[i].name}: original")
-            pert = _picture(_amplify(adv_i - u0[i]), preprocess, f"{samples[i].name}: perturbation, amplified")
-            advimg = _picture(adv_i, preprocess, f"{samples[i].name}: adversarial ({attack}, eps {_fmt(eps)})")
-        examples.append(AdversarialExample(samples[i].name, attack, float(eps), cname(int(y[i])),
-                                           cname(int(pred0[i])), cname(int(z.argmax(1)[0])), orig, pert, advimg,
-                                           npy))
+    arrays_of = {id(r): r["arrays"] for r in recs}
+    cands = [(w, r) for r in recs for w in r["worst"]]
+    cands.sort(key=lambda t: (t[0]["eps"], t[0]["m0"], t[0]["slot"]))
+    run_index = {r["slot0"]: sum(q["n"] for q in recs if q["slot0"] < r["slot0"]) for r in recs}
+    for w, r in cands[: o.worst]:
+        gi = run_index[r["slot0"]] + w["i"]
+        npy = f"adversarial/{gi:04d}_{w['attack']}_eps{_fmt(w['eps'])}.npy"
+        artifacts.append(Artifact(npy, arrays_of[id(r)][w["array"]]))
+        pics = [None if p is None else Image(**p) for p in w["pictures"]]
+        examples.append(AdversarialExample(names[gi], w["attack"], float(w["eps"]), w["label"], w["clean"],
+                                           w["adversarial"], pics[0], pics[1], pics[2], npy))
     directions: list[Direction] = []
-    show = sorted(rights, key=lambda i: -(spec_n[i] or 0))[: min(o.worst, len(rights))]
-    for i in show:
-        R = rights[i]
-        for r in range(R.shape[0]):
-            v = R[r][0] if R[r].dim() == u0.dim() else R[r]
-            npy = f"directions/{i:04d}_v{r + 1}.npy"
-            artifacts.append(Artifact(npy, v.detach().cpu().numpy()))
-            img = _picture(_amplify(v), preprocess, f"{samples[i].name}: direction {r + 1}") if image and \
-                preprocess is not None else None
-            directions.append(Direction(samples[i].name, r + 1, svals[i][r], img, npy))
+    dc = [(d, r) for r in recs for d in r["directions"]]
+    dc.sort(key=lambda t: (-(t[0]["spectral"] or 0), t[0]["slot"]))
+    for d, r in dc[: o.worst]:
+        gi = run_index[r["slot0"]] + d["i"]
+        for v in d["vectors"]:
+            npy = f"directions/{gi:04d}_v{v['rank']}.npy"
+            artifacts.append(Artifact(npy, arrays_of[id(r)][v["array"]]))
+            directions.append(Direction(names[gi], v["rank"], v["value"],
+                                        None if v["image"] is None else Image(**v["image"]), npy))
 
-    per_input = [InputRobustness(samples[i].name, samples[i].source, int(y[i]), classes[int(y[i])] if classes
-                                 else None, int(pred0[i]), float(m0[i]), fgsm_flip_eps[i], pgd_min[i],
-                                 float(gnorm[i]) if math.isfinite(float(gnorm[i])) else float("nan"),
-                                 frob[i], frob_se[i], spec_n[i], svals[i], cos_f[i], cos_g[i])
-                 for i in range(n)]
+    per_input = []
+    for i in range(n):
+        v = nrm[i] or {}
+        gn = float(gnorm[i])
+        per_input.append(InputRobustness(names[i], sources[i], int(y[i]), classes[int(y[i])] if classes else None,
+                                         int(pred0[i]), float(m0[i]), fgsm_flip_eps[i], pgd_min[i],
+                                         gn if math.isfinite(gn) else float("nan"), v.get("frobenius"),
+                                         v.get("stderr"), v.get("spectral"), list(v.get("values", [])),
+                                         v.get("cos_fgsm"), v.get("cos_grad")))
 
-    # ---- masking findings from the sweep
+    # masking findings from the sweep
     by = {(p.attack, p.eps): p for p in sweep}
     gaps = [(e, by[("fgsm", e)].robust_accuracy - by[("pgd-linf", e)].robust_accuracy) for e in o.eps
             if ("pgd-linf", e) in by]
@@ -589,14 +794,15 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
                                    else "robust accuracy never rises with epsilon"))
     if big_acc is not None:
         findings.append(MaskingFinding("huge_eps_survives", big_acc > 0.1,
-                                       f"PGD at eps {_fmt(big_eps)} (half the valid range, {big_steps} steps) leaves robust accuracy "
-                                       f"{big_acc:.3f}" + (": the gradients do not lead to an adversarial input "
-                                                          "(masked or obfuscated)" if big_acc > 0.1 else "")))
-    nz, nnf = int(zero_grad.sum()), int((~finite).sum())
+                                       f"PGD at eps {_fmt(big_eps)} (half the valid range, {big_steps} steps) "
+                                       f"leaves robust accuracy {big_acc:.3f}" + (
+                                           ": the gradients do not lead to an adversarial input (masked or "
+                                           "obfuscated)" if big_acc > 0.1 else "")))
+    zero = [bool(f) and g == 0 for f, g in zip(finite, gnorm)]
+    nz, nnf = sum(zero), sum(not f for f in finite)
     findings.append(MaskingFinding("zero_gradients", nz > 0,
                                    f"{nz} of {n} input(s) have an all-zero loss gradient" + (
-                                       " (" + ", ".join(samples[i].name for i in
-                                                        torch.nonzero(zero_grad).flatten().tolist()[:3]) + ")"
+                                       " (" + ", ".join([names[i] for i in range(n) if zero[i]][:3]) + ")"
                                        if nz else "")))
     findings.append(MaskingFinding("nonfinite_gradients", nnf > 0,
                                    f"{nnf} of {n} input(s) have NaN/inf in the loss gradient"))
@@ -605,24 +811,34 @@ def robustness(model: Any, data: Any, box: Box, options: RobustnessOptions, *, p
             warnings.append(f"gradient masking? {f.name}: {f.evidence}")
 
     result = RobustnessResult(
-        input_name=spec.name, score_tensor=scorer.score_tensor, score=score_kind, labels_source=data.source,
-        classes=classes, n_inputs=n, n_total=data.total, clean_accuracy=clean_acc, units=box.units,
-        range=[float(box.lo), float(box.hi)], range_source=range_source, eps=[float(e) for e in o.eps],
-        eps_l2=[float(e) for e in eps_l2] if "l2" in o.pgd_norms else None,
-        pgd={"steps": int(o.pgd_steps), "alpha": f"{alpha_frac:g} x eps", "random_start": bool(o.random_start),
+        input_name=plan.input_name, score_tensor=_score_tensor(plan), score=score_kind,
+        labels_source=index.source, classes=classes, n_inputs=n, n_total=index.total, clean_accuracy=clean_acc,
+        units=box.units, range=[float(box.lo), float(box.hi)], range_source=range_source,
+        eps=[float(e) for e in o.eps],
+        eps_l2=[float(e) for e in plan.eps_l2] if "l2" in o.pgd_norms else None,
+        pgd={"steps": int(o.pgd_steps), "alpha": f"{plan.alpha_frac:g} x eps", "random_start": bool(o.random_start),
              "norms": list(o.pgd_norms), "bisection_steps": int(o.bisect_steps), "seed": int(o.seed)},
         sweep=sweep, flip_eps=flip_eps_res, norms=norms, inputs=per_input, examples=examples,
-        directions=directions, masking=findings, failures=[FailedInput(p, m) for p, m in data.failures],
-        input_kind="image" if image else ("features" if u0.dim() == 2 else "tensor"))
+        directions=directions, masking=findings, failures=[FailedInput(p, m) for p, m in failures],
+        input_kind="image" if plan.image else ("features" if plan.sample_rank == 1 else "tensor"))
     metrics = _metrics(result, o, nz, nnf, n, fd_frac, fd_checked, big_acc, big_eps, gaps, rise)
     if n and nz + nnf == n:  # no attack had a gradient to follow: the sweep is no evidence of robustness
         note = "no input has a usable loss gradient (all zero or non-finite): the attacks could not move"
         metrics = [m if not any(m.name.startswith(p) for p in _SWEEP_METRICS) else
                    Metric(m.name, m.subject, m.value, m.op, m.warn, m.fail, "skipped", note, m.description,
                           m.properties) for m in metrics]
-    timings["analysis"] = round(time.perf_counter() - t0, 4)
     return AnalysisOutput(result=result, metrics=metrics, warnings=warnings, artifacts=artifacts,
-                          partial=bool(data.failures))
+                          partial=bool(failures))
+
+
+def _score_tensor(plan: Plan) -> str:
+    return plan.score_tensor
+
+
+def plan_score_kind(plan: Plan) -> str:
+    if plan.log_probs:
+        return "log-probability"
+    return "logit" if plan.score == "logit" else "output"
 
 
 def _amplify(d: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         from .. import data as D
         from ..analyses.robustness import RobustnessOptions, array_box, image_box, parse_eps, robustness
         from ..analyses.saliency import read_labels
-        from ..data.dataset import load_dataset
+        from ..data.dataset import index_dataset
         from ..errors import InputError
 
         eps_list = parse_eps(eps)
@@ -123,16 +123,16 @@ def register(app: typer.Typer) -> None:
         label_path = labels_file(model_path, labels)
         classes = read_labels(label_path)
         with ctx.timed("data"):
-            data = load_dataset(str(data_path), pp, spec, classes=classes,
+            data = index_dataset(str(data_path), pp, spec, classes=classes,
                                 input_names=[s.name for s in model.inputs], label_column=label_column,
                                 limit=limit, seed=seed)
-        is_image = all(s.pixels is not None for s in data.samples)
+        is_image = data.image
         if is_image:
             if value_range:
                 raise InputError("--range is for arrays and tables; image pixels are clipped to their range")
             box, range_src = image_box(pp), "the pixel range"
         else:
-            box, range_src = array_box(np.stack([s.array for s in data.samples]), rng)
+            box, range_src = array_box(data.arrays(), rng)
         fixed = fixed_feeds(feeds, model, spec.name)
         opts = RobustnessOptions(eps=eps_list, eps_l2=l2, pgd_norms=norms, pgd_steps=pgd_steps,
                                  pgd_alpha=pgd_step, random_start=random_start, bisect_steps=bisect,

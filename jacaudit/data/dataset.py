@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["LabelledData", "load_dataset", "PREDICTIONS"]
+__all__ = ["LabelledData", "load_dataset", "PREDICTIONS", "Entry", "DatasetIndex", "index_dataset", "decode"]
 
 #: the label source when the data has no labels
 PREDICTIONS = "the model's own predictions (the data has no labels)"
@@ -71,21 +71,8 @@ def _folder(path: str, pp: Any, spec: Any, classes: Sequence[str] | None
     files = expand_paths([path])
     samples, labels, failures, warnings = [], [], [], []
     table = os.path.join(path, "labels.csv")
-    by_file: dict[str, str] | None = None
-    if os.path.isfile(table):
-        by_file = {}
-        try:
-            with open(table, newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"{table}: cannot read ({type(e).__name__})") from None
-        if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "label"], ["filename", "label"],
-                                                                   ["path", "label"]):
-            rows = rows[1:]
-        for k, r in enumerate(rows, 1):
-            if len(r) < 2:
-                raise DataError(f"{table}: row {k} needs file,label")
-            by_file[os.path.normpath(r[0].strip())] = r[1].strip()
+    by_file = _labels_csv(table) if os.path.isfile(table) else None
+    if by_file is not None:
         source = f"labels.csv ({table})"
     rel = [os.path.relpath(p, path) for p in files]
     nested = all(os.sep in r for r in rel)
@@ -200,3 +187,158 @@ def load_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | None
     if labels is not None:
         labels = [labels[i] for i in keep]
     return LabelledData(samples, labels, source, failures, warnings, total)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A lazy index: what the dataset holds, without decoding images (for audits in batches, in one process or
+# sharded on workers; see jacaudit.distributed)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One sample of a dataset: its stable id (the path relative to the data folder, or ``file[row]``), its
+    position in the full dataset (before ``--limit``), its label, and either the decoded sample (array files)
+    or the image file to decode."""
+
+    id: str
+    position: int
+    label: int | None
+    path: str | None = None       # an image file, decoded where the batch is computed
+    sample: Any = None            # a decoded jacaudit.data.Sample (array and table files)
+
+
+@dataclass
+class DatasetIndex:
+    entries: list[Entry]
+    source: str                   # where the labels came from (words)
+    labelled: bool
+    image: bool                   # every sample is an image (pixels, the report's pictures)
+    warnings: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # found while indexing (array files)
+    total: int = 0                # samples before --limit
+
+    @classmethod
+    def of(cls, data: "LabelledData | DatasetIndex") -> "DatasetIndex":
+        """An index of decoded samples (a :class:`LabelledData`, e.g. made in code); an index as it is."""
+        if isinstance(data, DatasetIndex):
+            return data
+        ents = [Entry(s.name if s.index is None else f"{os.path.basename(s.source)}[{s.index}]", k,
+                      None if data.labels is None else data.labels[k], sample=s) for k, s in enumerate(data.samples)]
+        return cls(ents, data.source, data.labels is not None, all(s.pixels is not None for s in data.samples),
+                   list(data.warnings), list(data.failures), data.total or len(ents))
+
+    def arrays(self) -> np.ndarray | None:
+        """The decoded arrays stacked (array data only; the range of the values)."""
+        if self.image:
+            return None
+        return np.stack([e.sample.array for e in self.entries])
+
+
+def index_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | None = None,
+                  input_names: Sequence[str] = (), label_column: str | None = None, limit: int | None = None,
+                  seed: int = 0) -> DatasetIndex:
+    """Like :func:`load_dataset`, but image files are listed (with their labels), not decoded: :func:`decode`
+    reads a batch of them where it is computed, and a file that cannot be read is that input's failure. Array,
+    table and single files are read here. ``limit`` keeps a seeded random subset of the listed samples."""
+    from . import IMAGE_EXTS, expand_paths
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    if not os.path.isdir(path):
+        d = load_dataset(path, pp, spec, classes=classes, input_names=input_names, label_column=label_column,
+                         limit=limit, seed=seed)
+        keep = _subsample(d.total, limit, seed)
+        ents = [Entry(_sample_id(s, path), pos, None if d.labels is None else d.labels[k], sample=s)
+                for k, (s, pos) in enumerate(zip(d.samples, keep))]
+        return DatasetIndex(ents, d.source, d.labels is not None, all(s.pixels is not None for s in d.samples),
+                            d.warnings, d.failures, d.total)
+    files = expand_paths([path])
+    table = os.path.join(path, "labels.csv")
+    by_file = _labels_csv(table) if os.path.isfile(table) else None
+    rel = [os.path.normpath(os.path.relpath(p, path)) for p in files]
+    nested = all(os.sep in r for r in rel)
+    if by_file is not None:
+        source = f"labels.csv ({table})"
+    else:
+        source = "sub-folder names" if nested and files else PREDICTIONS
+    warnings: list[str] = []
+    failures: list[tuple[str, str]] = []
+    listed: list[tuple[str, int | None, str | None, Any]] = []
+    for p, r in zip(files, rel):
+        if by_file is not None:
+            if r not in by_file:
+                raise DataError(f"{table}: no label for {r}")
+            label = _label_index(by_file[r], classes, f"{table} ({r})")
+        elif nested:
+            label = _label_index(r.split(os.sep)[0], classes, f"{path}: sub-folder")
+        else:
+            label = None
+        if os.path.splitext(p)[1].lower() in IMAGE_EXTS:
+            listed.append((r.replace(os.sep, "/"), label, p, None))
+            continue
+        from . import load_sample  # an array file in the folder: its rows, read here
+        try:
+            rows = load_sample(p, pp, spec)
+        except DataError as e:
+            failures.append((p, str(e)))
+            warnings.append(str(e))
+            continue
+        for s in rows:
+            listed.append((_sample_id(s, path), label, None, s))
+    if by_file is None and not nested and any(os.sep in r for r in rel):
+        warnings.append(f"{path}: some images lie in sub-folders and some do not: sub-folder names are not used "
+                        "as labels; the model's own predictions are")
+    if not listed:
+        raise DataError(f"{path}: no sample could be read" + (f" ({failures[0][1]})" if failures else ""))
+    keep = _subsample(len(listed), limit, seed)
+    ents = [Entry(listed[i][0], i, listed[i][1], listed[i][2], listed[i][3]) for i in keep]
+    image = all(e.path is not None or e.sample.pixels is not None for e in ents)
+    return DatasetIndex(ents, source, by_file is not None or nested, image, warnings, failures, len(listed))
+
+
+def _sample_id(s: Any, base: str) -> str:
+    src = s.source
+    try:
+        src = os.path.relpath(src, base) if os.path.isdir(base) else os.path.basename(src)
+    except ValueError:
+        pass
+    src = src.replace(os.sep, "/")
+    return f"{src}[{s.index}]" if s.index is not None else src
+
+
+def _labels_csv(table: str) -> dict[str, str]:
+    by_file: dict[str, str] = {}
+    try:
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{table}: cannot read ({type(e).__name__})") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "label"], ["filename", "label"],
+                                                               ["path", "label"]):
+        rows = rows[1:]
+    for k, r in enumerate(rows, 1):
+        if len(r) < 2:
+            raise DataError(f"{table}: row {k} needs file,label")
+        by_file[os.path.normpath(r[0].strip())] = r[1].strip()
+    return by_file
+
+
+def decode(entries: Sequence[Entry], pp: Any, spec: Any) -> tuple[list[tuple[Entry, Any]], list[tuple[Entry, str]]]:
+    """A batch of entries -> (entry, Sample) pairs for those that could be read, and (entry, error) for the
+    rest. Never raises for one bad file."""
+    from . import load_sample
+
+    good, bad = [], []
+    for e in entries:
+        if e.sample is not None:
+            good.append((e, e.sample))
+            continue
+        try:
+            s = load_sample(e.path, pp, spec)
+        except DataError as err:
+            bad.append((e, str(err)))
+            continue
+        if len(s) != 1:
+            bad.append((e, f"{e.path}: holds {len(s)} samples, not one image"))
+            continue
+        good.append((e, s[0]))
+    return good, bad

@@ -16,16 +16,21 @@ The recipes (documented, so that a hand-written reference reproduces them bit fo
 * PGD L2: random start ``delta = n * (r / ||n||) * eps``, grouped in that order (``n`` normal, ``r`` uniform in
   [0, 1]), then steps of ``alpha * grad / (||grad|| + 1e-10)``, ``delta`` projected onto the L2 ball of radius eps,
   clipped;
-* random numbers come from one ``torch.Generator`` seeded with the given seed, drawn on the CPU in the input's
-  dtype, batch after batch in order (``rand`` for L-inf, ``randn`` then ``rand`` per batch for L2).
+* random numbers: :func:`pgd` draws from one ``torch.Generator`` batch after batch (``rand`` for L-inf, ``randn``
+  then ``rand`` per batch for L2), or takes them per input (``noise``). The robustness analysis gives them per
+  input: each input's own CPU generator, seeded with :func:`~.base.stream_seed` (BLAKE2b of the run seed, the
+  use -- e.g. ``pgd-linf/2``, the third L-inf sweep point -- and the input's stable id), draws ``rand`` of the
+  sample's shape (L-inf) or ``randn`` of the sample's shape then one ``rand`` (L2), in the input's dtype; so the
+  numbers do not depend on batching, sharding or worker order.
 
 These are the recipes of torchattacks' FGSM / PGD / PGDL2 (which the tests compare with), with the loss summed
 instead of averaged (the sign, and the L2-normalised step, are the same).
 """
 from __future__ import annotations
 
-from .base import Box, Objective, l2_norms, loss_and_grad, margin, per_sample
+from .base import Box, Objective, input_noise, l2_norms, loss_and_grad, margin, per_sample, stream_seed
 from .fgsm import fgsm
 from .pgd import L2_DIVISION_EPS, pgd
 
-__all__ = ["Box", "Objective", "loss_and_grad", "margin", "fgsm", "pgd", "L2_DIVISION_EPS", "per_sample", "l2_norms"]
+__all__ = ["Box", "Objective", "loss_and_grad", "margin", "fgsm", "pgd", "L2_DIVISION_EPS", "per_sample", "l2_norms",
+           "stream_seed", "input_noise"]

@@ -9,7 +9,34 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Box", "Objective", "loss_and_grad", "margin", "per_sample", "l2_norms"]
+__all__ = ["Box", "Objective", "loss_and_grad", "margin", "per_sample", "l2_norms", "stream_seed", "input_noise"]
+
+
+def stream_seed(seed: int, stream: str, input_id: str) -> int:
+    """The seed of one input's random numbers in one use (``stream``, e.g. ``pgd-linf/2``): a 63-bit integer
+    from BLAKE2b of the run seed, the stream and the input's stable id. It depends on nothing else (not on the
+    batch, the worker or the order inputs are computed in), so a sharded run draws what one process draws."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{int(seed)}\x1f{stream}\x1f{input_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def input_noise(ids: "list[str]", seed: int, stream: str, shape: tuple[int, ...], dtype: torch.dtype,
+                norm: str = "linf") -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
+    """PGD's random start per input, stacked (N, *shape), each input from its own CPU generator seeded with
+    :func:`stream_seed`: ``rand`` (L-inf), or ``randn`` then one ``rand`` (L2: direction and radius)."""
+    rs, ns = [], []
+    for i in ids:
+        g = torch.Generator(device="cpu").manual_seed(stream_seed(seed, stream, i))
+        if norm == "linf":
+            rs.append(torch.rand(shape, generator=g, dtype=dtype))
+        else:
+            ns.append(torch.randn(shape, generator=g, dtype=dtype))
+            rs.append(torch.rand((1,) * len(shape), generator=g, dtype=dtype))
+    if norm == "linf":
+        return torch.stack(rs)
+    return torch.stack(ns), torch.stack(rs)
 
 @dataclass
 class Box:

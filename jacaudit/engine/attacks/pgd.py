@@ -21,20 +21,28 @@ L2_DIVISION_EPS = 1e-10
 
 def pgd(f: Callable[..., torch.Tensor], u: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, box: Box, *,
         steps: int = 10, alpha: float | torch.Tensor | None = None, norm: str = "linf", random_start: bool = True,
-        generator: torch.Generator | None = None, extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, extra: dict[str, torch.Tensor] | None = None,
+        noise: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Projected gradient descent (ascent on the loss) from ``u`` within the eps-ball (see the module
-    docstring); ``eps`` and ``alpha`` may be per-sample tensors (N,). Returns the final iterate."""
+    docstring); ``eps`` and ``alpha`` may be per-sample tensors (N,). The random start's numbers are ``noise``
+    when given (:func:`~jacaudit.engine.attacks.base.input_noise`: per input), else drawn from ``generator``
+    for the whole batch. Returns the final iterate."""
     e = per_sample(eps, u)
     a = per_sample(alpha if alpha is not None else eps * (2.5 / steps), u)
     u = u.detach()
     adv = u.clone()
     if random_start:
         if norm == "linf":
-            noise = torch.rand(u.shape, generator=generator, dtype=u.dtype).to(u.device)
-            adv = box.clip(adv + (noise * 2 - 1) * e)
+            if noise is None:
+                noise = torch.rand(u.shape, generator=generator, dtype=u.dtype)
+            adv = box.clip(adv + (noise.to(u.device) * 2 - 1) * e)
         else:
-            n = torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device)
-            r = torch.rand((u.shape[0],) + (1,) * (u.dim() - 1), generator=generator, dtype=u.dtype).to(u.device)
+            if noise is None:
+                n = torch.randn(u.shape, generator=generator, dtype=u.dtype)
+                r = torch.rand((u.shape[0],) + (1,) * (u.dim() - 1), generator=generator, dtype=u.dtype)
+            else:
+                n, r = noise
+            n, r = n.to(u.device), r.to(u.device)
             adv = box.clip(adv + n * (r / l2_norms(n)) * e)
     for _ in range(int(steps)):
         g, _, _ = loss_and_grad(f, adv, y, extra)
