@@ -38,6 +38,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
+from . import onednn
+
 __all__ = ["fuse_patterns"]
 
 _FAST = (torch.float32, torch.float64)
@@ -761,14 +763,112 @@ def _sole_reader(g, m, name, op_type):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Linear: MatMul(x, W) [+ b] and Gemm(x, W[, c]) with constant W, b -> oneDNN (onednn.linear)
+# ------------------------------------------------------------------------------------------------------------
+class _Linear:
+    """A fused node's function: x @ W (+ b) through oneDNN where ``onednn.usable`` and ``linear_wanted`` say
+    so, otherwise the original nodes' functions in order (the plain path: other dtypes, torch.func transforms,
+    forward-mode AD, small products, or a fed tensor in place of the constants)."""
+
+    kind = "linear"
+
+    def __init__(self, w_src, b_src, wt, w, b, plain):
+        self.w_src, self.b_src = w_src, b_src  # the initializers the node reads (a fed value differs)
+        self.wt, self.w, self.b = wt, w, b  # (N, K), (K, N) contiguous float32; bias (N,) or None
+        self.plain = plain  # list of (fn, ctx, input slots): slot i of the node's inputs, or "prev"
+        self.k, self.n = w.shape
+        self.route: dict = {}  # x.shape -> oneDNN or not (linear_wanted)
+
+    def __call__(self, ctx, x, *params):
+        route = self.route.get(x.shape)
+        if route is None:
+            if len(self.route) >= 16:
+                self.route.clear()
+            route = self.route[x.shape] = (x.dim() >= 2 and x.shape[-1] == self.k
+                                           and onednn.linear_wanted(x, self.n))
+        if (route and params[0] is self.w_src and (len(params) < 2 or params[1] is self.b_src)
+                and onednn.usable(x)):
+            return onednn.linear(x, self.wt, self.w, self.b)
+        args = (x,) + params
+        y = None
+        for fn, c, slots in self.plain:
+            y = fn(c, *[y if s == "prev" else args[s] for s in slots])
+        return y
+
+    def __repr__(self):
+        return "<fused linear>"
+
+
+def _plain_step(node, slots):
+    import copy
+    c = copy.copy(node.ctx)  # the node's own context (its op_type is renamed below)
+    return node.fn, c, slots
+
+
+def _fuse_linear(g, m, counts):
+    if not onednn.ENABLED:
+        return
+    for node in list(g.nodes):
+        if node.fn is None or node.ctx.node.domain not in ("", "ai.onnx") or node not in g.nodes:
+            continue
+        t = node.ctx.op_type
+        if t == "MatMul" and len(node.inputs) == 2:
+            x, wn = node.inputs
+            W = m.tensor(wn)
+            if x is None or x in g.initializers or W is None or W.dim() != 2 or W.dtype != torch.float32:
+                continue
+            steps = [_plain_step(node, (0, 1))]
+            inputs, drop, last, bias, b_src = [x, wn], [node], node, None, None
+            y = node.outputs[0]
+            add = _sole_reader(g, m, y, "Add") if len(node.outputs) == 1 else None
+            if add is not None:
+                bn = _other(add, y)
+                bt = m.tensor(bn)
+                if bt is not None and bn != y and bt.dim() == 1 and bt.shape[0] == W.shape[1] \
+                        and bt.dtype == torch.float32:
+                    steps.append(_plain_step(add, ("prev", 2) if add.inputs[0] == y else (2, "prev")))
+                    inputs.append(bn)
+                    drop.append(add)
+                    last, bias, b_src = add, bt.detach().contiguous(), bt
+            w = W.detach().contiguous()
+            fn = _Linear(W, b_src, w.t().contiguous(), w, bias, steps)
+            _replace(g, m, last, drop, "Linear", fn, inputs)
+            counts["linear"] += 1
+        elif t == "Gemm" and len(node.inputs) >= 2:
+            a = node.ctx
+            if int(a.attr("transA", 0)) or float(a.attr("alpha", 1.0)) != 1.0:
+                continue
+            x, bname = node.inputs[0], node.inputs[1]
+            cname = node.inputs[2] if len(node.inputs) > 2 else None
+            B = m.tensor(bname)
+            if x is None or x in g.initializers or B is None or B.dim() != 2 or B.dtype != torch.float32:
+                continue
+            W = B.t() if int(a.attr("transB", 0)) else B
+            bias = None
+            if cname is not None:
+                C = m.tensor(cname)
+                if C is None or float(a.attr("beta", 1.0)) != 1.0 or C.dtype != torch.float32 \
+                        or C.numel() != W.shape[1] or C.dim() > 2 or (C.dim() >= 1 and C.shape[-1] != W.shape[1]):
+                    continue
+                bias = C.detach().reshape(-1).contiguous()
+            w = W.detach().contiguous()
+            fn = _Linear(B, m.tensor(cname) if cname else None, w.t().contiguous(), w, bias,
+                         [_plain_step(node, tuple(range(len(node.inputs))))])
+            node.fn = fn
+            node.ctx.op_type = "FusedLinear"
+            counts["linear"] += 1
+
+
+# ------------------------------------------------------------------------------------------------------------
 def fuse_patterns(g, keep: Iterable[str] = ()) -> dict[str, int]:
     """Fuse the patterns above in place; returns {kind: count} for the kinds that fired."""
-    counts = {k: 0 for k in ("hardswish", "hardsigmoid", "silu", "mish", "gelu", "layernorm")}
+    counts = {k: 0 for k in ("hardswish", "hardsigmoid", "silu", "mish", "gelu", "layernorm", "linear")}
     m = _Matcher(g, keep)
     _fuse_layernorm(g, m, counts)
     _fuse_gelu(g, m, counts)
     _fuse_unary_mul(g, m, counts)
     _fuse_relu6_hardsigmoid(g, m, counts)
     _fuse_native(g, m, counts)  # after: a HardSigmoid inside x * HardSigmoid(x) is gone by now
+    _fuse_linear(g, m, counts)  # last: the Adds above read no MatMul output
     g._plans = {}
     return {k: v for k, v in counts.items() if v}
