@@ -33,21 +33,20 @@ CONV_MIN_MACS = 2_000_000
 CONV_MIN_POSITIONS_CL = 256
 
 
-def _transformed() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
+_peek = torch._C._functorch.peek_interpreter_stack
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def usable(x: torch.Tensor, *params) -> bool:
     """x and the constant params are plain float32 CPU tensors, no transform or forward-mode AD is active, and
     no param requires grad."""
-    if not ENABLED or x.dtype != torch.float32 or x.device.type != "cpu" or x.layout != torch.strided:
-        return False
-    if _forward_ad._current_level >= 0 or _transformed():
+    if not ENABLED or x.dtype is not torch.float32 or not x.is_cpu or _forward_ad._current_level >= 0 \
+            or _peek() is not None or x.layout is not torch.strided or _wrapped(x):
         return False
     for p in params:
-        if p is not None and (p.requires_grad or p.dtype != torch.float32 or p.device.type != "cpu"):
+        if p is not None and (p.requires_grad or p.dtype is not torch.float32 or not p.is_cpu):
             return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -82,7 +81,8 @@ def linear_wanted(x: torch.Tensor, n_out: int) -> bool:
 
 
 def linear(x: torch.Tensor, wt: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w + b with ``wt`` = w.T contiguous (N, K) and ``w`` contiguous (K, N); callers check ``usable``."""
+    """x @ w + b with ``wt`` = w.T contiguous (N, K) and ``w`` contiguous (K, N) (needed only when x requires
+    grad under grad mode); callers check ``usable``."""
     if not torch.is_grad_enabled() or not x.requires_grad:
         return _lp(x, wt, b)
     return _Linear.apply(x, wt, w, b)
@@ -91,7 +91,8 @@ def linear(x: torch.Tensor, wt: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
 # ------------------------------------------------------------------------------------------------------------
 # conv2d, groups 1, where torch would run its native kernel
 # ------------------------------------------------------------------------------------------------------------
-def conv2d_wanted(x: torch.Tensor, w: torch.Tensor, strides, padding: int | list, dil, group: int) -> bool:
+def conv2d_wanted(x: torch.Tensor, w: torch.Tensor, strides, padding: int | list, dil, group: int,
+                  assume_one_thread: bool = False) -> bool:
     """torch 2.x's ``use_mkldnn`` rule says no (so ``F.conv2d`` would run ``_slow_conv2d``) and the output is
     large enough that oneDNN is faster. ``padding`` is the symmetric padding (an int or per-dim list)."""
     if group != 1 or x.dim() != 4 or w.dim() != 4:
@@ -100,7 +101,7 @@ def conv2d_wanted(x: torch.Tensor, w: torch.Tensor, strides, padding: int | list
     kh, kw = w.shape[2], w.shape[3]
     strided = any(s != 1 for s in strides)
     dilated = any(d != 1 for d in dil)
-    one_thread = torch.get_num_threads() == 1
+    one_thread = assume_one_thread or torch.get_num_threads() == 1
     torch_onednn = ((strided or dilated or n >= 16 or kh != 1 or kw != 1 or not one_thread)
                     and ((kh > 3 and kw > 3) or n > 1 or n * c * h * wd > 20480))
     if torch_onednn:
@@ -110,6 +111,8 @@ def conv2d_wanted(x: torch.Tensor, w: torch.Tensor, strides, padding: int | list
     wo = (wd + 2 * pads[1] - dil[1] * (kw - 1) - 1) // strides[1] + 1
     if n * ho * wo * c * w.shape[0] * kh * kw < CONV_MIN_MACS:
         return False
+    if x.is_meta:  # layout unknown: either
+        return True
     return n * ho * wo >= CONV_MIN_POSITIONS_CL or not x.is_contiguous(memory_format=torch.channels_last) \
         or x.is_contiguous()
 
@@ -175,8 +178,9 @@ def _grad_weight(memo: dict, w: torch.Tensor, mode: str) -> torch.Tensor | None:
     """The gradient's kernel for ``mode``, cached per weight tensor (the node's memo)."""
     if mode == "torch":
         return None
-    hit = memo.get("onednn_wgrad")
-    if hit is not None and hit[0] is w and hit[1] == w._version and hit[2] == mode:
+    hit = memo.get("onednn_wgrad")  # (w, its key, mode, kernel); holding w keeps its storage (and address)
+    key = (w.data_ptr(), w.shape, w.stride(), w._version)
+    if hit is not None and hit[1] == key and hit[2] == mode:
         return hit[3]
     fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() \
         else torch.contiguous_format
@@ -187,7 +191,7 @@ def _grad_weight(memo: dict, w: torch.Tensor, mode: str) -> torch.Tensor | None:
         wg = wd.transpose(0, 1).contiguous(memory_format=fmt)
     else:  # patch: a linear weight (out = C*kh*kw, in = K)
         wg = wd.reshape(wd.shape[0], -1).t().contiguous()
-    memo["onednn_wgrad"] = (w, w._version, mode, wg)
+    memo["onednn_wgrad"] = (w, key, mode, wg)
     return wg
 
 

@@ -190,10 +190,11 @@ def conv(ctx, x, w, b=None):
             geo = (nd, strides, pb, None, dil, group)
         else:
             geo = (nd, strides, 0, _torch_pad(pb, pe), dil, group)
+        geo = geo + (_onednn_candidate(x, w, *geo),)
         if len(ctx.memo) >= 16:
             ctx.memo.clear()
         ctx.memo[key] = geo
-    nd, strides, padding, explicit, dil, group = geo
+    nd, strides, padding, explicit, dil, group, candidate = geo
     if explicit is not None:
         x = F.pad(x, explicit)
     if b is not None and b.dtype != x.dtype:
@@ -203,14 +204,44 @@ def conv(ctx, x, w, b=None):
     if ("depthwise_nhwc" in FAST_CONV and nd == 2 and 1 < group == x.shape[1] == w.shape[0]
             and x.device.type == "cpu" and x.is_floating_point() and not _wrapped(x, w, b)):
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first depthwise layer
-    if nd == 2 and group == 1 and x.dtype is torch.float32 and "onednn_small" in FAST_CONV:
+    if candidate and x.dtype is torch.float32 and "onednn_small" in FAST_CONV:
         rkey = ("onednn", x.shape, w.shape, x.is_contiguous(), torch.is_grad_enabled() and x.requires_grad)
-        route = ctx.memo.get(rkey)
+        route = ctx.memo.get(rkey) if _onednn.usable(x, w, b) else False
         if route is None:
-            route = ctx.memo[rkey] = _onednn.ENABLED and _onednn.conv2d_routed(x, w, strides, padding, dil, group)
-        if route and _onednn.usable(x, w, b):
+            if nd == 1:  # as the 2-D convolution torch runs it by (N, C, 1, L)
+                route = _onednn.ENABLED and _onednn.conv2d_routed(
+                    x.unsqueeze(2), w.unsqueeze(2), [1] + strides, [0] + _as_list(padding, 1), [1] + dil, group)
+            else:
+                route = _onednn.ENABLED and _onednn.conv2d_routed(x, w, strides, padding, dil, group)
+            ctx.memo[rkey] = route
+        if route:
+            if nd == 1:
+                return _onednn.conv2d(ctx.memo, x.unsqueeze(2), w.unsqueeze(2), b, [0] + _as_list(padding, 1),
+                                      [1] + strides, [1] + dil).squeeze(2)
             return _onednn.conv2d(ctx.memo, x, w, b, padding, strides, dil)
     return _CONV[nd](x, w, b, strides, padding, dil, group)
+
+
+def _onednn_candidate(x, w, nd, strides, padding, explicit, dil, group) -> bool:
+    """Could this geometry take the oneDNN route (``onednn.conv2d_routed``, for some layout and grad mode)?
+    Decided once per input shape so that the other convolutions pay nothing for the route."""
+    if not _onednn.ENABLED or nd > 2 or group != 1 or w.dim() != nd + 2 or x.dim() != nd + 2:
+        return False
+    shape = list(x.shape)
+    if explicit is not None:  # the padded input's shape
+        for i in range(nd):
+            shape[2 + i] += explicit[2 * (nd - 1 - i)] + explicit[2 * (nd - 1 - i) + 1]
+    xs, ws = (shape, list(w.shape)) if nd == 2 else (shape[:2] + [1] + shape[2:], list(w.shape[:2]) + [1] + list(w.shape[2:]))
+    st, dl = (list(strides), list(dil)) if nd == 2 else ([1] + list(strides), [1] + list(dil))
+    pad = _as_list(padding, nd) if nd == 2 else [0] + _as_list(padding, 1)
+    meta = torch.empty(xs, device="meta")
+    wm = torch.empty(ws, device="meta")
+    return _onednn.conv2d_wanted(meta, wm, st, pad, dl, 1, assume_one_thread=True) or \
+        _onednn.grad_mode(xs, ws, pad, st, dl) in ("s1x1", "patch")
+
+
+def _as_list(padding, nd: int) -> list:
+    return [padding] * nd if isinstance(padding, int) else list(padding)
 
 
 # CPU fast paths for convolutions, plain tensors only (under torch.func transforms -- vmap, jacrev, jacfwd --
