@@ -73,7 +73,8 @@ def _ranges(values: list[int]) -> list[list[int]]:
 
 def _op_entry(domain: str, op_type: str, since: list[int], schemas: list[Any], lo: int, hi: int) -> dict:
     """One operator: the loadable opsets lo..hi at which ONNX defines it (deprecated versions included: they
-    are run, and said so in the notes), the ONNX versions in effect there, the registry's since-versions, the schema's differentiable inputs, notes."""
+    are run, and said so in the notes), the ONNX versions in effect there, the registry's since-versions, the
+    schema's differentiable inputs, notes."""
     notes: list[str] = []
     in_effect = {}  # opset -> the schema version in effect there
     for v in range(lo, hi + 1):
@@ -89,7 +90,8 @@ def _op_entry(domain: str, op_type: str, since: list[int], schemas: list[Any], l
         versions = [s.since_version for s in schemas]
         notes.append(f"ONNX defines it from opset {versions[0]}, above the loadable {lo}-{hi}" if versions
                      else "not in the ONNX standard")
-    ref = ([s for s in in_effect.values() if not s.deprecated] or list(in_effect.values()) or schemas or [None])[-1]
+    live = [s for s in in_effect.values() if not s.deprecated]
+    ref = (live or list(in_effect.values()) or schemas or [None])[-1]
     return {"domain": _domain_name(domain), "op_type": op_type, "opsets": _ranges(sorted(in_effect)),
             "onnx_versions": versions, "since": since,
             "differentiable_inputs": _differentiable_inputs(ref) if ref is not None else None, "notes": notes}
