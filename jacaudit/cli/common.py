@@ -144,6 +144,47 @@ def fixed_feeds(items: list[str] | None, model, main: str) -> dict:
     return feeds
 
 
+def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_size: int, *, ray: str | None,
+                     workers: int | None, resume: bool, device: str | None, dtype: str | None):
+    """The batch executor of a dataset command (``executor(plan) -> records``): batches in this process, or on
+    Ray with ``--ray``; finished batches into ``OUT/shards``; ``--resume`` reuses them (jacaudit.distributed)."""
+    from ..errors import InputError
+
+    ray = (ray or "").strip() or None
+    if workers is not None and ray is None:
+        raise InputError("--ray-workers needs --ray (auto, local or an address)")
+    if ray is not None:
+        from ..distributed.ray_runner import _import_ray
+        _import_ray()  # a missing extra is one line before anything is computed
+
+    def run(plan):
+        from ..distributed import Job, run_batches
+        from ..distributed.shards import ShardStore, fingerprint
+
+        job = Job(analysis, plan, index, max(1, int(batch_size)), model_path,
+                  {"device": device, "dtype": dtype, "extra_args": state.model_args}, threads=state.threads or 1)
+        store = ShardStore(str(ctx.out_dir), fingerprint(model_path, index, plan=plan, batch_size=job.batch_size,
+                                                         device=str(device), dtype=str(dtype)), resume=resume)
+        if store.note:
+            info(store.note)
+        _remove_stale_reports(str(ctx.out_dir))
+        with ctx.progress(f"{analysis}" + (f" on Ray ({ray})" if ray else ""), len(index.entries)) as bar:
+            return run_batches(job, model, store=store, ray=ray, workers=workers, device=str(device or "cpu"),
+                               progress=bar.advance, on_note=info)
+    return run
+
+
+def _remove_stale_reports(out_dir: str) -> None:
+    """A run that keeps shards in OUT first removes OUT's previous report files, so an interrupted run never
+    leaves a report that looks complete (the shards say how far it got)."""
+    from ..report import FORMATS
+
+    for ext in FORMATS.values():
+        p = os.path.join(out_dir, "report" + ext)
+        if os.path.isfile(p):
+            os.remove(p)
+
+
 def labels_file(model_path, labels) -> str | None:
     """The class-labels file: the one given, else a labels.txt beside the model (said on stderr), else None."""
     if labels:

@@ -65,6 +65,17 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choi
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="Working memory per chunk, e.g. 512MB, "
                                                   "2GiB (default 1GiB).", rich_help_panel=RUN)]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per batch.", rich_help_panel=RUN)]
+DIST = "Sharding (Ray)"
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", help="Shard the batches on a Ray cluster: auto (the cluster this machine belongs to), local (one "
+    "started for the run), or an address (ray://host:10001, host:6379). Needs pip install 'jacaudit[ray]'. "
+    "Env JACAUDIT_RAY.", rich_help_panel=DIST)]
+RayWorkersOpt = Annotated[Optional[int], typer.Option(
+    "--ray-workers", min=1, help="Ray actors (each loads the model once; default: the cluster's CPUs, or GPUs "
+    "with --device cuda).", rich_help_panel=DIST)]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Reuse the finished batches in OUT/shards of an interrupted run with the same model, data "
+    "and options (refused when they differ).", rich_help_panel=DIST)]
 
 
 def report_params(command: str) -> list[tuple[str, object, object]]:
@@ -107,6 +118,6 @@ def report_params(command: str) -> list[tuple[str, object, object]]:
 #: output files are per command (their table, or JACAUDIT_<COMMAND>_<OPTION>).
 SHARED_KEYS = frozenset({
     "input", "input_name", "output_name", "wrt", "logits", "size", "mean", "std", "scale", "layout", "channels",
-    "preset", "resize", "shape", "device", "dtype", "seed", "max_memory", "batch_size",
+    "preset", "resize", "shape", "device", "dtype", "seed", "max_memory", "batch_size", "ray", "ray_workers",
     "format", "json", "max_regression", "exit_zero",
 })

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import fixed_feeds, labels_file, load_model, out
+from .common import fixed_feeds, labels_file, load_model, out, sharded_executor
 from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
-                      OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt)
+                      OutputNameOpt, PresetOpt, RayOpt, RayWorkersOpt, ResizeOpt, ResumeOpt, ScaleOpt, SeedOpt,
+                      SizeOpt, StdOpt)
 from .runner import Outcome, audit_command
 
 ATK = "Attacks"
@@ -73,6 +74,9 @@ def register(app: typer.Typer) -> None:
                                                            "model input, fed unchanged with every sample "
                                                            "(repeatable).", rich_help_panel=DAT)] = None,
         batch_size: BatchSizeOpt = 32,
+        ray: RayOpt = None,
+        ray_workers: RayWorkersOpt = None,
+        resume: ResumeOpt = False,
         device: DeviceOpt = "cpu",
         dtype: DtypeOpt = None,
         seed: SeedOpt = 0,
@@ -90,8 +94,6 @@ def register(app: typer.Typer) -> None:
         per attack, min_flip_eps_median, lipschitz_p95, jacobian_frobenius_mean, ...; e.g.
         --fail-on "robust_accuracy@eps=0.01<0.8". Exit 1 when a check fails, 4 when no input has a usable
         gradient."""
-        import numpy as np
-
         from .. import data as D
         from ..analyses.robustness import RobustnessOptions, array_box, image_box, parse_eps, robustness
         from ..analyses.saliency import read_labels
@@ -140,9 +142,10 @@ def register(app: typer.Typer) -> None:
                                  batch_size=batch_size, seed=seed, classes=tuple(classes) if classes else None,
                                  use_logits=(score == "logit"), input_name=spec.name, output=output_name,
                                  worst=worst)
-        with ctx.progress("robustness", None) as bar:
-            res = robustness(model, data, box, opts, preprocess=pp if is_image else None, image=is_image,
-                             fixed=fixed, range_source=range_src, progress=bar.update, timings=ctx.timings)
+        executor = sharded_executor(ctx, "robustness", data, model, str(model_path), batch_size, ray=ray,
+                                    workers=ray_workers, resume=resume, device=device, dtype=dtype)
+        res = robustness(model, data, box, opts, preprocess=pp if is_image else None, image=is_image,
+                         fixed=fixed, range_source=range_src, timings=ctx.timings, executor=executor)
         warnings = [w for w in getattr(model, "warnings", []) if w not in res.warnings]
         res.warnings[:0] = warnings
         r = res.result

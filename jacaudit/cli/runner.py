@@ -66,8 +66,9 @@ class Outcome:
 class Context:
     """Given to a command body: timings and the one progress helper."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_dir: Path | None = None) -> None:
         self.timings: dict[str, float] = {}
+        self.out_dir = out_dir            # --out (a dataset command keeps its shards there)
 
     def timed(self, key: str):
         from ..results import timed
@@ -140,7 +141,7 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
             check_writable(ro)  # before anything is computed
             if computes:
                 setup_runtime()
-            ctx = Context()
+            ctx = Context(ro.out_dir)
             outcome = body(ctx)
             res = outcome.output
             checks = gate.evaluate(command, res.metrics, thresholds)
