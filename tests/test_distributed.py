@@ -174,6 +174,23 @@ def test_sharded_reports_equal_single_process_on_the_robust_brittle_pair(ray_clu
 
 
 @pytest.mark.ray
+def test_sharded_saliency_equals_single_process_with_the_sanity_test(ray_cluster, tmp_path):
+    model, images = SM / "shortcut/shortcut_cnn.onnx", SM / "shortcut/examples"
+    args = ["saliency", model, images, "--method", "all", "--sg-samples", "4", "--ig-steps", "8", "--sanity",
+            "--batch-size", "2", "--format", "json,html"]
+    one, shard = tmp_path / "one", tmp_path / "ray"
+    r1 = _in_process(*args, "--out", one)
+    r2 = _in_process(*args, "--out", shard, "--ray", "auto", "--ray-workers", "2")
+    assert r1.exit_code == r2.exit_code and r1.exit_code in (0, 1), (r1.output[-1500:], r2.output[-1500:])
+    rep = _report(shard)
+    assert len(rep["result"]["inputs"]) == len(list(images.glob("*.png"))) - len(list(images.glob("*_mask.png")))
+    assert rep["result"]["sanity"], "the sanity test ran"
+    assert_same_run(one, shard)
+    pngs = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in sorted((d / "maps").glob("*.png"))}  # noqa: E731
+    assert pngs(one) and pngs(one) == pngs(shard)
+
+
+@pytest.mark.ray
 def test_a_corrupt_image_is_that_inputs_error_sharded_as_in_one_process(ray_cluster, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(DATA, data)

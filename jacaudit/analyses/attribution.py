@@ -7,7 +7,7 @@ grouped_gradients`); it returns the signed, unreduced attribution in the input's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -57,8 +57,17 @@ def _range_of(x: torch.Tensor, preprocess: Any) -> torch.Tensor:
     return r.reshape([-1] + [1] * (x.dim() - 1))
 
 
-def baseline_for(x: torch.Tensor, kind: str, preprocess: Any = None, seed: int = 0) -> torch.Tensor:
-    """The IG baseline (same shape as x), see the module docstring."""
+def baseline_for(x: torch.Tensor, kind: str, preprocess: Any = None, seed: int = 0,
+                 ids: Sequence[str] | None = None) -> torch.Tensor:
+    """The IG baseline (same shape as x), see the module docstring. ``noise``: one numpy generator seeded with
+    ``seed`` for the batch, or with ``ids`` (the inputs' stable ids) one per input, seeded from (seed, id)."""
+    if kind == "noise" and ids is not None:
+        from ..engine.attacks import stream_seed
+
+        if len(ids) != x.shape[0]:
+            raise InputError(f"{len(ids)} input ids for a batch of {x.shape[0]}")
+        return torch.cat([baseline_for(x[k:k + 1], kind, preprocess, stream_seed(seed, "ig-noise", i))
+                          for k, i in enumerate(ids)])
     if kind == "zero":
         return torch.zeros_like(x)
     img = preprocess is not None and x.dim() == 4
@@ -107,8 +116,13 @@ def baseline_for(x: torch.Tensor, kind: str, preprocess: Any = None, seed: int =
 def attribute(scorer: Scorer, x: torch.Tensor, method: str, *, targets: torch.Tensor | None = None,
               steps: int = 50, baseline: str | torch.Tensor = "black", samples: int = 25, sigma: float = 0.15,
               preprocess: Any = None, seed: int = 0, chunk_rows: int = 64,
-              extra: dict[str, torch.Tensor] | None = None) -> Attribution:
-    """One method on a batch ``x`` (N, ...). ``targets`` (N,) fixes the classes; None = top-1 per sample."""
+              extra: dict[str, torch.Tensor] | None = None, ids: Sequence[str] | None = None) -> Attribution:
+    """One method on a batch ``x`` (N, ...). ``targets`` (N,) fixes the classes; None = top-1 per sample.
+
+    Random numbers (SmoothGrad's noise, the ``noise`` IG baseline): with ``ids`` (the inputs' stable ids) each
+    input's own, seeded from (``seed``, its id) (:func:`jacaudit.engine.attacks.stream_seed`; SmoothGrad:
+    ``randn((samples, *sample shape))`` from a CPU generator per input), so they do not depend on the batch;
+    without, one generator seeded with ``seed`` for the batch."""
     x = x.detach()
     n = x.shape[0]
     if not x.is_floating_point():
@@ -120,9 +134,19 @@ def attribute(scorer: Scorer, x: torch.Tensor, method: str, *, targets: torch.Te
     if method == "smoothgrad":
         if samples < 1:
             raise InputError(f"SmoothGrad samples must be at least 1 (got {samples})")
-        gen = torch.Generator().manual_seed(int(seed))
         std = sigma * _range_of(x, preprocess)
-        noise = torch.randn((n, samples) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype) * std.unsqueeze(1)
+        if ids is not None:
+            from ..engine.attacks import stream_seed
+
+            if len(ids) != n:
+                raise InputError(f"{len(ids)} input ids for a batch of {n}")
+            draws = [torch.randn((samples,) + tuple(x.shape[1:]), dtype=x.dtype,
+                                 generator=torch.Generator().manual_seed(stream_seed(seed, "smoothgrad", i)))
+                     for i in ids]
+            noise = torch.stack(draws) * std.unsqueeze(1)
+        else:
+            gen = torch.Generator().manual_seed(int(seed))
+            noise = torch.randn((n, samples) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype) * std.unsqueeze(1)
         rows = torch.cat([x.unsqueeze(1), x.unsqueeze(1) + noise], dim=1).reshape((n * (samples + 1),) + x.shape[1:])
         gg = grouped_gradients(scorer, rows, samples + 1, targets, chunk_rows, extra)
         g = gg.grads.reshape((n, samples + 1) + tuple(x.shape[1:]))
@@ -130,7 +154,7 @@ def attribute(scorer: Scorer, x: torch.Tensor, method: str, *, targets: torch.Te
     if method == "ig":
         if steps < 1:
             raise InputError(f"IG steps must be at least 1 (got {steps})")
-        b = baseline if isinstance(baseline, torch.Tensor) else baseline_for(x, baseline, preprocess, seed)
+        b = baseline if isinstance(baseline, torch.Tensor) else baseline_for(x, baseline, preprocess, seed, ids)
         b = b.to(x.dtype).expand_as(x)
         # row order per sample: alpha = 1 (the reference), alpha = 0, then the interior points
         alphas = torch.cat([torch.tensor([1.0, 0.0]), torch.arange(1, steps, dtype=torch.float64) / steps])

@@ -55,7 +55,8 @@ Measured on the shipped samples (default options: top-1 logit, max-abs, IG 50 st
       04_triangle                    0.120   0.336 d=5.53    0.239 d=6.34    0.715 d=2.38    0.819 d=1.51
       05_cross                       0.184   0.583 d=2.27    0.611 d=2.11    0.773 d=1.24    0.722 d=1.51
 
-(SmoothGrad's noise is seeded per batch, so its figures move by ~0.05 with the batch layout.) With ``grad`` the
+(SmoothGrad's noise is seeded per input, from the seed and the input's name; these figures were measured with
+the earlier per-batch seeding and move by ~0.05 with the noise draw.) With ``grad`` the
 raw outside share separates the two models by 0.864 vs 0.583 (a ratio of 1.48), the density by 1.30 vs 2.27
 (1.75), and the density does not depend on the object's size (a 6% mask has a chance outside share of 0.94, an
 18% one 0.82), so the rule is on the density. Chosen: warn ``d < 1.5``, fail ``d < 1``. Result: every shortcut
@@ -237,26 +238,34 @@ def _mask_metric(method: str, subject: str, red: np.ndarray, mask: np.ndarray) -
                   properties={"mask_area": area, "inside_density": density, "mass_inside": inside}), inside
 
 
-def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None = None, *,
-             preprocess: Any = None, masks: dict[str, np.ndarray] | None = None,
-             failures: Sequence[tuple[str, str]] = (), progress: Callable[[int], None] | None = None,
-             timings: dict[str, float] | None = None) -> AnalysisOutput:
-    """Run the methods on ``samples`` (from :mod:`jacaudit.data`).
+@dataclass(frozen=True)
+class SaliencyPlan:
+    """What every batch needs besides the model (picklable; the same on the driver and on workers)."""
 
-    Returns an :class:`~jacaudit.analyses.base.AnalysisOutput`: ``result`` the :class:`SaliencyResult`,
-    ``metrics`` (``ig_completeness_gap`` per input, ``sanity_spearman@method=M``, ``mask_outside@method=M`` per
-    masked input; see the module docstring), ``warnings``, ``artifacts`` (per input and method
-    ``maps/<stem>.npy`` -- the raw signed attribution with a batch axis --, ``maps/<stem>.heatmap.png`` and
-    ``maps/<stem>.overlay.png``; the images' ``path`` and the maps' ``npy`` are these relative paths), and
-    ``partial`` when ``failures`` (``(path, error)`` of inputs that could not be read) is not empty. ``masks``
-    maps a sample's name to a boolean (H, W) object mask. Writes no files."""
-    from ..gate import Metric
-    from ..results import Image
-    from ..results.saliency import (ClassScore, Concentration, FailedInput, InputSaliency, MethodMap,
-                                    SaliencyResult)
+    options: SaliencyOptions
+    methods: list[str]
+    preprocess: Any
+    masks: dict[str, Any]
+    outline: bool
 
-    o = options or SaliencyOptions()
-    timings = timings if timings is not None else {}
+
+class SaliencyContext:
+    """A worker's view of the model for saliency: the scorer (and the fixed target), built once per process."""
+
+    def __init__(self, model: Any, plan: SaliencyPlan):
+        o = plan.options
+        self.model, self.plan = model, plan
+        self.spec_t = parse_target_spec(o.target) if isinstance(o.target, str) else None
+        self.scorer = make_scorer(model, o.input_name, o.output, o.use_logits, target=self.spec_t, wrt=o.wrt)
+        if self.spec_t is None:
+            self.fixed = resolve_target(o.target, o.labels)
+        else:
+            self.fixed = None if self.spec_t.kind == "argmax" else 0  # index / sum: one candidate
+
+
+def make_saliency_plan(options: SaliencyOptions, *, preprocess: Any = None,
+                       masks: dict[str, np.ndarray] | None = None) -> SaliencyPlan:
+    o = options
     if o.reduction not in ("max-abs", "l2"):
         raise InputError(f"channel reduction must be max-abs or l2, not {o.reduction!r}")
     if o.baseline not in BASELINES:
@@ -266,207 +275,319 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
         raise InputError(f"IG steps must be at least 1 (got {o.steps})")
     if "smoothgrad" in methods and o.samples < 1:
         raise InputError(f"SmoothGrad samples must be at least 1 (got {o.samples})")
-    spec_t = parse_target_spec(o.target) if isinstance(o.target, str) else None
-    scorer = make_scorer(model, o.input_name, o.output, o.use_logits, target=spec_t, wrt=o.wrt)
-    if spec_t is None:
-        fixed = resolve_target(o.target, o.labels)
-    else:
-        fixed = None if spec_t.kind == "argmax" else 0  # index / sum: one candidate
+    return SaliencyPlan(o, methods, preprocess, dict(masks or {}), _overlay_takes_mask())
+
+
+def saliency_batch(bctx: SaliencyContext, entries: Sequence[Any], slot0: int) -> dict[str, Any]:
+    """One batch of entries (``slot0``: the run index of the first; each entry's id is its report subject) ->
+    its inputs, metrics, warnings and artifacts as plain data (JSON-able, arrays in ``arrays``)."""
+    from ..distributed.shards import plain
+    from ..gate import Metric
+    from ..results import Image
+    from ..results.saliency import ClassScore, Concentration, InputSaliency, MethodMap
+    from ..data import stack
+
+    plan, model, scorer = bctx.plan, bctx.model, bctx.scorer
+    o, methods, preprocess, masks = plan.options, plan.methods, plan.preprocess, plan.masks
+    t0 = time.perf_counter()
     layout = preprocess.layout if preprocess is not None else "NCHW"
+    dtype = model.dtype or torch.float32
+    batch = [e.sample for e in entries]
+    ids = [e.id for e in entries]
     warnings: list[str] = []
     metrics: list[Any] = []
-    artifacts: list[Artifact] = []
+    arrays: dict[str, np.ndarray] = {}
+    art_paths: list[str] = []
+    seen_warn = set(scorer.warnings)
+
+    def artifact(path: str, data: Any) -> None:
+        key = f"art{len(art_paths)}"
+        arrays[key] = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
+        art_paths.append(path)
+
+    x = stack(batch, device=model.device, dtype=dtype)
+    extra = {}
+    if batch[0].extra:
+        extra = {k: torch.as_tensor(np.stack([s.extra[k] for s in batch])).to(model.device)
+                 for k in batch[0].extra}
+    tokens = None
+    if scorer.wrt:  # differentiate an internal tensor: the inputs are held, its value is the point
+        extra = {scorer.input_name: x, **extra}
+        tokens = x
+        x = scorer.point(extra)
+        if not x.is_floating_point():
+            raise InputError(f"tensor {scorer.wrt!r} is {x.dtype}, not a float tensor: it has no derivative")
+        x = x.to(dtype)
+        if x.dim() < 1 or x.shape[0] != len(batch):
+            raise InputError(f"tensor {scorer.wrt!r} has shape {tuple(x.shape)}: its first axis is not the "
+                             f"batch of {len(batch)} input(s)")
+    kind = _input_kind(x, preprocess)
+    if kind == "features" and o.feature_names is not None and len(o.feature_names) != x.shape[1]:
+        raise InputError(f"{len(o.feature_names)} feature names for {x.shape[1]} features of input "
+                         f"{scorer.input_name!r}")
+    targets = None if bctx.fixed is None else torch.full((x.shape[0],), bctx.fixed, dtype=torch.long)
+    results: dict[str, Attribution] = {}
+    base: Attribution | None = None
+    for m in methods:
+        if m in ("grad", "gradxinput") and base is not None:
+            attr = base.grad if m == "grad" else base.grad * x
+            results[m] = Attribution(m, attr, base.targets, base.ref_scores, base.ref_probs, grad=base.grad)
+            continue
+        a = attribute(scorer, x, m, targets=targets, steps=o.steps, baseline=o.baseline, samples=o.samples,
+                      sigma=o.sigma, preprocess=preprocess, seed=o.seed, chunk_rows=o.chunk_rows, extra=extra,
+                      ids=ids)
+        results[m] = a
+        if base is None:
+            base = a
+            targets = a.targets
+    if base is None:  # pragma: no cover (parse_methods gives at least one)
+        raise RuntimeFailure("internal: no saliency method ran")
+    probs = base.ref_probs
+    prob_looks = None
+    if probs is None and scorer.score == "output":
+        s = base.ref_scores
+        prob_looks = bool((s >= 0).all() and torch.allclose(s.sum(1), torch.ones(s.shape[0], dtype=s.dtype),
+                                                            atol=1e-3))
+    inputs_out = []
+    zero_maps = n_maps = 0
+    for i, smp in enumerate(batch):
+        k = slot0 + i
+        subject = ids[i]
+        sc = base.ref_scores[i].double()
+        pr = probs[i].double() if probs is not None else None
+        order = torch.argsort(sc, descending=True)[: o.top_k].tolist()
+
+        def cs(j: int) -> ClassScore:
+            lab = o.labels[j] if o.labels and j < len(o.labels) and scorer.select is None else None
+            return ClassScore(int(j), lab, float(sc[j]), None if pr is None else float(pr[j]),
+                              coords=scorer.coords(j))
+
+        tgt = int(base.targets[i])
+        pixels = smp.pixels
+        if pixels is None and preprocess is not None and smp.array.ndim == 3:
+            try:
+                pixels = preprocess.pixels_to_rgb(preprocess.from_tensor(smp.array))
+            except Exception:
+                pixels = None
+        thumb = None
+        if pixels is not None:
+            data, w, h = M.png_bytes(pixels, o.thumb)
+            thumb = Image(M.b64(data), w, h, alt=f"input {smp.name}")
+        mlist = []
+        mask = masks.get(smp.name) if masks else None
+        for m, a in results.items():
+            attr = a.attr[i].detach().cpu().numpy()
+            n_maps += 1
+            zf = float((attr == 0).mean()) if attr.size else 1.0
+            metrics.append(_zero_metric(m, subject, zf))
+            if zf >= 1.0:
+                zero_maps += 1
+                warnings.append(f"the {m} map of {smp.name} is zero everywhere: the explained score "
+                                f"({_explained(scorer, tgt)}) does not depend on the input here; the map "
+                                "says nothing about what the model uses")
+            ranking = None
+            if kind in ("features", "sequence"):
+                toks = None if tokens is None else tokens[i].detach().cpu().numpy()
+                ranking, red = _ranking(attr, kind, o.reduction, o.feature_names, toks)
+                heat = M.heatmap_rgb(np.repeat(np.repeat(red.reshape(1, -1), 12, 0),
+                                               max(1, 384 // max(1, red.size)), 1))
+            else:
+                red = M.reduce_channels(attr, layout, o.reduction)
+                heat = M.heatmap_rgb(red)
+            stem = f"maps/{k:04d}-{_safe(smp.name)}.{m}"
+            over = None
+            outlined = False
+            if pixels is not None and red.ndim == 2 and red.shape == pixels.shape[:2]:
+                if mask is not None and plan.outline:
+                    over = M.overlay_rgb(pixels, red, mask=mask)
+                    outlined = True
+                else:
+                    over = M.overlay_rgb(pixels, red)
+            npy_path, heat_path = stem + ".npy", stem + ".heatmap.png"
+            artifact(npy_path, attr[None].astype(np.float32))
+            artifact(heat_path, M.png_bytes(heat)[0])
+            hd, hw, hh = M.png_bytes(heat, o.thumb)
+            himg = Image(M.b64(hd), hw, hh, alt=f"{m} heatmap of {smp.name}", path=heat_path)
+            oimg = None
+            if over is not None:
+                over_path = stem + ".overlay.png"
+                artifact(over_path, M.png_bytes(over)[0])
+                od, ow, oh = M.png_bytes(over, o.thumb)
+                oimg = Image(M.b64(od), ow, oh, alt=f"{m} overlay on {smp.name}", path=over_path)
+            gap = a.completeness_gap
+            gap_i = None if gap is None else float(gap[i])
+            mf = None
+            if mask is not None and red.ndim == 2 and kind == "image":
+                if np.asarray(mask).shape != red.shape:
+                    warnings.append(f"mask of {smp.name}: shape {np.asarray(mask).shape} differs from the "
+                                    f"map's {red.shape}; not used")
+                else:
+                    metric, mf = _mask_metric(m, subject, red, mask)
+                    metrics.append(metric)
+            if gap_i is not None:
+                fx, fb = float(a.f_x[i]), float(a.f_baseline[i])
+                # F(x) ~ F(baseline): the relative gap divides by a near-zero score change and judges
+                # nothing (the attribution is then near zero by construction): no evidence, said so
+                flat = _ig_flat(fx, fb)
+                metrics.append(Metric(
+                    "ig_completeness_gap", subject, gap_i, ">", warn=IG_GAP_WARN, fail=IG_GAP_FAIL,
+                    status="skipped" if flat else None,
+                    description="IG completeness gap |sum(attr) - (F(x) - F(baseline))| / |F(x) - F(baseline)|: "
+                                "the trapezoid rule's error; raise the IG steps when it is large (above "
+                                f"{IG_GAP_FAIL:g} the attribution does not add up to the score change and "
+                                "means nothing)",
+                    note=(f"F(x) = {fx:.4g} and F(baseline) = {fb:.4g} differ by less than {IG_FLAT:g} of "
+                          f"their size: the relative gap ({gap_i:.3g}) is no evidence; choose another baseline"
+                          if flat else f"{o.steps} IG steps, {o.baseline} baseline")))
+            mlist.append(MethodMap(
+                method=m, heatmap=himg, overlay=oimg, npy=npy_path,
+                concentration=None if ranking is not None else Concentration(**M.concentration(
+                    red if red.ndim == 2 else red.reshape(1, -1))),
+                total=float(attr.sum()),
+                completeness_gap=gap_i, f_x=None if a.f_x is None else float(a.f_x[i]),
+                f_baseline=None if a.f_baseline is None else float(a.f_baseline[i]), mask_fraction=mf,
+                heat_max=_heat_max(red), mask_outlined=outlined, ranking=ranking, zero_fraction=zf))
+        inputs_out.append(InputSaliency(name=smp.name, source=smp.source, synthetic=bool(smp.synthetic),
+                                        top=[cs(j) for j in order], target=cs(tgt), thumbnail=thumb,
+                                        maps=mlist, target_coords=scorer.coords(tgt),
+                                        target_region=_region(scorer)))
+    warnings += [w for w in scorer.warnings if w not in seen_warn]
+    return {"slot0": slot0, "n_entries": len(entries), "n": len(batch), "failures": [],
+            "inputs": plain(inputs_out), "metrics": plain(metrics), "warnings": warnings, "kind": kind,
+            "prob_looks": prob_looks, "zero_maps": zero_maps, "n_maps": n_maps,
+            "targets": [int(t) for t in base.targets.tolist()], "artifact_paths": art_paths, "arrays": arrays,
+            "timings": {"saliency": time.perf_counter() - t0}}
+
+
+def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None = None, *,
+             preprocess: Any = None, masks: dict[str, np.ndarray] | None = None,
+             failures: Sequence[tuple[str, str]] = (), progress: Callable[[int], None] | None = None,
+             timings: dict[str, float] | None = None, executor: Callable[..., list] | None = None
+             ) -> AnalysisOutput:
+    """Run the methods on ``samples`` (from :mod:`jacaudit.data`, or a
+    :class:`~jacaudit.data.dataset.DatasetIndex` whose entry ids are the report subjects).
+
+    Returns an :class:`~jacaudit.analyses.base.AnalysisOutput`: ``result`` the :class:`SaliencyResult`,
+    ``metrics`` (``ig_completeness_gap`` per input, ``sanity_spearman@method=M``, ``mask_outside@method=M`` per
+    masked input; see the module docstring), ``warnings``, ``artifacts`` (per input and method
+    ``maps/<stem>.npy`` -- the raw signed attribution with a batch axis --, ``maps/<stem>.heatmap.png`` and
+    ``maps/<stem>.overlay.png``; the images' ``path`` and the maps' ``npy`` are these relative paths), and
+    ``partial`` when ``failures`` (``(path, error)`` of inputs that could not be read) is not empty. ``masks``
+    maps a sample's name to a boolean (H, W) object mask. Writes no files.
+
+    The batches (consecutive ``batch_size`` slices) are computed by :func:`saliency_batch` here, in order, or by
+    ``executor(plan)`` (e.g. sharded on Ray, resumed from shards), which returns their records in order;
+    the aggregate (and the sanity test, on the first inputs) runs here, so both give the same report."""
+    o = options or SaliencyOptions()
+    timings = timings if timings is not None else {}
+    index = saliency_index(samples)
+    plan = make_saliency_plan(o, preprocess=preprocess, masks=masks)
+    bctx = SaliencyContext(model, plan)
+    t0 = time.perf_counter()
+    if executor is None:
+        from ..distributed.shards import decode_record, encode_record
+
+        B = max(1, int(o.batch_size))
+        records = []
+        for s in range(0, len(index.entries), B):
+            records.append(decode_record(*encode_record(saliency_batch(bctx, index.entries[s:s + B], s))))
+            if progress:
+                progress(records[-1]["n"])
+    else:
+        records = executor(plan)
+    timings["saliency"] = round(time.perf_counter() - t0, 4)
+    return aggregate_saliency(bctx, index, records, failures=failures, timings=timings)
+
+
+def saliency_index(samples: Any) -> Any:
+    """Samples -> a DatasetIndex whose entry ids are the report subjects (a repeated name gets ``#2``, ...)."""
+    from ..data.dataset import DatasetIndex, Entry
+
+    if isinstance(samples, DatasetIndex):
+        return samples
+    seen: dict[str, int] = {}
+    ents = []
+    for k, smp in enumerate(samples):
+        n_seen = seen.get(smp.name, 0)
+        seen[smp.name] = n_seen + 1
+        ents.append(Entry(smp.name if n_seen == 0 else f"{smp.name}#{n_seen + 1}", k, None, sample=smp))
+    return DatasetIndex(ents, "", False, all(s.pixels is not None for s in samples), total=len(ents))
+
+
+def aggregate_saliency(bctx: SaliencyContext, index: Any, records: Sequence[dict[str, Any]], *,
+                       failures: Sequence[tuple[str, str]] = (), timings: dict[str, float] | None = None
+                       ) -> AnalysisOutput:
+    from ..data import stack
+    from ..gate import Metric
+    from ..results import _from
+    from ..results.saliency import FailedInput, InputSaliency, SaliencyResult
+
+    plan, model, scorer = bctx.plan, bctx.model, bctx.scorer
+    o, methods, preprocess = plan.options, plan.methods, plan.preprocess
+    timings = timings if timings is not None else {}
+    layout = preprocess.layout if preprocess is not None else "NCHW"
+    records = sorted(records, key=lambda r: r["slot0"])
+    failures = list(failures)
+    warnings: list[str] = []
     if scorer.score == "output":
         warnings.append("the model's output is differentiated as it is (no Softmax input reachable): if it "
                         "is a probability, saliency describes the probability, not the logit")
-    outline = _overlay_takes_mask()
-    dtype = model.dtype or torch.float32
-    inputs_out = []
-    kept_for_sanity: list[tuple[Any, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]] = []
-    prob_looks = None
-    kind: str | None = None
-    zero_maps = n_maps = 0
-    subjects: dict[str, int] = {}
-    t0 = time.perf_counter()
-    counter = 0
-    for bs in range(0, len(samples), max(1, o.batch_size)):
-        batch = list(samples[bs:bs + o.batch_size])
-        from ..data import stack
-        x = stack(batch, device=model.device, dtype=dtype)
-        extra = {}
-        if batch[0].extra:
-            extra = {k: torch.as_tensor(np.stack([s.extra[k] for s in batch])).to(model.device)
-                     for k in batch[0].extra}
-        tokens = None
-        if scorer.wrt:  # differentiate an internal tensor: the inputs are held, its value is the point
-            extra = {scorer.input_name: x, **extra}
-            tokens = x
-            x = scorer.point(extra)
-            if not x.is_floating_point():
-                raise InputError(f"tensor {scorer.wrt!r} is {x.dtype}, not a float tensor: it has no derivative")
-            x = x.to(dtype)
-            if x.dim() < 1 or x.shape[0] != len(batch):
-                raise InputError(f"tensor {scorer.wrt!r} has shape {tuple(x.shape)}: its first axis is not the "
-                                 f"batch of {len(batch)} input(s)")
-        if kind is None:
-            kind = _input_kind(x, preprocess)
-            if kind == "features" and o.feature_names is not None and len(o.feature_names) != x.shape[1]:
-                raise InputError(f"{len(o.feature_names)} feature names for {x.shape[1]} features of input "
-                                 f"{scorer.input_name!r}")
-        targets = None if fixed is None else torch.full((x.shape[0],), fixed, dtype=torch.long)
-        results: dict[str, Attribution] = {}
-        base: Attribution | None = None
-        for m in methods:
-            if m in ("grad", "gradxinput") and base is not None:
-                attr = base.grad if m == "grad" else base.grad * x
-                results[m] = Attribution(m, attr, base.targets, base.ref_scores, base.ref_probs, grad=base.grad)
-                continue
-            a = attribute(scorer, x, m, targets=targets, steps=o.steps, baseline=o.baseline, samples=o.samples,
-                          sigma=o.sigma, preprocess=preprocess, seed=o.seed + bs, chunk_rows=o.chunk_rows,
-                          extra=extra)
-            results[m] = a
-            if base is None:
-                base = a
-                targets = a.targets
-        if base is None:  # pragma: no cover (parse_methods gives at least one)
-            raise RuntimeFailure("internal: no saliency method ran")
-        probs = base.ref_probs
-        if probs is None and scorer.score == "output" and prob_looks is None:
-            s = base.ref_scores
-            prob_looks = bool((s >= 0).all() and torch.allclose(s.sum(1), torch.ones(s.shape[0], dtype=s.dtype),
-                                                                atol=1e-3))
-            if prob_looks:
-                warnings.append("the output looks like probabilities (non-negative, rows sum to 1): the "
-                                "attributions are of the probability; export the logits for logit saliency")
-        for i, smp in enumerate(batch):
-            k = counter
-            counter += 1
-            n_seen = subjects.get(smp.name, 0)
-            subjects[smp.name] = n_seen + 1
-            subject = smp.name if n_seen == 0 else f"{smp.name}#{n_seen + 1}"
-            sc = base.ref_scores[i].double()
-            pr = probs[i].double() if probs is not None else None
-            order = torch.argsort(sc, descending=True)[: o.top_k].tolist()
-
-            def cs(j: int) -> ClassScore:
-                lab = o.labels[j] if o.labels and j < len(o.labels) and scorer.select is None else None
-                return ClassScore(int(j), lab, float(sc[j]), None if pr is None else float(pr[j]),
-                                  coords=scorer.coords(j))
-
-            tgt = int(base.targets[i])
-            pixels = smp.pixels
-            if pixels is None and preprocess is not None and smp.array.ndim == 3:
-                try:
-                    pixels = preprocess.pixels_to_rgb(preprocess.from_tensor(smp.array))
-                except Exception:
-                    pixels = None
-            thumb = None
-            if pixels is not None:
-                data, w, h = M.png_bytes(pixels, o.thumb)
-                thumb = Image(M.b64(data), w, h, alt=f"input {smp.name}")
-            mlist = []
-            mask = masks.get(smp.name) if masks else None
-            for m, a in results.items():
-                attr = a.attr[i].detach().cpu().numpy()
-                n_maps += 1
-                zf = float((attr == 0).mean()) if attr.size else 1.0
-                metrics.append(_zero_metric(m, subject, zf))
-                if zf >= 1.0:
-                    zero_maps += 1
-                    warnings.append(f"the {m} map of {smp.name} is zero everywhere: the explained score "
-                                    f"({_explained(scorer, tgt)}) does not depend on the input here; the map "
-                                    "says nothing about what the model uses")
-                ranking = None
-                if kind in ("features", "sequence"):
-                    toks = None if tokens is None else tokens[i].detach().cpu().numpy()
-                    ranking, red = _ranking(attr, kind, o.reduction, o.feature_names, toks)
-                    heat = M.heatmap_rgb(np.repeat(np.repeat(red.reshape(1, -1), 12, 0),
-                                                   max(1, 384 // max(1, red.size)), 1))
-                else:
-                    red = M.reduce_channels(attr, layout, o.reduction)
-                    heat = M.heatmap_rgb(red)
-                stem = f"maps/{k:04d}-{_safe(smp.name)}.{m}"
-                over = None
-                outlined = False
-                if pixels is not None and red.ndim == 2 and red.shape == pixels.shape[:2]:
-                    if mask is not None and outline:
-                        over = M.overlay_rgb(pixels, red, mask=mask)
-                        outlined = True
-                    else:
-                        over = M.overlay_rgb(pixels, red)
-                npy_path, heat_path = stem + ".npy", stem + ".heatmap.png"
-                artifacts.append(Artifact(npy_path, attr[None].astype(np.float32)))
-                artifacts.append(Artifact(heat_path, M.png_bytes(heat)[0]))
-                hd, hw, hh = M.png_bytes(heat, o.thumb)
-                himg = Image(M.b64(hd), hw, hh, alt=f"{m} heatmap of {smp.name}", path=heat_path)
-                oimg = None
-                if over is not None:
-                    over_path = stem + ".overlay.png"
-                    artifacts.append(Artifact(over_path, M.png_bytes(over)[0]))
-                    od, ow, oh = M.png_bytes(over, o.thumb)
-                    oimg = Image(M.b64(od), ow, oh, alt=f"{m} overlay on {smp.name}", path=over_path)
-                gap = a.completeness_gap
-                gap_i = None if gap is None else float(gap[i])
-                mf = None
-                if mask is not None and red.ndim == 2 and kind == "image":
-                    if np.asarray(mask).shape != red.shape:
-                        warnings.append(f"mask of {smp.name}: shape {np.asarray(mask).shape} differs from the "
-                                        f"map's {red.shape}; not used")
-                    else:
-                        metric, mf = _mask_metric(m, subject, red, mask)
-                        metrics.append(metric)
-                if gap_i is not None:
-                    fx, fb = float(a.f_x[i]), float(a.f_baseline[i])
-                    # F(x) ~ F(baseline): the relative gap divides by a near-zero score change and judges
-                    # nothing (the attribution is then near zero by construction): no evidence, said so
-                    flat = _ig_flat(fx, fb)
-                    metrics.append(Metric(
-                        "ig_completeness_gap", subject, gap_i, ">", warn=IG_GAP_WARN, fail=IG_GAP_FAIL,
-                        status="skipped" if flat else None,
-                        description="IG completeness gap |sum(attr) - (F(x) - F(baseline))| / |F(x) - F(baseline)|: "
-                                    "the trapezoid rule's error; raise the IG steps when it is large (above "
-                                    f"{IG_GAP_FAIL:g} the attribution does not add up to the score change and "
-                                    "means nothing)",
-                        note=(f"F(x) = {fx:.4g} and F(baseline) = {fb:.4g} differ by less than {IG_FLAT:g} of "
-                              f"their size: the relative gap ({gap_i:.3g}) is no evidence; choose another baseline"
-                              if flat else f"{o.steps} IG steps, {o.baseline} baseline")))
-                mlist.append(MethodMap(
-                    method=m, heatmap=himg, overlay=oimg, npy=npy_path,
-                    concentration=None if ranking is not None else Concentration(**M.concentration(
-                        red if red.ndim == 2 else red.reshape(1, -1))),
-                    total=float(attr.sum()),
-                    completeness_gap=gap_i, f_x=None if a.f_x is None else float(a.f_x[i]),
-                    f_baseline=None if a.f_baseline is None else float(a.f_baseline[i]), mask_fraction=mf,
-                    heat_max=_heat_max(red), mask_outlined=outlined, ranking=ranking, zero_fraction=zf))
-            inputs_out.append(InputSaliency(name=smp.name, source=smp.source, synthetic=bool(smp.synthetic),
-                                            top=[cs(j) for j in order], target=cs(tgt), thumbnail=thumb,
-                                            maps=mlist, target_coords=scorer.coords(tgt),
-                                            target_region=_region(scorer)))
-            if o.sanity and len(kept_for_sanity) < o.sanity_inputs:
-                kept_for_sanity.append((smp, x[i:i + 1], base.targets[i:i + 1],
-                                        {m: M.reduce_channels(results[m].attr[i].cpu().numpy(), layout, o.reduction)
-                                         for m in results}))
-        if progress:
-            progress(len(batch))
-    timings["saliency"] = round(time.perf_counter() - t0, 4)
+    inputs_out, metrics, artifacts = [], [], []
+    prob_warned = False
+    for r in records:
+        for p, msg in r.get("failures", []):
+            failures.append((p, msg))
+            warnings.append(msg)
+        if not r.get("n"):
+            continue
+        if r["prob_looks"] and not prob_warned:
+            warnings.append("the output looks like probabilities (non-negative, rows sum to 1): the "
+                            "attributions are of the probability; export the logits for logit saliency")
+        prob_warned = prob_warned or r["prob_looks"] is not None
+        inputs_out += [_from(InputSaliency, d) for d in r["inputs"]]
+        metrics += [_from(Metric, d) for d in r["metrics"]]
+        warnings += r["warnings"]
+        for j, path in enumerate(r["artifact_paths"]):
+            a = r["arrays"][f"art{j}"]
+            artifacts.append(Artifact(path, a.tobytes() if path.endswith(".png") else a))
+    recs = [r for r in records if r.get("n")]
+    if not recs:
+        raise DataError("no input could be computed" + (f" ({failures[0][1]})" if failures else ""))
+    kind = recs[0]["kind"]
     sanity: list = []
-    if o.sanity and kept_for_sanity and scorer.wrt:
+    if o.sanity and scorer.wrt:
         warnings.append(f"sanity check: not run when differentiating the internal tensor {scorer.wrt!r}")
-        kept_for_sanity = []
-    if o.sanity and kept_for_sanity:
-        t1 = time.perf_counter()
-        opts_m = o if list(o.methods) == methods else _with_methods(o, methods)
-        sanity = sanity_check(model, scorer, kept_for_sanity, opts_m, preprocess, layout)
-        timings["sanity"] = round(time.perf_counter() - t1, 4)
-        for sc_ in sanity:
-            metrics.append(_sanity_metric(sc_, len(kept_for_sanity)))
-            if sc_.flagged:
-                warnings.append(f"sanity check: {sc_.method} maps barely change when the model's weights are "
-                                f"randomised (Spearman {sc_.final_spearman:.2f} >= {sc_.threshold}); they reflect "
-                                "the input more than the model")
-            elif not sc_.steps:
-                warnings.append(f"sanity check: no layer of the model could be randomised; the {sc_.method} "
-                                "maps are not checked")
+    elif o.sanity:
+        # the first inputs of the run, rebuilt from the records (their maps from the saved attributions)
+        kept = []
+        dtype = model.dtype or torch.float32
+        for r in recs:
+            for i in range(r["n"]):
+                if len(kept) >= o.sanity_inputs:
+                    break
+                e = index.entries[r["slot0"] + i]
+                maps_i = {}
+                for m in methods:
+                    path = next(p for p in r["artifact_paths"] if p.startswith(f"maps/{r['slot0'] + i:04d}-")
+                                and p.endswith(f".{m}.npy"))
+                    attr = r["arrays"][f"art{r['artifact_paths'].index(path)}"][0]
+                    maps_i[m] = M.reduce_channels(attr, layout, o.reduction)
+                kept.append((e.sample, stack([e.sample], device=model.device, dtype=dtype),
+                             torch.tensor([r["targets"][i]], dtype=torch.long), maps_i))
+        if kept:
+            t1 = time.perf_counter()
+            opts_m = o if list(o.methods) == methods else _with_methods(o, methods)
+            sanity = sanity_check(model, scorer, kept, opts_m, preprocess, layout)
+            timings["sanity"] = round(time.perf_counter() - t1, 4)
+            for sc_ in sanity:
+                metrics.append(_sanity_metric(sc_, len(kept)))
+                if sc_.flagged:
+                    warnings.append(f"sanity check: {sc_.method} maps barely change when the model's weights are "
+                                    f"randomised (Spearman {sc_.final_spearman:.2f} >= {sc_.threshold}); they "
+                                    "reflect the input more than the model")
+                elif not sc_.steps:
+                    warnings.append(f"sanity check: no layer of the model could be randomised; the {sc_.method} "
+                                    "maps are not checked")
     warnings.extend(w for w in scorer.warnings if w not in warnings)
     for inp in inputs_out:
         for mm in inp.maps:
@@ -482,7 +603,7 @@ def saliency(model: Any, samples: Sequence[Any], options: SaliencyOptions | None
                                 f"raise the IG steps (now {o.steps})")
                 break
     res = SaliencyResult(
-        methods=list(methods), target="top1" if fixed is None and spec_t is None else str(o.target),
+        methods=list(methods), target="top1" if bctx.fixed is None and bctx.spec_t is None else str(o.target),
         score=scorer.score,
         score_tensor=scorer.score_tensor, reduction=o.reduction, input_name=scorer.input_name,
         preprocess=None if preprocess is None else preprocess.describe(),

@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from ..data.collect import read_feature_names, read_inputs
-from .common import labels_file, load_model, out
+from .common import labels_file, load_model, out, sharded_executor
 from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
-                      OutputNameOpt, PresetOpt, ResizeOpt, ScaleOpt, SeedOpt, SizeOpt, StdOpt, WrtOpt)
+                      OutputNameOpt, PresetOpt, RayOpt, RayWorkersOpt, ResizeOpt, ResumeOpt, ScaleOpt, SeedOpt,
+                      SizeOpt, StdOpt, WrtOpt)
 from .runner import Outcome, audit_command
 
 MET = "Methods"
@@ -59,6 +60,9 @@ def register(app: typer.Typer) -> None:
         labels: Annotated[Optional[Path], typer.Option("--labels", help="Class labels: one per line, or JSON "
                                                        "(default: labels.txt beside the model, if any).")] = None,
         batch_size: BatchSizeOpt = 16,
+        ray: RayOpt = None,
+        ray_workers: RayWorkersOpt = None,
+        resume: ResumeOpt = False,
         device: DeviceOpt = "cpu",
         dtype: DtypeOpt = None,
         seed: SeedOpt = 0,
@@ -132,10 +136,14 @@ def register(app: typer.Typer) -> None:
                                feature_names=read_feature_names(feature_names) or csv_names, sanity=sanity,
                                sanity_layers=sanity_layers, sanity_threshold=sanity_threshold)
         warnings += _state_warnings(model, spec, samples[0])
+        from ..analyses.saliency import saliency_index
+
+        index = saliency_index(samples)
+        executor = sharded_executor(ctx, "saliency", index, model, str(model_path), batch_size, ray=ray,
+                                    workers=ray_workers, resume=resume, device=device, dtype=dtype)
         try:
-            with ctx.progress("saliency", len(samples)) as bar:
-                res = saliency(model, samples, opts, preprocess=pp, masks=masks or None, failures=failures,
-                               progress=bar.advance, timings=ctx.timings)
+            res = saliency(model, index, opts, preprocess=pp, masks=masks or None, failures=failures,
+                           timings=ctx.timings, executor=executor)
         except TargetNeeded as e:
             others = [s.name for s in model.outputs if s.name != e.output]
             raise InputError(f"{e}: pass --output-name NAME{' (' + ', '.join(others[:6]) + ')' if others else ''} "

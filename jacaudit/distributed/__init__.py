@@ -5,7 +5,7 @@ A dataset command (``robustness``) splits its run into a plan (decided once on t
 (on the driver). This module runs the batches:
 
 * **here** (default): one after another in this process;
-* **on Ray** (``--ray auto|local|ADDRESS``): the batch numbers are a Ray Dataset, processed by ``map_batches`` on
+* **on Ray** (``--ray auto|local|ADDRESS``, ``robustness`` and ``saliency``): the batch numbers are a Ray Dataset, processed by ``map_batches`` on
   an actor pool whose actors load the model once (``--ray-workers N``; ``num_gpus=1`` each with ``--device
   cuda``); the records stream back to the driver as they finish.
 
@@ -34,7 +34,8 @@ __all__ = ["Job", "run_batches", "RAY_EXTRA_MESSAGE"]
 RAY_EXTRA_MESSAGE = ("--ray needs Ray, an optional extra: pip install 'jacaudit[ray]' (or pip install 'ray[data]')")
 
 # analysis -> (module, context factory, batch function)
-_ANALYSES = {"robustness": ("jacaudit.analyses.robustness", "BatchContext", "compute_batch")}
+_ANALYSES = {"robustness": ("jacaudit.analyses.robustness", "BatchContext", "compute_batch"),
+             "saliency": ("jacaudit.analyses.saliency", "SaliencyContext", "saliency_batch")}
 
 
 @dataclass

@@ -168,3 +168,24 @@ def _stable_repr(v: Any) -> str:
     if isinstance(v, np.ndarray):
         return f"array{v.shape}:" + hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
     return repr(v)
+
+
+def plain(v: Any) -> Any:
+    """Dataclasses, lists, dicts, numpy scalars -> JSON-able values, floats kept as they are (NaN and inf
+    included: a shard is our own file, read back by :func:`decode_record`; rebuild with
+    ``jacaudit.results._from``)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if v is None or isinstance(v, (bool, str, int, float)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if hasattr(v, "tolist"):
+        return plain(v.tolist())
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    raise TypeError(f"cannot keep {type(v).__name__} in a shard")
