@@ -212,7 +212,7 @@ def test_linear_float64_model_stays_plain(spy):
 CONVS = {
     # name: (x shape, w shape, attrs): each is a case where torch would run its native kernel, or a grad mode
     "1x1": ((1, 64, 32, 32), (128, 64, 1, 1), {}),
-    "3x3_small": ((1, 32, 16, 16), (32, 32, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "3x3_small": ((1, 48, 16, 16), (48, 48, 3, 3), {"pads": [1, 1, 1, 1]}),
     "3x3_asym_pads": ((1, 32, 20, 20), (32, 32, 3, 3), {"pads": [0, 1, 1, 2]}),
     "1x1_stride2": ((1, 64, 24, 24), (128, 64, 1, 1), {"strides": [2, 2]}),
     "patch": ((1, 3, 32, 32), (48, 3, 8, 8), {"strides": [8, 8]}),

@@ -25,12 +25,14 @@ __all__ = ["ENABLED", "usable", "linear", "linear_wanted", "conv2d", "conv2d_wan
 # gemm) and this many multiply-adds.
 LINEAR_MIN_ROWS = 16
 LINEAR_MIN_MACS = 1 << 18
-# A convolution runs oneDNN from this many multiply-adds and, channels_last, this many output positions
-# (N * H_out * W_out): below them the native kernel is faster (oneDNN costs ~25-40 us a call more; e.g. a
-# 576 -> 96 1x1 layer on 5x5: native 32 us vs oneDNN 52 us channels_last, 46 vs 56 us NCHW; a 512 -> 2048 1x1
-# layer on 5x5: 0.57 vs 0.62 ms channels_last, but 0.84 vs 0.34 ms NCHW).
-CONV_MIN_MACS = 2_000_000
-CONV_MIN_POSITIONS_CL = 256
+# A convolution runs oneDNN from this many multiply-adds, with a multiple of 8 output channels and,
+# channels_last, this many output positions (N * H_out * W_out): below them (or with e.g. 84 output channels)
+# torch's native kernel was as fast or faster, forward + input gradient, in place in the corpus graphs at
+# batch 1 (oneDNN costs ~25-60 us a call more: e.g. a 576 -> 96 1x1 layer on 5x5, channels_last: native 90 us
+# vs oneDNN 140 us; a 144 -> 24 1x1 layer on 40x40: 301 vs 211 us; a 256 -> 256 1x1 layer on 10x10, NCHW:
+# 304 vs 240 us; a 64 -> 84 1x1 layer on 40x40: 371 vs 406 us).
+CONV_MIN_MACS = 3_000_000
+CONV_MIN_POSITIONS_CL = 100
 
 
 _peek = torch._C._functorch.peek_interpreter_stack
@@ -109,7 +111,7 @@ def conv2d_wanted(x: torch.Tensor, w: torch.Tensor, strides, padding: int | list
     pads = [padding] * 2 if isinstance(padding, int) else list(padding)
     ho = (h + 2 * pads[0] - dil[0] * (kh - 1) - 1) // strides[0] + 1
     wo = (wd + 2 * pads[1] - dil[1] * (kw - 1) - 1) // strides[1] + 1
-    if n * ho * wo * c * w.shape[0] * kh * kw < CONV_MIN_MACS:
+    if n * ho * wo * c * w.shape[0] * kh * kw < CONV_MIN_MACS or w.shape[0] % 8:
         return False
     if x.is_meta:  # layout unknown: either
         return True
