@@ -772,9 +772,10 @@ class _Linear:
 
     kind = "linear"
 
-    def __init__(self, w_src, b_src, wt, w, b, plain):
+    def __init__(self, w_src, b_src, w, b, plain):
         self.w_src, self.b_src = w_src, b_src  # the initializers the node reads (a fed value differs)
-        self.wt, self.w, self.b = wt, w, b  # (N, K), (K, N) contiguous float32; bias (N,) or None
+        self.weights = onednn.LinearWeights(w)  # w (K, N) float32, prepacked
+        self.b = b  # bias (N,) or None
         self.plain = plain  # list of (fn, ctx, input slots): slot i of the node's inputs, or "prev"
         self.k, self.n = w.shape
         self.route: dict = {}  # x.shape -> oneDNN or not (linear_wanted)
@@ -788,7 +789,7 @@ class _Linear:
                                            and onednn.linear_wanted(x, self.n))
         if (route and params[0] is self.w_src and (len(params) < 2 or params[1] is self.b_src)
                 and onednn.usable(x)):
-            return onednn.linear(x, self.wt, self.w, self.b)
+            return onednn.linear(x, self.weights, self.b)
         args = (x,) + params
         y = None
         for fn, c, slots in self.plain:
@@ -830,8 +831,7 @@ def _fuse_linear(g, m, counts):
                     inputs.append(bn)
                     drop.append(add)
                     last, bias, b_src = add, bt.detach().contiguous(), bt
-            w = W.detach().contiguous()
-            fn = _Linear(W, b_src, w.t().contiguous(), w, bias, steps)
+            fn = _Linear(W, b_src, W.detach(), bias, steps)
             _replace(g, m, last, drop, "Linear", fn, inputs)
             counts["linear"] += 1
         elif t == "Gemm" and len(node.inputs) >= 2:
@@ -851,8 +851,7 @@ def _fuse_linear(g, m, counts):
                         or C.numel() != W.shape[1] or C.dim() > 2 or (C.dim() >= 1 and C.shape[-1] != W.shape[1]):
                     continue
                 bias = C.detach().reshape(-1).contiguous()
-            w = W.detach().contiguous()
-            fn = _Linear(B, m.tensor(cname) if cname else None, w.t().contiguous(), w, bias,
+            fn = _Linear(B, m.tensor(cname) if cname else None, W.detach(), bias,
                          [_plain_step(node, tuple(range(len(node.inputs))))])
             node.fn = fn
             node.ctx.op_type = "FusedLinear"

@@ -61,9 +61,7 @@ def _proj(x, w, b, n_gates: int, num_dir: int, hs: int, reverse_only: bool):
         xd = torch.flip(x, dims=[0]) if (d == 1 or reverse_only) else x
         xd = xd.reshape(T * B, I)
         if _onednn.usable(xd) and _onednn.linear_wanted(xd, w.shape[1]):  # the weight is a graph constant
-            wt = w[d].contiguous()
-            wk = w[d].t().contiguous() if torch.is_grad_enabled() and xd.requires_grad else None
-            yd = _onednn.linear(xd, wt, wk, None if b is None else b[d])
+            yd = _onednn.linear(xd, _onednn.LinearWeights(w[d].t(), pack=False), None if b is None else b[d])
         else:
             wd = w[d].t()
             yd = torch.addmm(b[d], xd, wd) if b is not None else torch.mm(xd, wd)
