@@ -298,3 +298,73 @@ def test_conv2d_function_every_mode_against_torch(xs, ws, stride, pad):
     (g0,) = torch.autograd.grad(y0, x0, cot)
     torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gx, g0, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conv -> activation (values only: one oneDNN kernel with a post-op)
+# ------------------------------------------------------------------------------------------------------------
+def _conv_act_proto(act: str, group: int = 1, bn: bool = False):
+    r = _rng(11)
+    cin = cout = 16
+    w = r.standard_normal((cout, cin // group, 3, 3)) / 4
+    inits = {"w": w, "b": r.standard_normal(cout) / 4}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=group)]
+    src = "c"
+    if bn:
+        inits.update({"s": r.uniform(0.5, 1.5, cout), "bb": r.standard_normal(cout), "mu": r.standard_normal(cout),
+                      "var": r.uniform(0.5, 1.5, cout)})
+        nodes.append(helper.make_node("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["n"]))
+        src = "n"
+    if act == "relu":
+        nodes.append(helper.make_node("Relu", [src], ["y"]))
+    elif act == "silu":
+        nodes += [helper.make_node("Sigmoid", [src], ["sg"]), helper.make_node("Mul", [src, "sg"], ["y"])]
+    elif act == "hardswish":
+        nodes.append(helper.make_node("HardSwish", [src], ["y"]))
+    return _proto(nodes, inits, [None, cin, 12, 12], [None, cout, 12, 12])
+
+
+@pytest.mark.parametrize("act,group,bn", [("relu", 1, False), ("relu", 1, True), ("silu", 1, True),
+                                          ("hardswish", 1, False), ("relu", 16, True), ("hardswish", 16, True)])
+def test_conv_activation_fuses_values_match_ort_gradients_plain(act, group, bn, monkeypatch):
+    proto = _conv_act_proto(act, group, bn)
+    fused, plain = OnnxModel(proto), OnnxModel(proto, optimize=False)
+    assert fused.metadata["optimizations"]["fuse_conv_act"] == 1
+    assert any(n.ctx.op_type == "FusedConvAct" for n in fused.graph.nodes) and fused.has_convolutions()
+    calls = []
+    pw = torch.ops.mkldnn._convolution_pointwise
+
+    class Spy:  # counts the post-op kernel
+        def __getattr__(self, k):
+            if k == "_convolution_pointwise":
+                return lambda *a: (calls.append(a[7]), pw(*a))[1]
+            return getattr(torch.ops.mkldnn, k)
+
+    import jacaudit.models.onnx.ops.nn as nn_ops
+    monkeypatch.setattr(nn_ops.torch.ops, "mkldnn", Spy(), raising=False)
+    x = torch.randn(32, 16, 12, 12, generator=torch.Generator().manual_seed(1))  # batch 32: torch runs oneDNN
+    with torch.no_grad():
+        y = fused.run({"x": x})[0]
+    monkeypatch.undo()
+    assert calls == [{"silu": "swish"}.get(act, act)]
+    np.testing.assert_allclose(y.numpy(), _ort(proto, x), rtol=1e-4, atol=1e-5)
+    cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    y1, g = _grad(fused, x, cot)  # under grad: the two plain nodes
+    _, g0 = _grad(plain, x, cot)
+    torch.testing.assert_close(y1, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-5)
+    f = lambda m: (lambda t: m.run({"x": t})[0].sum(dim=(1, 2, 3)))  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(f(fused))(x[:4].unsqueeze(1)),
+                               torch.func.vmap(f(plain))(x[:4].unsqueeze(1)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.func.jacrev(f(fused))(x[:1]), torch.func.jacrev(f(plain))(x[:1]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_conv_activation_keeps_a_requested_conv_output():
+    proto = _conv_act_proto("relu")
+    m = OnnxModel(proto)
+    x = torch.randn(32, 16, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        c, y = m.run({"x": x}, outputs=["c", "y"])
+    torch.testing.assert_close(y, torch.relu(c))
+    np.testing.assert_allclose(y.numpy(), _ort(proto, x), rtol=1e-4, atol=1e-5)

@@ -432,7 +432,7 @@ LRN LSTM LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax LpNormaliz
 Min Mish Mod Mul Neg Not Or PRelu Pow RNN Reciprocal Relu Round Selu Shrink Sigmoid Sign Sin Sinh Softmax
 Softplus Softsign SpaceToDepth Sqrt Sub Sum Tan Tanh ThresholdedRelu Transpose Trilu Where Xor AveragePool
 LpPool ArgMax ArgMin ScatterElements ScatterND Scatter GroupNormalization RMSNormalization
-FusedHardSwish FusedHardSigmoid FusedSiLU FusedMish FusedGelu FusedLayerNorm FusedLinear
+FusedHardSwish FusedHardSigmoid FusedSiLU FusedMish FusedGelu FusedLayerNorm FusedLinear FusedConvAct
 """.split())
 # Ops whose output shapes also follow from the values of inputs 1, 2, ... (shape, axes, pads, k, ...): static
 # when those are.

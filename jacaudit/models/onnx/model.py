@@ -258,7 +258,7 @@ class OnnxModel(Model):
         return self.tensor_names()
 
     def has_convolutions(self) -> bool:
-        return any(n.ctx.op_type in ("Conv", "ConvTranspose") for n in self.graph.nodes)
+        return any(n.ctx.op_type in ("Conv", "ConvTranspose", "FusedConvAct") for n in self.graph.nodes)
 
     def _weight_sources(self):
         """(tensor of a weight name, name -> its source) for the graph as written: a weight is a float

@@ -120,6 +120,16 @@ def linear(x: torch.Tensor, weights: "LinearWeights", b: torch.Tensor | None) ->
 # ------------------------------------------------------------------------------------------------------------
 # conv2d, groups 1, where torch would run its native kernel
 # ------------------------------------------------------------------------------------------------------------
+def torch_uses_onednn(x: torch.Tensor, w: torch.Tensor, strides, dil, group: int) -> bool:
+    """torch 2.x's ``use_mkldnn`` rule for a float32 CPU 2-D convolution (x already padded)."""
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[2], w.shape[3]
+    strided = any(s != 1 for s in strides)
+    dilated = any(d != 1 for d in dil)
+    return ((strided or dilated or n >= 16 or kh != 1 or kw != 1 or torch.get_num_threads() > 1)
+            and (group > 1 or (kh > 3 and kw > 3) or n > 1 or n * c * h * wd > 20480))
+
+
 def conv2d_wanted(x: torch.Tensor, w: torch.Tensor, strides, padding: int | list, dil, group: int,
                   assume_one_thread: bool = False) -> bool:
     """torch 2.x's ``use_mkldnn`` rule says no (so ``F.conv2d`` would run ``_slow_conv2d``) and the output is

@@ -268,4 +268,7 @@ def optimize(g, keep: Iterable[str] = (), steps: Iterable[str] = ("fold_constant
             done[step] = channels_last(g)
         else:
             raise ValueError(f"unknown optimize step {step!r}")
+    if specialize and "fold_constants" in steps:  # Conv -> activation, after BatchNormalization folding
+        from .fuse import fuse_conv_activation
+        done["fuse_conv_act"] = fuse_conv_activation(g, keep)
     return done

@@ -173,6 +173,51 @@ def _bcast_c(t: torch.Tensor, rank: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Convolutions
 # ---------------------------------------------------------------------------------------------
+def conv_activated(ctx, x, w, b, attr: str):
+    """The Conv node's output with oneDNN's ``attr`` post-op ("relu", "swish", "hardswish") applied in the
+    same kernel, or None where that does not apply: values only (no input requires grad, or grad mode off; no
+    torch.func transform or forward-mode AD), float32 2-D convolutions that torch itself runs in oneDNN (so
+    layout and kernel are the plain path's). Same geometry, padding and layout handling as ``conv``."""
+    if x.requires_grad and torch.is_grad_enabled() or x.dtype is not torch.float32 or x.dim() != 4:
+        return None
+    if not _onednn.usable(x, w, b) or w.dtype is not torch.float32:
+        return None
+    geo = _conv_geo(ctx, x, w)
+    nd, strides, padding, explicit, dil, group, candidate = geo
+    if explicit is not None:
+        x = F.pad(x, explicit)
+    if "depthwise_nhwc" in FAST_CONV and 1 < group == x.shape[1] == w.shape[0]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if not (_onednn.torch_uses_onednn(x, w, strides, dil, group) or (
+            candidate and "onednn_small" in FAST_CONV and _onednn.conv2d_wanted(x, w, strides, padding, dil, group))):
+        return None
+    pad = _as_list(padding, 2)
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, list(strides), list(dil), group, attr, [], "")
+
+
+def _conv_geo(ctx, x, w):
+    key = (x.shape, w.shape)
+    geo = ctx.memo.get(key)  # (nd, strides, padding, explicit pads or None, dilations, group): per shape
+    if geo is None:
+        nd = x.dim() - 2
+        _nd_check(nd, "Conv")
+        kernel = list(w.shape[2:])
+        strides = _spatial(ctx, nd, "strides", 1)
+        dil = _spatial(ctx, nd, "dilations", 1)
+        group = int(ctx.attr("group", 1))
+        k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+        pb, pe = _resolve_pads(ctx, list(x.shape[2:]), k_eff, strides)
+        if pb == pe:
+            geo = (nd, strides, pb, None, dil, group)
+        else:
+            geo = (nd, strides, 0, _torch_pad(pb, pe), dil, group)
+        geo = geo + (_onednn_candidate(x, w, *geo),)
+        if len(ctx.memo) >= 16:
+            ctx.memo.clear()
+        ctx.memo[key] = geo
+    return geo
+
+
 @op("Conv", since=1)
 def conv(ctx, x, w, b=None):
     key = (x.shape, w.shape)
