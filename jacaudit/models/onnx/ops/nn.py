@@ -176,23 +176,26 @@ def _bcast_c(t: torch.Tensor, rank: int) -> torch.Tensor:
 def conv_activated(ctx, x, w, b, attr: str):
     """The Conv node's output with oneDNN's ``attr`` post-op ("relu", "swish", "hardswish") applied in the
     same kernel, or None where that does not apply: values only (no input requires grad, or grad mode off; no
-    torch.func transform or forward-mode AD), float32 2-D convolutions that torch itself runs in oneDNN (so
-    layout and kernel are the plain path's). Same geometry, padding and layout handling as ``conv``."""
+    torch.func transform or forward-mode AD), float32 2-D convolutions that torch itself runs in oneDNN, or
+    that the "onednn_small" route would (so kernel and layout are the plain path's). Same geometry, padding
+    and layout handling as ``conv``; the shape-dependent part of the decision is kept per input shape."""
     if x.requires_grad and torch.is_grad_enabled() or x.dtype is not torch.float32 or x.dim() != 4:
         return None
-    if not _onednn.usable(x, w, b) or w.dtype is not torch.float32:
+    pkey = ("post", x.shape, w.shape, x.is_contiguous())
+    ok = ctx.memo.get(pkey)
+    if ok is False or not _onednn.usable(x, w, b):
         return None
-    geo = _conv_geo(ctx, x, w)
-    nd, strides, padding, explicit, dil, group, candidate = geo
+    nd, strides, padding, explicit, dil, group, candidate = _conv_geo(ctx, x, w)
     if explicit is not None:
         x = F.pad(x, explicit)
     if "depthwise_nhwc" in FAST_CONV and 1 < group == x.shape[1] == w.shape[0]:
         x = x.contiguous(memory_format=torch.channels_last)
-    if not (_onednn.torch_uses_onednn(x, w, strides, dil, group) or (
-            candidate and "onednn_small" in FAST_CONV and _onednn.conv2d_wanted(x, w, strides, padding, dil, group))):
-        return None
-    pad = _as_list(padding, 2)
-    return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, list(strides), list(dil), group, attr, [], "")
+    if ok is None:
+        ok = ctx.memo[pkey] = (_onednn.torch_uses_onednn(x, w, strides, dil, group) or (
+            candidate and "onednn_small" in FAST_CONV and _onednn.conv2d_wanted(x, w, strides, padding, dil, group)))
+        if not ok:
+            return None
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, _as_list(padding, 2), strides, dil, group, attr, [], "")
 
 
 def _conv_geo(ctx, x, w):
