@@ -87,7 +87,7 @@ def test_interrupted_run_leaves_no_report_and_resume_gives_the_same_report(tmp_p
     # an earlier, complete report in the folder the interrupted run uses: it must not survive as if current
     out = tmp_path / "run"
     shutil.copytree(ref, out)
-    shutil.rmtree(out / "shards")
+    assert not (out / "shards").exists()                 # the completed reference run removed its shards
     env = dict(os.environ, JACAUDIT_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "jacaudit", "robustness", str(ROBUST), str(DATA), "--out", str(out),
                           "--format", "json", *FAST], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -104,7 +104,7 @@ def test_interrupted_run_leaves_no_report_and_resume_gives_the_same_report(tmp_p
     done = sorted(f.name for f in (out / "shards").glob("batch-*.json"))
     assert 2 <= len(done) < 4, done
     assert not (out / "report.json").exists()            # no report that looks complete
-    r = _cli("robustness", ROBUST, DATA, "--out", out, "--format", "json", *FAST, "--resume")
+    r = _cli("robustness", ROBUST, DATA, "--out", out, "--format", "json", *FAST, "--resume", "--keep-shards")
     assert r.returncode == 0, r.stderr
     assert f"--resume: {len(done)} of 4 batch(es) reused" in r.stderr
     assert_same_run(ref, out)
@@ -112,6 +112,9 @@ def test_interrupted_run_leaves_no_report_and_resume_gives_the_same_report(tmp_p
     r = _cli("robustness", ROBUST, DATA, "--out", out, "--format", "json", *FAST[:-2], "--limit", "24", "--resume")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "made by another run" in r.stderr and "data" in r.stderr
+    # a completed run removes its shards (unless --keep-shards); the report stays
+    r = _cli("robustness", ROBUST, DATA, "--out", out, "--format", "json", *FAST)
+    assert r.returncode == 0 and not (out / "shards").exists() and (out / "report.json").exists(), r.stderr
 
 
 def test_ray_missing_extra_is_one_line_exit_2(tmp_path):
@@ -165,7 +168,7 @@ def test_sharded_reports_equal_single_process_on_the_robust_brittle_pair(ray_clu
         one, shard = tmp_path / f"{model.stem}-one", tmp_path / f"{model.stem}-ray"
         r1 = _in_process("--config", GATE, "robustness", model, DATA, "--out", one, "--format", "json,html", *FAST)
         r2 = _in_process("--config", GATE, "robustness", model, DATA, "--out", shard, "--format", "json,html", *FAST,
-                         "--ray", "auto", "--ray-workers", "2")
+                         "--ray", "auto", "--ray-workers", "2", "--keep-shards")
         assert (r1.exit_code, r2.exit_code) == (code, code), (r1.output[-1500:], r2.output[-1500:])
         assert "Ray workers: " in r2.output and r2.output.count("input(s) in") == 2   # two workers did work
         assert_same_run(one, shard)
@@ -215,7 +218,7 @@ def test_a_killed_worker_is_retried_and_the_report_is_complete_and_equal(tmp_pat
     out = tmp_path / "ray"
     env = dict(os.environ, JACAUDIT_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "jacaudit", "robustness", str(ROBUST), str(DATA), "--out", str(out),
-                          "--format", "json", *FAST, "--ray", "local", "--ray-workers", "2"],
+                          "--format", "json", *FAST, "--ray", "local", "--ray-workers", "2", "--keep-shards"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed = None
     try:

@@ -145,7 +145,8 @@ def fixed_feeds(items: list[str] | None, model, main: str) -> dict:
 
 
 def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_size: int, *, ray: str | None,
-                     workers: int | None, resume: bool, device: str | None, dtype: str | None):
+                     workers: int | None, resume: bool, device: str | None, dtype: str | None,
+                     keep_shards: bool = False):
     """The batch executor of a dataset command (``executor(plan) -> records``): batches in this process, or on
     Ray with ``--ray``; finished batches into ``OUT/shards``; ``--resume`` reuses them (jacaudit.distributed)."""
     from ..errors import InputError
@@ -168,6 +169,8 @@ def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_si
         if store.note:
             info(store.note)
         _remove_stale_reports(str(ctx.out_dir))
+        if not keep_shards:
+            ctx.after_reports.append(store.remove)
         with ctx.progress(f"{analysis}" + (f" on Ray ({ray})" if ray else ""), len(index.entries)) as bar:
             return run_batches(job, model, store=store, ray=ray, workers=workers, device=str(device or "cpu"),
                                progress=bar.advance, on_note=info)

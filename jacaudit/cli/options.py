@@ -76,6 +76,9 @@ RayWorkersOpt = Annotated[Optional[int], typer.Option(
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Reuse the finished batches in OUT/shards of an interrupted run with the same model, data "
     "and options (refused when they differ).", rich_help_panel=DIST)]
+KeepShardsOpt = Annotated[bool, typer.Option(
+    "--keep-shards", help="Keep OUT/shards after the report is written (default: removed once the run completes; "
+    "an interrupted run always leaves them for --resume).", rich_help_panel=DIST)]
 
 
 def report_params(command: str) -> list[tuple[str, object, object]]:

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from .common import fixed_feeds, labels_file, load_model, out, sharded_executor
-from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
-                      OutputNameOpt, PresetOpt, RayOpt, RayWorkersOpt, ResizeOpt, ResumeOpt, ScaleOpt, SeedOpt,
+from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, KeepShardsOpt, LayoutOpt,
+                      MeanOpt, OutputNameOpt, PresetOpt, RayOpt, RayWorkersOpt, ResizeOpt, ResumeOpt, ScaleOpt, SeedOpt,
                       SizeOpt, StdOpt)
 from .runner import Outcome, audit_command
 
@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         ray: RayOpt = None,
         ray_workers: RayWorkersOpt = None,
         resume: ResumeOpt = False,
+        keep_shards: KeepShardsOpt = False,
         device: DeviceOpt = "cpu",
         dtype: DtypeOpt = None,
         seed: SeedOpt = 0,
@@ -143,7 +144,8 @@ def register(app: typer.Typer) -> None:
                                  use_logits=(score == "logit"), input_name=spec.name, output=output_name,
                                  worst=worst)
         executor = sharded_executor(ctx, "robustness", data, model, str(model_path), batch_size, ray=ray,
-                                    workers=ray_workers, resume=resume, device=device, dtype=dtype)
+                                    workers=ray_workers, resume=resume, device=device, dtype=dtype,
+                                    keep_shards=keep_shards)
         res = robustness(model, data, box, opts, preprocess=pp if is_image else None, image=is_image,
                          fixed=fixed, range_source=range_src, timings=ctx.timings, executor=executor)
         warnings = [w for w in getattr(model, "warnings", []) if w not in res.warnings]

@@ -69,6 +69,7 @@ class Context:
     def __init__(self, out_dir: Path | None = None) -> None:
         self.timings: dict[str, float] = {}
         self.out_dir = out_dir            # --out (a dataset command keeps its shards there)
+        self.after_reports: list[Callable[[], None]] = []  # run once the reports are written (e.g. shard clean-up)
 
     def timed(self, key: str):
         from ..results import timed
@@ -171,6 +172,8 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
                     written.append(str(path))
             from ..report.summary import append_job_summary
             summary_path = append_job_summary(report)
+            for fn in ctx.after_reports:
+                fn()
     for w in res.warnings:
         warn(w)
     if ro.json_out:

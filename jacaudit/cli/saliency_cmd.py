@@ -8,8 +8,8 @@ import typer
 
 from ..data.collect import read_feature_names, read_inputs
 from .common import labels_file, load_model, out, sharded_executor
-from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, LayoutOpt, MeanOpt,
-                      OutputNameOpt, PresetOpt, RayOpt, RayWorkersOpt, ResizeOpt, ResumeOpt, ScaleOpt, SeedOpt,
+from .options import (BatchSizeOpt, ChannelsOpt, DeviceOpt, DtypeOpt, InputNameOpt, KeepShardsOpt, LayoutOpt,
+                      MeanOpt, OutputNameOpt, PresetOpt, RayOpt, RayWorkersOpt, ResizeOpt, ResumeOpt, ScaleOpt, SeedOpt,
                       SizeOpt, StdOpt, WrtOpt)
 from .runner import Outcome, audit_command
 
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         ray: RayOpt = None,
         ray_workers: RayWorkersOpt = None,
         resume: ResumeOpt = False,
+        keep_shards: KeepShardsOpt = False,
         device: DeviceOpt = "cpu",
         dtype: DtypeOpt = None,
         seed: SeedOpt = 0,
@@ -140,7 +141,8 @@ def register(app: typer.Typer) -> None:
 
         index = saliency_index(samples)
         executor = sharded_executor(ctx, "saliency", index, model, str(model_path), batch_size, ray=ray,
-                                    workers=ray_workers, resume=resume, device=device, dtype=dtype)
+                                    workers=ray_workers, resume=resume, device=device, dtype=dtype,
+                                    keep_shards=keep_shards)
         try:
             res = saliency(model, index, opts, preprocess=pp, masks=masks or None, failures=failures,
                            timings=ctx.timings, executor=executor)

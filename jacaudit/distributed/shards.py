@@ -121,6 +121,18 @@ class ShardStore:
                 continue
         return out
 
+    def remove(self) -> None:
+        """The run completed and its report is written: the shards go (the folder too, when nothing else is in it)."""
+        if not os.path.isdir(self.dir):
+            return
+        for f in os.listdir(self.dir):
+            if f.startswith("batch-") or f in ("manifest.json", "ray.log"):
+                os.remove(os.path.join(self.dir, f))
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
     def put(self, batch: int, text: str, blob: bytes | None) -> None:
         if blob is not None:
             _atomic(self._path(batch, "npz"), blob)
