@@ -6,7 +6,11 @@ small batch-1 inputs of up to 3x3 kernels: ~2x slower than oneDNN forward and ba
 
 Both are autograd Functions whose forward and first-order backward (the input's gradient only: the weights
 are graph constants) run oneDNN; a backward asked to build a graph (``create_graph``) runs torch's plain
-differentiable products instead. They are used only on plain float32 CPU tensors, with grad mode or no grad,
+differentiable products instead. Linear weights are prepacked once (``LinearWeights``). A convolution's input
+gradient is one oneDNN convolution with the flipped kernel at stride 1, a 1x1 convolution scattered onto the
+strided positions for strided 1x1 layers, one product for patch (kernel == stride) layers, and torch's own
+otherwise (``grad_mode``): the strided 1x1 and patch forms also run where torch would use oneDNN itself, since
+torch's own input gradient of those is 2-7x their forward. They are used only on plain float32 CPU tensors, with grad mode or no grad,
 outside torch.func transforms and forward-mode AD, and when the weight (and bias) do not require grad; the
 callers fall back to the plain ops otherwise (``usable``). Values change by rounding only.
 
@@ -18,8 +22,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
-__all__ = ["ENABLED", "usable", "linear", "linear_wanted", "LinearWeights", "conv2d", "conv2d_wanted", "conv2d_routed",
-           "grad_mode"]
+__all__ = ["ENABLED", "usable", "linear", "linear_wanted", "LinearWeights", "conv2d", "conv2d_wanted",
+           "conv2d_routed", "grad_mode", "torch_uses_onednn"]
 
 # A product runs oneDNN from this many rows (oneDNN has ~10 us more fixed cost a call than MKL's gemv/small
 # gemm) and this many multiply-adds.

@@ -279,7 +279,10 @@ def _onednn_candidate(x, w, nd, strides, padding, explicit, dil, group) -> bool:
     if explicit is not None:  # the padded input's shape
         for i in range(nd):
             shape[2 + i] += explicit[2 * (nd - 1 - i)] + explicit[2 * (nd - 1 - i) + 1]
-    xs, ws = (shape, list(w.shape)) if nd == 2 else (shape[:2] + [1] + shape[2:], list(w.shape[:2]) + [1] + list(w.shape[2:]))
+    if nd == 2:
+        xs, ws = shape, list(w.shape)
+    else:  # as the 2-D convolution of (N, C, 1, L)
+        xs, ws = shape[:2] + [1] + shape[2:], list(w.shape[:2]) + [1] + list(w.shape[2:])
     st, dl = (list(strides), list(dil)) if nd == 2 else ([1] + list(strides), [1] + list(dil))
     pad = _as_list(padding, nd) if nd == 2 else [0] + _as_list(padding, 1)
     meta = torch.empty(xs, device="meta")
