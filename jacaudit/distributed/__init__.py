@@ -106,6 +106,22 @@ def decode_entries(blob: bytes) -> list:
     return out
 
 
+def _error(rec: dict[str, Any]) -> JacauditError:
+    """A worker's input error, raised again on the driver as the same type where it is ours."""
+    from .. import errors
+
+    if rec.get("error_type") == "TargetNeeded":
+        from ..engine.gradients import TargetNeeded
+        return TargetNeeded(rec["error"], rec.get("error_output", "?"), tuple(rec.get("error_shape", ())))
+    cls = getattr(errors, str(rec.get("error_type")), None)
+    if isinstance(cls, type) and issubclass(cls, JacauditError):
+        try:
+            return cls(rec["error"])
+        except TypeError:
+            pass
+    return InputError(rec["error"])
+
+
 def _functions(job: Job) -> tuple[Callable, Callable]:
     import importlib
 
@@ -126,7 +142,10 @@ def compute_one(job: Job, bctx: Any, b: int, entries: list | None = None) -> dic
     try:
         rec = fn(bctx, entries, s)
     except JacauditError as e:
-        return {"slot0": s, "error": str(e), "error_type": type(e).__name__}
+        rec = {"slot0": s, "error": str(e), "error_type": type(e).__name__}
+        if hasattr(e, "output") and hasattr(e, "shape"):  # TargetNeeded: the CLI adds its hint from these
+            rec["error_output"], rec["error_shape"] = str(e.output), [int(d) for d in e.shape]
+        return rec
     except Exception as e:  # noqa: BLE001 - one batch's failure must not stop the run
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
         rec = {"slot0": s, "n_entries": len(entries), "n": 0, "arrays": {}, "timings": {},
@@ -158,7 +177,7 @@ def run_batches(job: Job, model: Any, *, store: Any, ray: str | None = None, wor
     def finish(b: int, text: str, blob: bytes | None) -> None:
         rec = decode_record(text, blob)
         if "error" in rec:
-            raise InputError(rec["error"])
+            raise _error(rec)
         if store is not None:
             store.put(b, text, blob)
         recs[b] = rec
