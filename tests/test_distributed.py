@@ -143,6 +143,38 @@ def test_nothing_imports_ray_without_the_option(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def _npz_shards(tmp_path):
+    """The 64 labelled held-out images of the sample card as 4 .npz shards of 16 (x, y), and as one .npz."""
+    import numpy as np
+
+    from jacaudit.samples.shapes import make_images, to_tensor
+
+    d = make_images(64, 0, "heldout")
+    x, y = to_tensor(d["images"]).astype(np.float32), d["labels"]
+    folder = tmp_path / "shards_in"
+    folder.mkdir()
+    for k in range(4):
+        np.savez(folder / f"part-{k}.npz", x=x[16 * k:16 * (k + 1)], y=y[16 * k:16 * (k + 1)])
+    np.savez(tmp_path / "one.npz", x=x, y=y)
+    return folder, tmp_path / "one.npz"
+
+
+def test_a_folder_of_npz_shards_is_read_per_batch_and_measures_what_one_npz_does(tmp_path):
+    folder, one = _npz_shards(tmp_path)
+    args = ["--format", "json", "--no-random-start", "--eps", "0.003,0.01", "--pgd-steps", "3", "--bisect", "1",
+            "--norm-limit", "4", "--batch-size", "8"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for data, out in ((folder, a), (one, b)):
+        r = _cli("robustness", BRITTLE, data, "--out", out, *args)
+        assert r.returncode == 0, r.stderr
+    ra, rb = _report(a)["result"], _report(b)["result"]
+    assert ra["labels_source"] == "the shards' y arrays" and ra["n_inputs"] == 64
+    assert [i["name"] for i in ra["inputs"][:2]] == ["part-0.npz[0]", "part-0.npz[1]"]
+    # the same samples in the same batches: every sweep number is the same
+    assert ra["sweep"] == rb["sweep"] and ra["clean_accuracy"] == rb["clean_accuracy"]
+    assert [i["label"] for i in ra["inputs"]] == [i["label"] for i in rb["inputs"]]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # With Ray (a local cluster)
 # ---------------------------------------------------------------------------------------------------------
@@ -191,6 +223,17 @@ def test_sharded_saliency_equals_single_process_with_the_sanity_test(ray_cluster
     assert_same_run(one, shard)
     pngs = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in sorted((d / "maps").glob("*.png"))}  # noqa: E731
     assert pngs(one) and pngs(one) == pngs(shard)
+
+
+@pytest.mark.ray
+def test_npz_shards_read_on_the_workers_give_the_single_process_report(ray_cluster, tmp_path):
+    folder, _ = _npz_shards(tmp_path)
+    args = ["robustness", BRITTLE, folder, "--format", "json", *FAST]
+    one, shard = tmp_path / "one", tmp_path / "ray"
+    r1 = _in_process(*args, "--out", one)
+    r2 = _in_process(*args, "--out", shard, "--ray", "auto", "--ray-workers", "2")
+    assert r1.exit_code == r2.exit_code == 0, (r1.output[-1500:], r2.output[-1500:])
+    assert_same_run(one, shard)
 
 
 @pytest.mark.ray

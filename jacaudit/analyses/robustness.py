@@ -100,7 +100,7 @@ def image_box(pp: Any) -> Box:
     return Box(scale, shift, 0.0, 1.0, "pixel value as a fraction of the pixel range (0-255 -> 0-1)")
 
 
-def array_box(arrays: np.ndarray, given: tuple[float, float] | None) -> tuple[Box, str]:
+def array_box(arrays: np.ndarray | None, given: tuple[float, float] | None) -> tuple[Box, str]:
     """Raw values: identity map; the range given, else [0, 1] when the data lies in it, else the data's
     min / max. Returns the box and where its range came from."""
     one, zero = torch.ones(()), torch.zeros(())

@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
                 raise InputError("--range is for arrays and tables; image pixels are clipped to their range")
             box, range_src = image_box(pp), "the pixel range"
         else:
-            box, range_src = array_box(data.arrays(), rng)
+            box, range_src = array_box(data.value_range() if rng is None else None, rng)
         fixed = fixed_feeds(feeds, model, spec.name)
         opts = RobustnessOptions(eps=eps_list, eps_l2=l2, pgd_norms=norms, pgd_steps=pgd_steps,
                                  pgd_alpha=pgd_step, random_start=random_start, bisect_steps=bisect,

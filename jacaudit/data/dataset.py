@@ -202,8 +202,9 @@ class Entry:
     id: str
     position: int
     label: int | None
-    path: str | None = None       # an image file, decoded where the batch is computed
-    sample: Any = None            # a decoded jacaudit.data.Sample (array and table files)
+    path: str | None = None       # an image file or an array shard, read where the batch is computed
+    sample: Any = None            # a decoded jacaudit.data.Sample (single array and table files)
+    row: int | None = None        # the sample's row in the array shard ``path`` (None: an image, or a 1-row file)
 
 
 @dataclass
@@ -215,6 +216,7 @@ class DatasetIndex:
     warnings: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # found while indexing (array files)
     total: int = 0                # samples before --limit
+    spec: Any = None              # the model input (how array shards are read)
 
     @classmethod
     def of(cls, data: "LabelledData | DatasetIndex") -> "DatasetIndex":
@@ -226,11 +228,21 @@ class DatasetIndex:
         return cls(ents, data.source, data.labels is not None, all(s.pixels is not None for s in data.samples),
                    list(data.warnings), list(data.failures), data.total or len(ents))
 
-    def arrays(self) -> np.ndarray | None:
-        """The decoded arrays stacked (array data only; the range of the values)."""
-        if self.image:
-            return None
-        return np.stack([e.sample.array for e in self.entries])
+    def value_range(self) -> np.ndarray:
+        """[min, max] of every input value of the listed samples (array data: the valid range's default); array
+        shards are read here one file at a time (give ``--range`` to skip this pass)."""
+        lo, hi = np.inf, -np.inf
+        by_file: dict[str, list[int]] = {}
+        for e in self.entries:
+            if e.sample is not None:
+                lo, hi = min(lo, float(np.min(e.sample.array))), max(hi, float(np.max(e.sample.array)))
+            elif e.path is not None:
+                by_file.setdefault(e.path, []).append(e.row if e.row is not None else 0)
+        for path, rows in by_file.items():
+            main = _shard_arrays(path, self.spec)[0]
+            sel = np.asarray(main[sorted(rows)], dtype=np.float64)
+            lo, hi = min(lo, float(sel.min())), max(hi, float(sel.max()))
+        return np.asarray([lo, hi])
 
 
 def index_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | None = None,
@@ -250,7 +262,7 @@ def index_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | Non
         ents = [Entry(_sample_id(s, path), pos, None if d.labels is None else d.labels[k], sample=s)
                 for k, (s, pos) in enumerate(zip(d.samples, keep))]
         return DatasetIndex(ents, d.source, d.labels is not None, all(s.pixels is not None for s in d.samples),
-                            d.warnings, d.failures, d.total)
+                            d.warnings, d.failures, d.total, spec)
     files = expand_paths([path])
     table = os.path.join(path, "labels.csv")
     by_file = _labels_csv(table) if os.path.isfile(table) else None
@@ -262,7 +274,7 @@ def index_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | Non
         source = "sub-folder names" if nested and files else PREDICTIONS
     warnings: list[str] = []
     failures: list[tuple[str, str]] = []
-    listed: list[tuple[str, int | None, str | None, Any]] = []
+    listed: list[tuple[str, int | None, str | None, Any, int | None]] = []
     for p, r in zip(files, rel):
         if by_file is not None:
             if r not in by_file:
@@ -273,26 +285,31 @@ def index_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | Non
         else:
             label = None
         if os.path.splitext(p)[1].lower() in IMAGE_EXTS:
-            listed.append((r.replace(os.sep, "/"), label, p, None))
+            listed.append((r.replace(os.sep, "/"), label, p, None, None))
             continue
-        from . import load_sample  # an array file in the folder: its rows, read here
-        try:
-            rows = load_sample(p, pp, spec)
+        try:  # an array file in the folder: a shard, whose rows are read where their batch is computed
+            n_rows, ys = _shard_header(p, spec, input_names, classes)
         except DataError as e:
             failures.append((p, str(e)))
             warnings.append(str(e))
             continue
-        for s in rows:
-            listed.append((_sample_id(s, path), label, None, s))
+        rid = r.replace(os.sep, "/")
+        for k in range(n_rows):
+            lab = ys[k] if ys is not None else label
+            listed.append((rid if n_rows == 1 else f"{rid}[{k}]", lab, p, None, None if n_rows == 1 else k))
     if by_file is None and not nested and any(os.sep in r for r in rel):
         warnings.append(f"{path}: some images lie in sub-folders and some do not: sub-folder names are not used "
                         "as labels; the model's own predictions are")
     if not listed:
         raise DataError(f"{path}: no sample could be read" + (f" ({failures[0][1]})" if failures else ""))
     keep = _subsample(len(listed), limit, seed)
-    ents = [Entry(listed[i][0], i, listed[i][1], listed[i][2], listed[i][3]) for i in keep]
-    image = all(e.path is not None or e.sample.pixels is not None for e in ents)
-    return DatasetIndex(ents, source, by_file is not None or nested, image, warnings, failures, len(listed))
+    ents = [Entry(listed[i][0], i, listed[i][1], listed[i][2], listed[i][3], listed[i][4]) for i in keep]
+    from . import IMAGE_EXTS as _IMG
+
+    image = all(e.path is not None and os.path.splitext(e.path)[1].lower() in _IMG for e in ents)
+    labelled = by_file is not None or nested or all(e.label is not None for e in ents)
+    return DatasetIndex(ents, source if by_file is not None or nested or not labelled else "the shards' y arrays",
+                        labelled, image, warnings, failures, len(listed), spec)
 
 
 def _sample_id(s: Any, base: str) -> str:
@@ -327,10 +344,23 @@ def decode(entries: Sequence[Entry], pp: Any, spec: Any) -> tuple[list[tuple[Ent
     rest. Never raises for one bad file."""
     from . import load_sample
 
+    from . import ARRAY_EXTS, Sample, _as_input
+
     good, bad = [], []
     for e in entries:
         if e.sample is not None:
             good.append((e, e.sample))
+            continue
+        if os.path.splitext(e.path)[1].lower() in ARRAY_EXTS:
+            try:
+                main, extra = _shard_arrays(e.path, spec)
+                k = e.row if e.row is not None else 0
+                arr = _as_input(np.asarray(main[k:k + 1]), spec, f"{e.path} (row {k})")[0]
+                stem = os.path.basename(e.path)
+                good.append((e, Sample(name=stem if e.row is None else f"{stem}[{k}]", source=e.path, array=arr,
+                                       extra={n: np.asarray(v[k]) for n, v in extra.items()}, index=e.row)))
+            except DataError as err:
+                bad.append((e, str(err)))
             continue
         try:
             s = load_sample(e.path, pp, spec)
@@ -342,3 +372,95 @@ def decode(entries: Sequence[Entry], pp: Any, spec: Any) -> tuple[list[tuple[Ent
             continue
         good.append((e, s[0]))
     return good, bad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Array shards: a folder of .npy / .npz files, each a stack of samples (batch axis first). The index reads their
+# headers (and an .npz's y); a batch reads its rows (.npy memory-mapped; .npz loaded once per process and kept
+# for the next batches, two files at a time).
+# ---------------------------------------------------------------------------------------------------------
+_SHARDS: "dict[str, tuple[Any, dict[str, np.ndarray]]]" = {}
+_SHARDS_KEEP = 2
+
+
+def _main_name(names: Sequence[str], spec: Any, path: str) -> str:
+    name0 = getattr(spec, "name", None)
+    if name0 in names:
+        return name0
+    if "x" in names:
+        return "x"
+    cand = [n for n in names if n != "y"]
+    if len(cand) == 1:
+        return cand[0]
+    raise DataError(f"{path}: no array named x or {name0!r} (arrays: {', '.join(sorted(names))})")
+
+
+def _shard_arrays(path: str, spec: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """(main array with the batch axis first -- memory-mapped for .npy --, other model inputs by name)."""
+    from . import _declared_rank
+
+    try:
+        st = os.stat(path)
+        key = f"{path}\x1f{st.st_size}\x1f{st.st_mtime_ns}"   # a rewritten file is read again
+    except OSError:
+        key = path
+    hit = _SHARDS.get(key)
+    if hit is not None:
+        return hit
+    try:
+        if path.lower().endswith(".npy"):
+            main = np.load(path, mmap_mode="r", allow_pickle=False)
+            extra: dict[str, np.ndarray] = {}
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            name = _main_name(list(arrays), spec, path)
+            main = arrays.pop(name)
+            arrays.pop("y", None)
+            extra = arrays
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ValueError (pickles), BadZipFile, OSError, EOFError
+        from .feeds import _array_error
+
+        raise _array_error(path, e) from None
+    rank = _declared_rank(spec)
+    if main.dtype == object:
+        raise DataError(f"{path}: object arrays are not supported")
+    if rank is not None and main.ndim == rank - 1:
+        main = main[None]
+        extra = {k: v[None] for k, v in extra.items()}
+    while len(_SHARDS) >= _SHARDS_KEEP:
+        _SHARDS.pop(next(iter(_SHARDS)))
+    _SHARDS[key] = (main, extra)
+    return main, extra
+
+
+def _shard_header(path: str, spec: Any, input_names: Sequence[str], classes: Sequence[str] | None
+                  ) -> tuple[int, list[int] | None]:
+    """Rows of an array shard (its shape checked against the model input) and the labels of its ``y`` array."""
+    from . import _check_shape, _declared_rank
+
+    main, extra = _shard_arrays(path, spec)
+    rank = _declared_rank(spec)
+    if rank is not None and main.ndim != rank:
+        raise DataError(f"{path}: array has shape {tuple(main.shape)}; the model input "
+                        f"{getattr(spec, 'name', '?')!r} has rank {rank} (a stack of samples, batch axis first)")
+    if main.ndim == 0 or main.shape[0] == 0:
+        raise DataError(f"{path}: holds no samples")
+    _check_shape(np.asarray(main[0]), spec, path, "x")
+    unknown = [k for k in extra if k not in input_names]
+    if unknown:
+        raise DataError(f"{path}: array(s) {', '.join(unknown)} are neither x, y nor model inputs "
+                        f"({', '.join(input_names)})")
+    n = int(main.shape[0])
+    ys = None
+    if path.lower().endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            if "y" in z.files and "y" not in input_names:
+                y = np.asarray(z["y"]).reshape(-1)
+                if y.shape[0] != n:
+                    raise DataError(f"{path}: y has {y.shape[0]} labels for {n} samples")
+                ys = [_label_index(v.item() if hasattr(v, "item") else v, classes, f"{path}: y[{i}]")
+                      for i, v in enumerate(y)]
+    return n, ys

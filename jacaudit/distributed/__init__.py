@@ -65,7 +65,7 @@ def encode_entries(entries: list) -> bytes:
 
     meta, arrays = [], {}
     for k, e in enumerate(entries):
-        m = {"id": e.id, "position": e.position, "label": e.label, "path": e.path, "sample": None}
+        m = {"id": e.id, "position": e.position, "label": e.label, "path": e.path, "row": e.row, "sample": None}
         if e.sample is not None:
             s = e.sample
             m["sample"] = {"name": s.name, "source": s.source, "index": s.index, "synthetic": s.synthetic,
@@ -102,7 +102,7 @@ def decode_entries(blob: bytes) -> list:
                              pixels=z[f"p{k}"] if sm["pixels"] else None,
                              extra={name: z[f"x{k}_{j}"] for j, name in enumerate(sm["extra"])},
                              synthetic=sm["synthetic"], index=sm["index"])
-            out.append(Entry(m["id"], m["position"], m["label"], m["path"], smp))
+            out.append(Entry(m["id"], m["position"], m["label"], m["path"], smp, m.get("row")))
     return out
 
 
