@@ -321,7 +321,7 @@ def _conv_act_proto(act: str, group: int = 1, bn: bool = False):
         nodes += [helper.make_node("Sigmoid", [src], ["sg"]), helper.make_node("Mul", [src, "sg"], ["y"])]
     elif act == "hardswish":
         nodes.append(helper.make_node("HardSwish", [src], ["y"]))
-    return _proto(nodes, inits, [None, cin, 12, 12], [None, cout, 12, 12])
+    return _proto(nodes, inits, [None, cin, 24, 24], [None, cout, 24, 24])
 
 
 @pytest.mark.parametrize("act,group,bn", [("relu", 1, False), ("relu", 1, True), ("silu", 1, True),
@@ -342,7 +342,7 @@ def test_conv_activation_fuses_values_match_ort_gradients_plain(act, group, bn, 
 
     import jacaudit.models.onnx.ops.nn as nn_ops
     monkeypatch.setattr(nn_ops.torch.ops, "mkldnn", Spy(), raising=False)
-    x = torch.randn(32, 16, 12, 12, generator=torch.Generator().manual_seed(1))  # batch 32: torch runs oneDNN
+    x = torch.randn(32, 16, 24, 24, generator=torch.Generator().manual_seed(1))  # batch 32: torch runs oneDNN
     with torch.no_grad():
         y = fused.run({"x": x})[0]
     monkeypatch.undo()
@@ -363,7 +363,7 @@ def test_conv_activation_fuses_values_match_ort_gradients_plain(act, group, bn, 
 def test_conv_activation_keeps_a_requested_conv_output():
     proto = _conv_act_proto("relu")
     m = OnnxModel(proto)
-    x = torch.randn(32, 16, 12, 12, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(32, 16, 24, 24, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         c, y = m.run({"x": x}, outputs=["c", "y"])
     torch.testing.assert_close(y, torch.relu(c))

@@ -873,15 +873,24 @@ class _ConvAct:
     kind = "conv_act"
 
     def __init__(self, attr, conv_step, act_step):
+        from .ops.nn import conv_activated
         self.attr = attr
         self.conv_fn, self.conv_ctx = conv_step
         self.act_fn, self.act_ctx = act_step
+        self.activated = conv_activated
+        self.rejected: set = set()  # input shapes (and contiguity) the post-op path does not take
 
     def __call__(self, ctx, x, w, b=None):
-        from .ops.nn import conv_activated
-        y = conv_activated(self.conv_ctx, x, w, b, self.attr)
-        if y is not None:
-            return y
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            key = (x.shape, x.is_contiguous())
+            if key not in self.rejected:
+                y = self.activated(self.conv_ctx, x, w, b, self.attr)
+                if y is False:  # not for this shape
+                    if len(self.rejected) >= 16:
+                        self.rejected.clear()
+                    self.rejected.add(key)
+                elif y is not None:
+                    return y
         return self.act_fn(self.act_ctx, self.conv_fn(self.conv_ctx, x, w, b))
 
     def __repr__(self):
