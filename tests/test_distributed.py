@@ -253,6 +253,17 @@ def test_a_corrupt_image_is_that_inputs_error_sharded_as_in_one_process(ray_clus
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("address,says", [("127.0.0.1:1", "nothing answers at 127.0.0.1:1"),
+                                          ("ray://127.0.0.1:1", "nothing answers at 127.0.0.1:1"),
+                                          ("garbage", "give auto, local, host:port or ray://host:port")])
+def test_an_unreachable_cluster_is_one_line_exit_2_and_no_out(tmp_path, address, says):
+    pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'jacaudit[ray]')")
+    r = _cli("robustness", ROBUST, DATA, "--limit", "4", "--ray", address, "--out", tmp_path / "o", timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
 def test_a_killed_worker_is_retried_and_the_report_is_complete_and_equal(tmp_path):
     pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'jacaudit[ray]')")
     ref = tmp_path / "ref"

@@ -162,6 +162,9 @@ def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_si
         from ..distributed import Job, run_batches
         from ..distributed.shards import ShardStore, fingerprint
 
+        if ray is not None:  # a cluster that cannot be reached fails before anything is written
+            from ..distributed.ray_runner import connect
+            connect(ray, str(device or "cpu"))
         job = Job(analysis, plan, index, max(1, int(batch_size)), model_path,
                   {"device": device, "dtype": dtype, "extra_args": state.model_args}, threads=state.threads or 1)
         store = ShardStore(str(ctx.out_dir), fingerprint(model_path, index, plan=plan, batch_size=job.batch_size,

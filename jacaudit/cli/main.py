@@ -27,6 +27,9 @@ class _OneLineErrors(TyperGroup):
             from typer import _click as click  # typer vendors click
         except ImportError:  # pragma: no cover - older typer
             import click
+        # click's Abort (Ctrl-C at a prompt); the click that some typer releases vendor has none
+        abort = getattr(click.exceptions, "Abort", None) or getattr(click, "Abort", None)
+        aborts = (abort,) if isinstance(abort, type) else ()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
@@ -41,7 +44,7 @@ class _OneLineErrors(TyperGroup):
                 else ""
             err.print(f"error: {msg}{hint}", style="bold red", markup=False)
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:
+        except aborts:
             from .common import err
 
             err.print("error: aborted", style="bold red", markup=False)

@@ -36,6 +36,8 @@ def connect(address: str, device: str = "cpu") -> Any:
 
     for name in ("ray", "ray.data"):  # Ray's own progress and info lines stay off our stderr
         logging.getLogger(name).setLevel(logging.ERROR)
+    if address not in ("local", "auto"):
+        _reachable(address)
     try:
         if address == "local":
             ray.init(address="local", **kw)
@@ -89,6 +91,22 @@ def native_log_filter(log_path: str | None):
         os.close(real)
         if sink is not None:
             sink.close()
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """An explicit ``host:port`` (or ``ray://host:port``) answers a TCP connect within ``timeout``: else one line,
+    exit 2 (ray.init would retry for a minute or more)."""
+    import socket
+
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        raise InputError(f"--ray {address}: give auto, local, host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise InputError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__})") \
+            from None
 
 
 class _Worker:
