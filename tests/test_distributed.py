@@ -117,6 +117,26 @@ def test_interrupted_run_leaves_no_report_and_resume_gives_the_same_report(tmp_p
     assert r.returncode == 0 and not (out / "shards").exists() and (out / "report.json").exists(), r.stderr
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "jacaudit", "robustness", str(ROBUST), str(DATA), "--out", str(out),
+                          "--format", "json", *FAST], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, JACAUDIT_THREADS="1"))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "shards" / "batch-000000.json").exists():
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 1, err
+    assert lines[0].startswith("interrupted; ") and "of 4 batch(es) kept in" in lines[0] and "--resume" in lines[0]
+    assert not (out / "report.json").exists()
+
+
 def test_ray_missing_extra_is_one_line_exit_2(tmp_path):
     code = ("import sys; sys.modules['ray'] = None\n"
             "from jacaudit.cli.main import main\n"

@@ -174,9 +174,14 @@ def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_si
         _remove_stale_reports(str(ctx.out_dir))
         if not keep_shards:
             ctx.after_reports.append(store.remove)
-        with ctx.progress(f"{analysis}" + (f" on Ray ({ray})" if ray else ""), len(index.entries)) as bar:
-            return run_batches(job, model, store=store, ray=ray, workers=workers, device=str(device or "cpu"),
-                               progress=bar.advance, on_note=info)
+        try:
+            with ctx.progress(f"{analysis}" + (f" on Ray ({ray})" if ray else ""), len(index.entries)) as bar:
+                return run_batches(job, model, store=store, ray=ray, workers=workers, device=str(device or "cpu"),
+                                   progress=bar.advance, on_note=info)
+        except KeyboardInterrupt:
+            n = len(store.finished())
+            raise KeyboardInterrupt(f"{n} of {job.n_batches} batch(es) kept in {store.dir}: the same command with "
+                                    "--resume goes on from there") from None
     return run
 
 
@@ -247,8 +252,9 @@ def handle_errors() -> Iterator[None]:
         if state.debug:
             raise
         raise fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("interrupted", style="red")
+    except KeyboardInterrupt as e:
+        hint = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+        err.print(f"interrupted{'; ' + hint if hint else ''}", style="red", markup=False)
         raise typer.Exit(130) from None
     except Exception as e:  # an unexpected failure: still one line, code 3
         if state.debug:
