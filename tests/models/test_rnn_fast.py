@@ -82,6 +82,7 @@ def _outs_and_grads(m, feeds):
 
 
 def test_eligible_nodes_take_the_fast_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(rnn_fast, "_NATIVE_LSTM", [False])  # float32 LSTM: torch's kernel (test_rnn_native.py)
     calls = []
     real_gru, real_lstm = rnn_fast._GRUFunction.apply, rnn_fast._LSTMFunction.apply
     monkeypatch.setattr(rnn_fast._GRUFunction, "apply", lambda *a: calls.append("gru") or real_gru(*a))

@@ -316,10 +316,111 @@ class _LSTMFunction(torch.autograd.Function):
         return gx, g0, gc0, None
 
 
+# ------------------------------------------------------------------------------------------------------------
+# LSTM on torch's whole-sequence kernel (float32 on CPU: oneDNN's LSTM forward and backward)
+# ------------------------------------------------------------------------------------------------------------
+# On or off (tests compare the two paths).
+_NATIVE_LSTM = [True]
+# weights reordered for torch, per (W, R, B) constant: id(W) -> (weakref W, weakref R, B or None, versions, flat)
+_FLAT_CACHE: dict = {}
+_IOFC_TO_IFGO = (0, 2, 3, 1)  # ONNX LSTM gates i, o, f, c; torch i, f, g(=c), o
+
+
+def _native_lstm_ok(x) -> bool:
+    """torch's ``lstm`` runs oneDNN's sequence kernel for float32 CPU inputs when oneDNN is on (measured 2-3x
+    faster than the stepped path at batch 1, forward and gradient); float64 would run its per-step C++ cells,
+    slower than the stepped path, so it keeps that path."""
+    return _NATIVE_LSTM[0] and x.dtype is torch.float32 and x.is_cpu and torch._C._get_mkldnn_enabled() \
+        and x.numel() > 0
+
+
+def _reorder(m, hs: int):
+    return torch.cat([m[k * hs:(k + 1) * hs] for k in _IOFC_TO_IFGO], 0).contiguous()
+
+
+def _flat_weights(w, r, b, hs: int, num_dir: int, reverse_only: bool):
+    """torch's flat weight list [w_ih, w_hh, b_ih, b_hh] per direction, cached per constant (W, R, B)."""
+    import weakref
+    key = (id(w), id(r), id(b), hs, reverse_only)
+    vers = (w._version, r._version, None if b is None else b._version)
+    hit = _FLAT_CACHE.get(key)
+    if hit is not None:
+        wr, rr, br, v, flat = hit
+        if wr() is w and rr() is r and (br is None if b is None else br() is b) and v == vers:
+            return flat
+    flat = []
+    for d in range(num_dir):
+        flat += [_reorder(w[d], hs), _reorder(r[d], hs)]
+        if b is not None:
+            flat += [_reorder(b[d, :4 * hs], hs), _reorder(b[d, 4 * hs:], hs)]
+    flat = [t.to(torch.float32) for t in flat]
+    try:
+        refs = (weakref.ref(w), weakref.ref(r), None if b is None else weakref.ref(b))
+    except TypeError:
+        return flat
+    if len(_FLAT_CACHE) > 256:
+        _FLAT_CACHE.clear()
+    _FLAT_CACHE[key] = (*refs, vers, flat)
+    return flat
+
+
+def _native_run(x, h0, c0, flat, bias: bool, num_dir: int, reverse_only: bool):
+    """(Y (T, D, B, H), h_n, c_n) from torch's kernel; a reverse-only node runs it on the time-flipped input."""
+    xs = torch.flip(x, dims=[0]) if reverse_only else x
+    y, hn, cn = torch._VF.lstm(xs, (h0, c0), flat, bias, 1, 0.0, False, num_dir == 2, False)
+    T, B = y.shape[0], y.shape[1]
+    y = y.view(T, B, num_dir, -1).permute(0, 2, 1, 3)
+    if reverse_only:
+        y = torch.flip(y, dims=[0])
+    return y, hn, cn
+
+
+class _LSTMNative(torch.autograd.Function):
+    """torch's kernel with its own backward for first derivatives; a backward asked to build a graph
+    (create_graph, a second derivative) differentiates the stepped plain recurrence on the saved inputs instead
+    (oneDNN's LSTM backward is not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w, r, b, flat, hs, num_dir, reverse_only):
+        xd, hd, cd = (v.detach().requires_grad_(True) for v in (x, h0, c0))
+        with torch.enable_grad():
+            y, hn, cn = _native_run(xd, hd, cd, flat, b is not None, num_dir, reverse_only)
+        ctx.graph = (xd, hd, cd, y, hn, cn)
+        ctx.save_for_backward(x, h0, c0)
+        ctx.params = (w, r, b, hs, num_dir, reverse_only)
+        return y.detach(), hn.detach(), cn.detach()
+
+    @staticmethod
+    def backward(ctx, gy, gh, gc):
+        if torch.is_grad_enabled():  # create_graph: differentiate the stepped recurrence
+            x, h0, c0 = ctx.saved_tensors
+            w, r, b, hs, num_dir, reverse_only = ctx.params
+            with torch.enable_grad():
+                ins = tuple(v if v.requires_grad else v.detach().requires_grad_(True) for v in (x, h0, c0))
+                bias = (b[:, :4 * hs] + b[:, 4 * hs:]).to(x.dtype) if b is not None else None
+                xw = _proj(ins[0], w.to(x.dtype), bias, 4, num_dir, hs, reverse_only)
+                yp, cl = _lstm_plain(xw, ins[1], ins[2], r.to(x.dtype).transpose(1, 2).contiguous())
+                outs = (_unflip(yp, num_dir, reverse_only), yp[-1], cl)
+                g = torch.autograd.grad(outs, ins, (gy, gh, gc), create_graph=True, allow_unused=True)
+            return (*g, None, None, None, None, None, None, None)
+        xd, hd, cd, y, hn, cn = ctx.graph
+        # retain_graph: the outer graph may be walked again (retain_graph there); the inner one goes with ctx
+        g = torch.autograd.grad((y, hn, cn), (xd, hd, cd), (gy, gh, gc), retain_graph=True, allow_unused=True)
+        return (*g, None, None, None, None, None, None, None)
+
+
 def lstm_fast(x, w, r, b, initial_h, initial_c, hs: int, num_dir: int, reverse_only: bool):
     """x (T, B, I) time-major -> (Y (T, D, B, H), Y_h (D, B, H), Y_c (D, B, H))."""
     dt = x.dtype
     T, B, _ = x.shape
+    if _native_lstm_ok(x):
+        flat = _flat_weights(w, r, b, hs, num_dir, reverse_only)
+        h0 = initial_h.to(dt) if initial_h is not None else x.new_zeros((num_dir, B, hs))
+        c0 = initial_c.to(dt) if initial_c is not None else x.new_zeros((num_dir, B, hs))
+        h0, c0 = h0.contiguous(), c0.contiguous()
+        if torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad):
+            return _LSTMNative.apply(x, h0, c0, w, r, b, flat, hs, num_dir, reverse_only)
+        return _native_run(x, h0, c0, flat, b is not None, num_dir, reverse_only)
     w, r = w.to(dt), r.to(dt)
     bias = (b[:, :4 * hs] + b[:, 4 * hs:]).to(dt) if b is not None else None
     xw = _proj(x, w, bias, 4, num_dir, hs, reverse_only)
