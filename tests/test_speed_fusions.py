@@ -368,3 +368,104 @@ def test_conv_activation_keeps_a_requested_conv_output():
         c, y = m.run({"x": x}, outputs=["c", "y"])
     torch.testing.assert_close(y, torch.relu(c))
     np.testing.assert_allclose(y.numpy(), _ort(proto, x), rtol=1e-4, atol=1e-5)
+
+
+# ---- MaxPool through channels_last (ops/nn.py _pool_channels_last, _MaxPoolCL) -----------------------------
+POOLS = [dict(kernel_shape=[2, 2], strides=[2, 2]), dict(kernel_shape=[2, 1], strides=[2, 1]),
+         dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+         dict(kernel_shape=[5, 5], strides=[1, 1], pads=[2, 2, 2, 2]),
+         dict(kernel_shape=[3, 2], strides=[1, 2], dilations=[2, 1], pads=[0, 1, 2, 0]),
+         dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)]
+
+
+def _pool_model(attrs, shape):
+    return OnnxModel(_proto([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MaxPool", ["r"], ["y"], **attrs)],
+                            {}, list(shape), [None] * 4))
+
+
+@pytest.mark.parametrize("attrs", POOLS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_maxpool_channels_last_values_match_ort_gradients_plain(attrs, ties, monkeypatch):
+    """Values against onnxruntime; the input gradient (through a ReLU before, whose zeros are ties too)
+    bit-equal to torch's NCHW kernel's (both take the first maximum of a window), and in NCHW layout."""
+    from jacaudit.models.onnx.ops import nn as _nn
+    calls = []
+    real = _nn._MaxPoolCL.apply
+    monkeypatch.setattr(_nn._MaxPoolCL, "apply", lambda *a: calls.append(1) or real(*a))
+    shape = (2, 5, 11, 13)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    if ties:
+        x = torch.round(x * 2)  # many equal values in a window
+    m = _pool_model(attrs, shape)
+    with torch.no_grad():
+        y = m.run({"x": x})[0]
+    np.testing.assert_array_equal(y.numpy(), _ort(m_proto := _proto(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MaxPool", ["r"], ["y"], **attrs)],
+        {}, list(shape), [None] * 4), x))
+    assert y.is_contiguous()
+    w = torch.randn(y.shape, generator=g)
+
+    def grad():
+        xr = x.clone().requires_grad_(True)
+        out = m.run({"x": xr})[0]
+        (gx,) = torch.autograd.grad((out * w).sum(), xr)
+        return out.detach(), gx
+
+    yf, gf = grad()
+    assert calls and gf.is_contiguous()
+    monkeypatch.setattr(_nn, "_POOL_CL", [False])
+    n = len(calls)
+    yp, gp = grad()
+    assert len(calls) == n
+    assert torch.equal(yf, yp) and torch.equal(gf, gp)
+    del m_proto
+
+
+def test_maxpool_channels_last_finite_differences_and_second_order():
+    shape = (1, 3, 8, 8)
+    m = _pool_model(dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    w = torch.randn((1, 3, 4, 4), generator=torch.Generator().manual_seed(2))
+    xr = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad((m.run({"x": xr})[0] * w).sum(), xr, create_graph=True)
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    eps = 1e-3
+    with torch.no_grad():
+        fd = ((m.run({"x": x + eps * v})[0] * w).sum() - (m.run({"x": x - eps * v})[0] * w).sum()) / (2 * eps)
+    assert abs(fd.item() - (gx * v).sum().item()) <= 1e-3 * max(1.0, abs(fd.item()))
+    # create_graph: the gradient is differentiable in the incoming gradient (d/dw of <gx, v>)
+    wr = w.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad((m.run({"x": xr})[0] * wr).sum(), xr, create_graph=True)
+    (gw,) = torch.autograd.grad((gx * v).sum(), wr)
+    y = F.max_pool2d(F.relu(x), 3, 2, 1)
+    ref = F.max_pool2d(F.relu(x) + 1e-3 * v * (F.relu(x) > 0), 3, 2, 1)  # the pool's linearisation along v
+    torch.testing.assert_close(gw, (ref - y) / 1e-3, rtol=1e-2, atol=1e-3)
+
+
+def test_maxpool_channels_last_steps_aside_under_transforms(monkeypatch):
+    from jacaudit.models.onnx.ops import nn as _nn
+    calls = []
+    real = _nn._MaxPoolCL.apply
+    monkeypatch.setattr(_nn._MaxPoolCL, "apply", lambda *a: calls.append(1) or real(*a))
+    shape = (1, 2, 6, 6)
+    m = _pool_model(dict(kernel_shape=[2, 2], strides=[2, 2]), shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+
+    def f(v):
+        return m.run({"x": v})[0]
+
+    jr = torch.func.jacrev(f)(x)
+    jf = torch.func.jacfwd(f)(x)
+    vb = torch.func.vmap(f)(torch.stack([x, -x]))
+    assert calls == []
+    xr = x.clone().requires_grad_(True)
+    y = f(xr)
+    rows = [torch.autograd.grad(y.reshape(-1)[k], xr, retain_graph=True)[0] for k in range(y.numel())]
+    ja = torch.stack(rows).reshape(y.shape + x.shape)
+    assert calls
+    torch.testing.assert_close(jr, ja)
+    torch.testing.assert_close(jf, ja)
+    with torch.no_grad():
+        torch.testing.assert_close(vb[1], f(-x))
