@@ -334,6 +334,17 @@ def _native_lstm_ok(x) -> bool:
         and x.numel() > 0
 
 
+def _native_shapes_ok(x, w, r, b, h0, c0, hs: int, num_dir: int) -> bool:
+    """Every shape exactly as torch's kernel reads it: oneDNN's LSTM does not check them all (a batch-1 initial
+    state with a batch-32 input, as exporters that fix the batch write it, read past the state's memory). Any
+    mismatch goes to the stepped path, which raises (or broadcasts) as before."""
+    T, B, I = x.shape
+    want = (num_dir, B, hs)
+    return tuple(w.shape) == (num_dir, 4 * hs, I) and tuple(r.shape) == (num_dir, 4 * hs, hs) \
+        and (b is None or tuple(b.shape) == (num_dir, 8 * hs)) \
+        and (h0 is None or tuple(h0.shape) == want) and (c0 is None or tuple(c0.shape) == want)
+
+
 def _reorder(m, hs: int):
     return torch.cat([m[k * hs:(k + 1) * hs] for k in _IOFC_TO_IFGO], 0).contiguous()
 
@@ -413,7 +424,7 @@ def lstm_fast(x, w, r, b, initial_h, initial_c, hs: int, num_dir: int, reverse_o
     """x (T, B, I) time-major -> (Y (T, D, B, H), Y_h (D, B, H), Y_c (D, B, H))."""
     dt = x.dtype
     T, B, _ = x.shape
-    if _native_lstm_ok(x):
+    if _native_lstm_ok(x) and _native_shapes_ok(x, w, r, b, initial_h, initial_c, hs, num_dir):
         flat = _flat_weights(w, r, b, hs, num_dir, reverse_only)
         h0 = initial_h.to(dt) if initial_h is not None else x.new_zeros((num_dir, B, hs))
         c0 = initial_c.to(dt) if initial_c is not None else x.new_zeros((num_dir, B, hs))
