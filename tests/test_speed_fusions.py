@@ -469,3 +469,96 @@ def test_maxpool_channels_last_steps_aside_under_transforms(monkeypatch):
     torch.testing.assert_close(jf, ja)
     with torch.no_grad():
         torch.testing.assert_close(vb[1], f(-x))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A stem convolution feeding a depthwise one: run with its weight channels_last
+# ------------------------------------------------------------------------------------------------------------
+def _stem_proto(act: str = "hardswish", dw: bool = True, fork: bool = False):
+    r = _rng(13)
+    inits = {"w": r.standard_normal((16, 3, 3, 3)) / 3, "b": r.standard_normal(16) / 4,
+             "wd": r.standard_normal((16, 1 if dw else 16, 3, 3)) / 3}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])]
+    src = "c"
+    if act == "hardswish":
+        nodes.append(helper.make_node("HardSwish", ["c"], ["a"]))
+        src = "a"
+    nodes.append(helper.make_node("Conv", [src, "wd"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                  group=16 if dw else 1))
+    if fork:  # the stem's output read twice
+        nodes.append(helper.make_node("Add", ["d", src], ["y"]))
+    else:
+        nodes.append(helper.make_node("Relu", ["d"], ["y"]))
+    return _proto(nodes, inits, [None, 3, None, None], [None, 16, None, None])
+
+
+@pytest.mark.parametrize("act", ["hardswish", "none"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_stem_channels_last_values_gradients(act, batch):
+    from jacaudit.models.onnx import fuse
+    from jacaudit.models.onnx.fuse import _StemCL
+    proto = _stem_proto(act)
+    fused, plain = OnnxModel(proto), OnnxModel(proto, optimize=False)
+    assert fused.metadata["optimizations"]["stem_channels_last"] == 1
+    assert sum(isinstance(n.fn, _StemCL) for n in fused.graph.nodes) == 1
+    x = torch.randn(batch, 3, 96, 96, generator=torch.Generator().manual_seed(1))  # torch runs oneDNN
+    with torch.no_grad():
+        yv = fused.run({"x": x})[0]
+    (stem,) = [n.fn for n in fused.graph.nodes if isinstance(n.fn, _StemCL)]
+    assert stem.wcl is not None and stem.wcl.is_contiguous(memory_format=torch.channels_last)  # taken
+    np.testing.assert_allclose(yv.numpy(), _ort(proto, x), rtol=1e-4, atol=1e-5)
+    cot = torch.randn(yv.shape, generator=torch.Generator().manual_seed(2))
+    y, g = _grad(fused, x, cot)
+    np.testing.assert_allclose(y.numpy(), _ort(proto, x), rtol=1e-4, atol=1e-5)
+    assert g.is_contiguous()  # the input gradient NCHW, as the plain path gives it
+    fuse.STEM_CL[0] = False
+    try:
+        y1, g1 = _grad(fused, x, cot)
+    finally:
+        fuse.STEM_CL[0] = True
+    assert torch.equal(y, y1)
+    torch.testing.assert_close(g, g1, rtol=1e-5, atol=1e-6)
+    # the graph as written in float64 (the path stands aside there), and central differences
+    x64 = x.double().requires_grad_(True)
+    y64 = plain.run({"x": x64})[0]
+    assert not any(isinstance(n.fn, _StemCL) for n in plain.graph.nodes)
+    (g64,) = torch.autograd.grad(y64, x64, cot.double())
+    torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    fd = float((_fd(fused, x, v, eps=1e-3) * cot.double()).sum())
+    scale = float((g.double() * v.double()).abs().sum())
+    assert abs(float((g.double() * v.double()).sum()) - fd) <= 2e-3 * scale
+    _, g64f = _grad(fused, x.double(), cot.double())  # float64 through the fused graph: the plain call
+    torch.testing.assert_close(g64f, g64)
+    # create_graph: the gradient differentiable in the incoming gradient
+    cr, xr = cot.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (gc,) = torch.autograd.grad(fused.run({"x": xr})[0], xr, cr, create_graph=True)
+    (h,) = torch.autograd.grad((gc * v).sum(), cr)
+    cr0, xr0 = cot.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (gc0,) = torch.autograd.grad(plain.run({"x": xr0})[0], xr0, cr0, create_graph=True)
+    (h0,) = torch.autograd.grad((gc0 * v).sum(), cr0)
+    torch.testing.assert_close(h, h0, rtol=1e-4, atol=1e-5)
+    # transforms and forward-mode AD: the plain call
+    f = lambda m: (lambda t: m.run({"x": t})[0].sum(dim=(1, 2, 3)))  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(f(fused))(x[:1]), torch.func.jacrev(f(plain))(x[:1]),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.func.vmap(f(fused))(x[:1].unsqueeze(1)),
+                               torch.func.vmap(f(plain))(x[:1].unsqueeze(1)), rtol=1e-4, atol=1e-4)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        t = fwAD.unpack_dual(fused.run({"x": fwAD.make_dual(x, v)})[0]).tangent
+    with fwAD.dual_level():
+        t0 = fwAD.unpack_dual(plain.run({"x": fwAD.make_dual(x, v)})[0]).tangent
+    torch.testing.assert_close(t, t0, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dw,fork", [(False, False), (True, True)])
+def test_stem_channels_last_only_before_a_sole_depthwise_reader(dw, fork):
+    from jacaudit.models.onnx.fuse import _StemCL
+    proto = _stem_proto("hardswish", dw=dw, fork=fork)
+    m = OnnxModel(proto)
+    assert m.metadata["optimizations"]["stem_channels_last"] == 0
+    assert not any(isinstance(n.fn, _StemCL) for n in m.graph.nodes)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.testing.assert_allclose(m.run({"x": x})[0].numpy(), _ort(proto, x), rtol=1e-4, atol=1e-5)

@@ -271,4 +271,6 @@ def optimize(g, keep: Iterable[str] = (), steps: Iterable[str] = ("fold_constant
     if specialize and "fold_constants" in steps:  # Conv -> activation, after BatchNormalization folding
         from .fuse import fuse_conv_activation
         done["fuse_conv_act"] = fuse_conv_activation(g, keep)
+        from .fuse import stem_channels_last
+        done["stem_channels_last"] = stem_channels_last(g, keep)
     return done
