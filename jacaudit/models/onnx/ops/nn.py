@@ -242,26 +242,7 @@ def _conv_geo(ctx, x, w):
 
 @op("Conv", since=1)
 def conv(ctx, x, w, b=None):
-    key = (x.shape, w.shape)
-    geo = ctx.memo.get(key)  # (nd, strides, padding, explicit pads or None, dilations, group): per shape
-    if geo is None:
-        nd = x.dim() - 2
-        _nd_check(nd, "Conv")
-        kernel = list(w.shape[2:])
-        strides = _spatial(ctx, nd, "strides", 1)
-        dil = _spatial(ctx, nd, "dilations", 1)
-        group = int(ctx.attr("group", 1))
-        k_eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
-        pb, pe = _resolve_pads(ctx, list(x.shape[2:]), k_eff, strides)
-        if pb == pe:
-            geo = (nd, strides, pb, None, dil, group)
-        else:
-            geo = (nd, strides, 0, _torch_pad(pb, pe), dil, group)
-        geo = geo + (_onednn_candidate(x, w, *geo),)
-        if len(ctx.memo) >= 16:
-            ctx.memo.clear()
-        ctx.memo[key] = geo
-    nd, strides, padding, explicit, dil, group, candidate = geo
+    nd, strides, padding, explicit, dil, group, candidate = _conv_geo(ctx, x, w)
     if explicit is not None:
         x = F.pad(x, explicit)
     if b is not None and b.dtype != x.dtype:
