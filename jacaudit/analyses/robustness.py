@@ -30,7 +30,7 @@ from ..results.robustness import (AdversarialExample, Direction, FailedInput, Fl
 from .base import AnalysisOutput, Artifact
 
 __all__ = ["RobustnessOptions", "robustness", "image_box", "array_box", "parse_eps", "Plan", "BatchContext",
-           "make_plan", "compute_batch", "aggregate", "run_batches", "total_work"]
+           "make_plan", "compute_batch", "aggregate", "run_batches"]
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,6 @@ class Plan:
     score: str = "logit"          # the scorer's kind: logit (a Softmax input) or output
     sample_rank: int = 1          # dims of one sample (1: a feature vector)
 
-    def work_per_input(self) -> int:
-        o = self.options
-        return 1 + len(o.eps) * (1 + o.pgd_steps * len(o.pgd_norms)) + o.bisect_steps * o.pgd_steps
-
 
 class BatchContext:
     """A worker's view of the model: the scorer and the objective, built once per process."""
@@ -226,10 +222,10 @@ def _f(v: Any) -> float | None:
 
 
 def make_plan(model: Any, index: Any, box: Box, options: RobustnessOptions, *, preprocess: Any = None,
-              image: bool = False, fixed: dict[str, torch.Tensor] | None = None) -> tuple[Plan, list[str]]:
+              image: bool = False, fixed: dict[str, torch.Tensor] | None = None) -> Plan:
     """Decide, on the first batch that can be read, what the whole run attacks: the scored tensor, whether
     the outputs are probabilities (their log is attacked), the number of classes. Raises InputError for a
-    model robustness cannot attack. Returns the plan and its warnings."""
+    model robustness cannot attack."""
     from .. import data as D
     from ..data.dataset import decode
     from ..engine.gradients import TargetNeeded
@@ -276,7 +272,7 @@ def make_plan(model: Any, index: Any, box: Box, options: RobustnessOptions, *, p
     alpha_frac = o.pgd_alpha if o.pgd_alpha is not None else 2.5 / o.pgd_steps
     plan = Plan(o, box, log_probs, K, eps_l2, alpha_frac, image, preprocess, dict(fixed or {}), spec.name,
                 index.labelled, len(index.entries), ctx.scorer.score_tensor, ctx.scorer.score, u0.dim() - 1)
-    return plan, []
+    return plan
 
 
 def compute_batch(bctx: BatchContext, entries: Sequence[Any], slot0: int) -> dict[str, Any]:
@@ -534,8 +530,6 @@ def compute_batch(bctx: BatchContext, entries: Sequence[Any], slot0: int) -> dic
                        "image": None if img is None else asdict(img)})
         dirs_out.append({"i": i, "slot": slot[i], "spectral": norms[i]["spectral"], "vectors": vs})
     rec["directions"] = dirs_out
-    rec["work"] = n * plan.work_per_input() + sum(2 for v in norms if v is not None) + \
-        len(big_idx) * o.pgd_steps
     tm["batch"] = time.perf_counter() - t0
     return rec
 
@@ -548,21 +542,12 @@ def run_batches(bctx: BatchContext, index: Any, progress: Callable[[int, int], N
                 ) -> list[dict[str, Any]]:
     """Every batch of ``index`` in this process, in order."""
     B = max(1, int(bctx.plan.options.batch_size))
-    out, done = [], 0
-    total = total_work(bctx.plan)
+    out = []
     for s in range(0, len(index.entries), B):
-        rec = compute_batch(bctx, index.entries[s:s + B], s)
-        out.append(rec)
-        done += rec.get("work", 0)
+        out.append(compute_batch(bctx, index.entries[s:s + B], s))
         if progress:
-            progress(done, total)
+            progress(min(s + B, len(index.entries)), len(index.entries))
     return out
-
-
-def total_work(plan: Plan) -> int:
-    o = plan.options
-    n = plan.n_entries
-    return n * plan.work_per_input() + min(n, o.norm_limit or n) * 2 + min(n, BIG_EPS_INPUTS) * o.pgd_steps
 
 
 def robustness(model: Any, index: Any, box: Box, options: RobustnessOptions, *, preprocess: Any = None,
@@ -582,15 +567,13 @@ def robustness(model: Any, index: Any, box: Box, options: RobustnessOptions, *, 
     t0 = time.perf_counter()
     timings = timings if timings is not None else {}
     index = DatasetIndex.of(index)
-    plan, warnings = make_plan(model, index, box, options, preprocess=preprocess, image=image, fixed=fixed)
+    plan = make_plan(model, index, box, options, preprocess=preprocess, image=image, fixed=fixed)
     if executor is None:
         records = run_batches(BatchContext(model, plan), index, progress)
     else:
         records = executor(plan)
     timings["batches"] = round(time.perf_counter() - t0, 4)
-    out = aggregate(plan, index, records, range_source=range_source, timings=timings)
-    out.warnings[:0] = [w for w in warnings if w not in out.warnings]
-    return out
+    return aggregate(plan, index, records, range_source=range_source, timings=timings)
 
 
 def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, range_source: str = "",
@@ -636,7 +619,7 @@ def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, rang
     findings: list[MaskingFinding] = []
     if plan.log_probs:
         findings.append(MaskingFinding("probability_outputs", True,
-                                       f"output {_score_tensor(plan)!r} looks like probabilities (rows are "
+                                       f"output {plan.score_tensor!r} looks like probabilities (rows are "
                                        "non-negative and sum to 1) and no Softmax input is reachable: the log of "
                                        "the probabilities was attacked; saturated probabilities can hide "
                                        "gradients, attack a logits output if the model has one"))
@@ -644,11 +627,11 @@ def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, rang
     score_kind = plan_score_kind(plan)
     if score_kind == "logit":
         findings.append(MaskingFinding("probability_outputs", False,
-                                       f"the model ends in a Softmax: its input {_score_tensor(plan)!r} (the "
+                                       f"the model ends in a Softmax: its input {plan.score_tensor!r} (the "
                                        "logits) was attacked, not the probabilities"))
     elif score_kind == "output":
         findings.append(MaskingFinding("probability_outputs", False,
-                                       f"output {_score_tensor(plan)!r} does not look like probabilities: "
+                                       f"output {plan.score_tensor!r} does not look like probabilities: "
                                        "attacked as logits"))
     correct0 = [a == b for a, b in zip(pred0, y)]
     clean_acc = sum(correct0) / n
@@ -739,14 +722,15 @@ def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, rang
     # pictures: the most fragile inputs and the largest spectral norms over all batches
     artifacts: list[Artifact] = []
     examples: list[AdversarialExample] = []
-    arrays_of = {id(r): r["arrays"] for r in recs}
     cands = [(w, r) for r in recs for w in r["worst"]]
     cands.sort(key=lambda t: (t[0]["eps"], t[0]["m0"], t[0]["slot"]))
-    run_index = {r["slot0"]: sum(q["n"] for q in recs if q["slot0"] < r["slot0"]) for r in recs}
+    run_index, seen = {}, 0  # a batch's first input among the inputs that were read
+    for r in recs:
+        run_index[r["slot0"]], seen = seen, seen + r["n"]
     for w, r in cands[: o.worst]:
         gi = run_index[r["slot0"]] + w["i"]
         npy = f"adversarial/{gi:04d}_{w['attack']}_eps{_fmt(w['eps'])}.npy"
-        artifacts.append(Artifact(npy, arrays_of[id(r)][w["array"]]))
+        artifacts.append(Artifact(npy, r["arrays"][w["array"]]))
         pics = [None if p is None else Image(**p) for p in w["pictures"]]
         examples.append(AdversarialExample(names[gi], w["attack"], float(w["eps"]), w["label"], w["clean"],
                                            w["adversarial"], pics[0], pics[1], pics[2], npy))
@@ -757,7 +741,7 @@ def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, rang
         gi = run_index[r["slot0"]] + d["i"]
         for v in d["vectors"]:
             npy = f"directions/{gi:04d}_v{v['rank']}.npy"
-            artifacts.append(Artifact(npy, arrays_of[id(r)][v["array"]]))
+            artifacts.append(Artifact(npy, r["arrays"][v["array"]]))
             directions.append(Direction(names[gi], v["rank"], v["value"],
                                         None if v["image"] is None else Image(**v["image"]), npy))
 
@@ -811,7 +795,7 @@ def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, rang
             warnings.append(f"gradient masking? {f.name}: {f.evidence}")
 
     result = RobustnessResult(
-        input_name=plan.input_name, score_tensor=_score_tensor(plan), score=score_kind,
+        input_name=plan.input_name, score_tensor=plan.score_tensor, score=score_kind,
         labels_source=index.source, classes=classes, n_inputs=n, n_total=index.total, clean_accuracy=clean_acc,
         units=box.units, range=[float(box.lo), float(box.hi)], range_source=range_source,
         eps=[float(e) for e in o.eps],
@@ -829,10 +813,6 @@ def aggregate(plan: Plan, index: Any, records: Sequence[dict[str, Any]], *, rang
                           m.properties) for m in metrics]
     return AnalysisOutput(result=result, metrics=metrics, warnings=warnings, artifacts=artifacts,
                           partial=bool(failures))
-
-
-def _score_tensor(plan: Plan) -> str:
-    return plan.score_tensor
 
 
 def plan_score_kind(plan: Plan) -> str:

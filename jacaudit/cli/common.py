@@ -179,7 +179,7 @@ def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_si
                 return run_batches(job, model, store=store, ray=ray, workers=workers, device=str(device or "cpu"),
                                    progress=bar.advance, on_note=info)
         except KeyboardInterrupt:
-            n = len(store.finished())
+            n = store.count()
             raise KeyboardInterrupt(f"{n} of {job.n_batches} batch(es) kept in {store.dir}: the same command with "
                                     "--resume goes on from there") from None
     return run

@@ -64,39 +64,6 @@ def _subsample(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(n, size=limit, replace=False))
 
 
-def _folder(path: str, pp: Any, spec: Any, classes: Sequence[str] | None
-            ) -> tuple[list, list[int] | None, str, list, list[str]]:
-    from . import iter_inputs, expand_paths
-
-    files = expand_paths([path])
-    samples, labels, failures, warnings = [], [], [], []
-    table = os.path.join(path, "labels.csv")
-    by_file = _labels_csv(table) if os.path.isfile(table) else None
-    if by_file is not None:
-        source = f"labels.csv ({table})"
-    rel = [os.path.relpath(p, path) for p in files]
-    nested = all(os.sep in r for r in rel)
-    if by_file is None:
-        source = "sub-folder names" if nested and files else PREDICTIONS
-    for p, item in iter_inputs(files, pp, spec):
-        if isinstance(item, DataError):
-            failures.append((p, str(item)))
-            warnings.append(str(item))
-            continue
-        r = os.path.normpath(os.path.relpath(p, path))
-        if by_file is not None:
-            if r not in by_file:
-                raise DataError(f"{table}: no label for {r}")
-            labels.append(_label_index(by_file[r], classes, f"{table} ({r})"))
-        elif nested:
-            labels.append(_label_index(r.split(os.sep)[0], classes, f"{path}: sub-folder"))
-        samples.append(item)
-    if by_file is None and not nested and any(os.sep in r for r in rel):
-        warnings.append(f"{path}: some images lie in sub-folders and some do not: sub-folder names are not used "
-                        "as labels; the model's own predictions are")
-    return samples, (labels if (by_file is not None or nested) else None), source, failures, warnings
-
-
 def _npz(path: str, spec: Any, input_names: Sequence[str], classes: Sequence[str] | None
          ) -> tuple[list, list[int] | None, str]:
     from . import Sample, _as_input, _check_shape, _declared_rank
@@ -162,8 +129,13 @@ def load_dataset(path: str, pp: Any, spec: Any, *, classes: Sequence[str] | None
     low = path.lower()
     failures: list = []
     warnings: list[str] = []
-    if os.path.isdir(path):
-        samples, labels, source, failures, warnings = _folder(path, pp, spec, classes)
+    if os.path.isdir(path):  # the lazy index, every entry read here
+        idx = index_dataset(path, pp, spec, classes=classes, input_names=input_names, label_column=label_column)
+        good, bad = decode(idx.entries, pp, spec)
+        samples = [smp for _, smp in good]
+        labels = [e.label for e, _ in good] if idx.labelled else None
+        source, warnings = idx.source, idx.warnings + [msg for _, msg in bad]
+        failures = idx.failures + [(e.path or e.id, msg) for e, msg in bad]
     elif low.endswith(".npz"):
         samples, labels, source = _npz(path, spec, list(input_names), classes)
     elif low.endswith(".npy"):

@@ -27,15 +27,15 @@ def _import_ray():
 def connect(address: str, device: str = "cpu") -> Any:
     """``auto``: the cluster this machine belongs to (``RAY_ADDRESS`` or a running head); ``local``: a new local
     cluster for this run; anything else: that address. Already connected: kept."""
+    import logging
+
     ray = _import_ray()
+    for name in ("ray", "ray.data"):  # Ray's own progress and info lines stay off our stderr
+        logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return ray
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
                           "configure_logging": True}
-    import logging
-
-    for name in ("ray", "ray.data"):  # Ray's own progress and info lines stay off our stderr
-        logging.getLogger(name).setLevel(logging.ERROR)
     if address not in ("local", "auto"):
         _reachable(address)
     try:
@@ -166,9 +166,6 @@ def run_on_ray(job: Any, todo: list[int], address: str, *, workers: int | None =
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    for name in ("ray", "ray.data"):
-        import logging
-        logging.getLogger(name).setLevel(logging.ERROR)
     ctx.execution_options.preserve_order = False
     ds = ray.data.from_items(rows, override_num_blocks=len(todo))
     out = ds.map_batches(_Worker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),

@@ -104,6 +104,10 @@ class ShardStore:
     def _path(self, batch: int, ext: str) -> str:
         return os.path.join(self.dir, f"batch-{batch:06d}.{ext}")
 
+    def count(self) -> int:
+        """How many batches are complete on disk (without reading them)."""
+        return sum(1 for f in os.listdir(self.dir) if f.startswith("batch-") and f.endswith(".json"))
+
     def finished(self) -> dict[int, dict[str, Any]]:
         """The complete batches on disk (a .json without its .npz is incomplete and ignored)."""
         out = {}
