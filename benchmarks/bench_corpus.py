@@ -108,7 +108,8 @@ def load_baseline(onnx_dir: str):
     return importlib.import_module(name + ".model").load_onnx
 
 
-def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, ort_threads=1, base_load=None):
+def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, ort_threads=1, base_load=None,
+              with_rt=True):
     import onnx
     import onnxruntime as ort
 
@@ -123,6 +124,8 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
     model = jacaudit.load(path)
     row["load_s"] = time.perf_counter() - t0
     base_model = base_load(path) if base_load is not None else None
+    # the same file with runtime="onnxruntime": values in onnxruntime, gradients through its backward graph
+    rt_model = jacaudit.load(path, runtime="onnxruntime") if with_rt else None
     float_in = [i.name for i in sess.get_inputs() if i.type == "tensor(float)"][0]
     for b in batches:
         res = {}
@@ -167,6 +170,8 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
                 return gx
 
             fns = [("ort_ms", f_ort), ("fwd_ms", f_fwd), ("grad_ms", f_grad)]
+            if rt_model is not None:
+                fns += [("rt_fwd_ms", lambda: f_fwd(rt_model)), ("rt_grad_ms", lambda: f_grad(rt_model))]
             if base_model is not None:
                 fns += [("base_fwd_ms", lambda: f_fwd(base_model)), ("base_grad_ms", lambda: f_grad(base_model))]
             best = {k: float("inf") for k, _ in fns}
@@ -175,9 +180,10 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
             # with a baseline, odd rounds run it before jacaudit (onnxruntime first in every round): an A/A run
             # (the baseline a copy of the same code) measured the second-timed model of a round 4-8% faster
             # forward on the small graphs with a fixed order
-            swapped = fns[:1] + fns[3:] + fns[1:3]
+            swapped = fns[:1] + fns[5:] + fns[3:5] + fns[1:3] if rt_model is not None else \
+                fns[:1] + fns[3:] + fns[1:3]
             for r in range(R + 1):
-                for k, fn in (swapped if base_model is not None and r % 2 else fns):
+                for k, fn in (swapped if (base_model is not None or rt_model is not None) and r % 2 else fns):
                     if k in errors:
                         continue
                     try:
@@ -212,8 +218,27 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
                         den = max(np.abs(a).max(), 1e-30) if a.size else 1.0
                         err = max(err, float(np.abs(a - t).max() / den) if a.size else 0.0)
                 res["err"] = err
+            if rt_model is not None and "rt_grad_ms" in res:
+                g_rt = f_grad(rt_model)
+                res["rt_path"] = rt_model._ort.last
+                g_t = f_grad(model)
+                den = max(float(g_t.abs().max()), 1e-30)
+                res["rt_grad_diff"] = float((g_rt - g_t).abs().max()) / den
+                # the median over samples of each sample's max difference: a kink that rounding flips in one
+                # sample (a ReLU input or a max-pool near-tie) moves the max, not the median
+                per = ((g_rt - g_t).abs().flatten(1).max(1).values / den) if g_t.dim() > 1 else None
+                res["rt_grad_diff_median"] = float(per.median()) if per is not None else res["rt_grad_diff"]
             if "ort_ms" in res:
-                for k in ("fwd_ms", "grad_ms", "base_fwd_ms", "base_grad_ms"):
+                from jacaudit.models.onnx.ortgrad import AUTO_GRAD_MAX_BATCH
+                if rt_model is not None and "rt_fwd_ms" in res:
+                    # what the commands run (runtime "auto"): forward in onnxruntime; the gradient through it
+                    # up to AUTO_GRAD_MAX_BATCH inputs (where its plan exists), else the interpreter's
+                    res["auto_fwd_ms"] = res["rt_fwd_ms"]
+                    use_rt = b <= AUTO_GRAD_MAX_BATCH and res.get("rt_path") == "onnxruntime"
+                    if "rt_grad_ms" in res and "grad_ms" in res:
+                        res["auto_grad_ms"] = res["rt_grad_ms"] if use_rt else res["grad_ms"]
+                for k in ("fwd_ms", "grad_ms", "base_fwd_ms", "base_grad_ms", "rt_fwd_ms", "rt_grad_ms",
+                          "auto_fwd_ms", "auto_grad_ms"):
                     if k in res:
                         res[k.replace("_ms", "_x")] = res[k] / res["ort_ms"]
         except Exception as e:  # noqa: BLE001
@@ -226,28 +251,35 @@ def gmean(v):
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
 
 
+COLUMNS = [("fwd", "interp fwd / ORT"), ("grad", "interp grad / ORT"), ("rt_fwd", "ortrt fwd / ORT"),
+           ("rt_grad", "ortrt grad / ORT"), ("auto_fwd", "**default fwd / ORT**"),
+           ("auto_grad", "**default grad / ORT**"), ("base_fwd", "baseline fwd / ORT"),
+           ("base_grad", "baseline grad / ORT")]
+
+
 def print_tables(rows, batches, targets=(1.5, 2.5, 3.5)):
+    """Per batch size: one row per model, ratios to onnxruntime's forward. "interp" = the torch interpreter
+    (runtime "torch"), "ortrt" = runtime "onnxruntime", "default" = runtime "auto", what the commands run."""
     lines = []
-    with_base = any("base_fwd_x" in r.get("batches", {}).get(b, {}) for r in rows for b in batches)
+    present = [(k, h) for k, h in COLUMNS
+               if any(k + "_x" in r.get("batches", {}).get(b, {}) for r in rows for b in batches)]
+    grad_key = "auto_grad" if any(k == "auto_grad" for k, _ in present) else "grad"
     for b in batches:
         lines.append(f"\n### batch {b}\n")
-        if with_base:
-            lines.append("| model | family | exporter | nodes | ORT fwd ms | fwd / ORT | grad / ORT | max rel err "
-                         "| baseline fwd / ORT | baseline grad / ORT |")
-            lines.append("|---|---|---|---|---|---|---|---|---|---|")
-        else:
-            lines.append("| model | family | exporter | nodes | ORT fwd ms | fwd / ORT | grad / ORT | max rel err |")
-            lines.append("|---|---|---|---|---|---|---|---|")
-        groups = {"synthetic": ([], [], [], []), "all": ([], [], [], [])}
-        pad = ["", ""] if with_base else []
+        head = ["model", "family", "exporter", "nodes", "ORT fwd ms"] + [h for _, h in present] + \
+            ["gradient path (ortrt)", "max rel err", "grad diff max / median"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        groups = {"synthetic": {k: [] for k, _ in present}, "all": {k: [] for k, _ in present}}
         for r in rows:
             res = r.get("batches", {}).get(b, {})
+            blank = [""] * (len(present) + 3)
             if "load_error" in r:
-                cells = [f"load failed: {r['load_error'][:110]}", "", "", ""] + pad
+                cells = [f"load failed: {r['load_error'][:110]}"] + blank
             elif "skip" in res:
-                cells = [f"skipped: {res['skip']}", "", "", ""] + pad
+                cells = [f"skipped: {res['skip']}"] + blank
             elif "error" in res:
-                cells = [f"failed: {res['error']}", "", "", ""] + pad
+                cells = [f"failed: {res['error']}"] + blank
             else:
                 def cell(k):
                     if k + "_x" in res:
@@ -255,24 +287,25 @@ def print_tables(rows, batches, targets=(1.5, 2.5, 3.5)):
                     return "error: " + res.get(k + "_error", "?")[:110]
                 ort_c = f"{res['ort_ms']:.1f}" if "ort_ms" in res else "error: " + res.get("ort_error", "?")
                 err_c = f"{res['err']:.1e}" if "err" in res else ""
-                cells = [ort_c, cell("fwd"), cell("grad"), err_c]
-                if with_base:
-                    cells += [cell("base_fwd"), cell("base_grad")]
+                path = res.get("rt_path") or ""
+                path = "onnxruntime" if path == "onnxruntime" else (f"interpreter: {path[:80]}" if path else "")
+                diff = f"{res['rt_grad_diff']:.1e} / {res['rt_grad_diff_median']:.1e}" if "rt_grad_diff" in res else ""
+                cells = [ort_c] + [cell(k) for k, _ in present] + [path, err_c, diff]
                 for key in ("synthetic", "all"):
                     if key == "synthetic" and r["exporter"] == "real":
                         continue
-                    for j, k in enumerate(("fwd_x", "grad_x", "base_fwd_x", "base_grad_x")):
-                        if k in res:
-                            groups[key][j].append(res[k])
+                    for k, _ in present:
+                        if k + "_x" in res:
+                            groups[key][k].append(res[k + "_x"])
             lines.append(f"| {r['name']} | {r['family']} | {r['exporter']} | {r.get('nodes', '')} | "
                          + " | ".join(cells) + " |")
-        for key, (fx, gx, bfx, bgx) in groups.items():
-            if not fx and not gx:
+        for key, cols in groups.items():
+            if not cols.get(grad_key):
                 continue
-            over = sum(1 for g in gx if g > targets[2])
-            tail = f" **{gmean(bfx):.2f}x** | **{gmean(bgx):.2f}x** |" if with_base else ""
-            lines.append(f"| **geometric mean ({key}, {len(gx)} rows)** | | | | | **{gmean(fx):.2f}x** | "
-                         f"**{gmean(gx):.2f}x** | {over} rows grad > {targets[2]}x |" + tail)
+            over = sum(1 for g in cols[grad_key] if g > targets[2])
+            lines.append(f"| **geometric mean ({key}, {len(cols[grad_key])} rows)** | | | | | "
+                         + " | ".join(f"**{gmean(cols[k]):.2f}x**" for k, _ in present)
+                         + f" | {over} rows {grad_key.replace('_', ' ')} > {targets[2]}x | | |")
     text = "\n".join(lines)
     print(text, flush=True)
     return text
@@ -291,6 +324,7 @@ def main(argv=None):
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/jacaudit-bench-corpus"))
     ap.add_argument("--json", default="")
     ap.add_argument("--baseline", default="", help="another commit's jacaudit/models/onnx folder, timed alongside")
+    ap.add_argument("--no-runtime", action="store_true", help="do not time runtime=\"onnxruntime\" alongside")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.rounds32 = 2, 1
@@ -347,7 +381,7 @@ def main(argv=None):
                 feeds_fn = (lambda ex, nm: (lambda b: corpus_feeds(ex, nm, b)))(example, names)
             row["path"] = path
             row.update(bench_one(path, feeds_fn, dyn, batches, args.rounds, args.rounds32, args.b32_budget,
-                                 base_load=base_load))
+                                 base_load=base_load, with_rt=not args.no_runtime))
         except Exception as e:  # noqa: BLE001
             row["load_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             row["traceback"] = traceback.format_exc()[-2000:]

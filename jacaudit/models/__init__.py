@@ -51,11 +51,16 @@ def detect_format(path: str) -> str:
 
 
 def load(path: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
-         extra_args: Sequence[Any] = ()) -> Model:
+         extra_args: Sequence[Any] = (), runtime: str = "torch") -> Model:
     """Load an ONNX or TorchScript model as a differentiable :class:`Model`.
 
     ``dtype=float64`` casts parameters and float inputs (tight derivative checks). ``extra_args`` are
     passed after the tensor inputs to a TorchScript ``forward`` that takes non-tensor arguments.
+    ``runtime`` (ONNX models): ``"torch"`` runs everything in the torch interpreter; ``"onnxruntime"`` runs
+    values-only calls in onnxruntime and input gradients through onnxruntime's forward and a backward graph
+    jacaudit writes (``models/onnx/ortgrad.py``), where the graph has one (else the interpreter); ``"auto"``
+    does so for gradients up to ``ortgrad.AUTO_GRAD_MAX_BATCH`` inputs a batch. torch.func transforms,
+    forward-mode AD, float64 and non-CPU devices always run the interpreter.
     """
     fmt = detect_format(path)
     dev = resolve_device(device)
@@ -73,6 +78,7 @@ def load(path: str, device: str | torch.device | None = "cpu", dtype: str | torc
         # that do not fill their declared shape, future opsets: bad input, exit 2, before anything is allocated)
         proto, data = read_onnx(path)
         check_model(proto, path)
-        return OnnxModel(proto, path=path, device=dev, dtype=dt, sha256=hashlib.sha256(data).hexdigest())
+        return OnnxModel(proto, path=path, device=dev, dtype=dt, sha256=hashlib.sha256(data).hexdigest(),
+                         runtime=runtime)
     from .torchscript import load_torchscript
     return load_torchscript(path, device=dev, dtype=dt, extra_args=extra_args)

@@ -149,8 +149,10 @@ class OnnxModel(Model):
     format = "onnx"
 
     def __init__(self, proto, path: str | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, sha256: str | None = None, optimize: bool = True):
+                 dtype: torch.dtype | None = None, sha256: str | None = None, optimize: bool = True,
+                 runtime: str = "torch"):
         from .interpreter import compile_model
+        from .ortgrad import RUNTIMES
 
         device = torch.device(device)
         self._optimize = optimize
@@ -175,6 +177,14 @@ class OnnxModel(Model):
             "parameters": float_parameter_count(proto),
             "sha256": sha256,
         }
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        self.runtime = runtime
+        # onnxruntime for values and input gradients (ortgrad.Runtime): float32 CPU graphs only
+        self._ort = None
+        if runtime != "torch" and device.type == "cpu" and dtype in (None, torch.float32):
+            from .ortgrad import Runtime
+            self._ort = Runtime(self, runtime)
         self._kept_graphs: dict[frozenset[str], object] = {}  # optimized graphs keeping internal outputs
         self._randomised = 0  # inside randomised(): every call runs the graph as written
         if optimize:
@@ -201,6 +211,10 @@ class OnnxModel(Model):
         out_names = [s.name for s in self.outputs]
         graph = self.graph
         internal = [o for o in outputs or () if o not in out_names]
+        if self._ort is not None and not overrides and not self._randomised and not internal:
+            res = self._ort.run(feeds, list(outputs or out_names), out_names)
+            if res is not None:
+                return res
         if overrides or self._randomised:
             # a replaced tensor (or a randomised weight) must reach every consumer exactly as written
             graph = self.plain_graph
@@ -244,7 +258,7 @@ class OnnxModel(Model):
             return self
         return OnnxModel(self.proto, path=self.path, device=torch.device(device) if device is not None else self.device,
                          dtype=dtype if dtype is not None else self.dtype, sha256=self.metadata.get("sha256"),
-                         optimize=self._optimize)
+                         optimize=self._optimize, runtime=self.runtime)
 
     def reference(self, outputs: Sequence[str] | None = None, wrt: str | None = None) -> ReferenceForward:
         """onnxruntime on a copy of the graph with ``outputs`` added as graph outputs and an internal ``wrt``

@@ -1,0 +1,1137 @@
+"""Input gradients of an ONNX graph computed by onnxruntime itself: jacaudit writes the backward of the graph as
+another ONNX graph, and onnxruntime runs the forward and that backward.
+
+For one input signature (the feeds' shapes and dtypes) and one set of inputs to differentiate, ``build``:
+
+* runs the graph as written once in the torch interpreter (no grad) to learn every tensor's shape and dtype, and
+  the values of the tensors the signature fixes (initializers, Constant nodes, shape arithmetic);
+* walks the nodes that lie between the inputs and the outputs backwards and writes, for each, its
+  vector-Jacobian product as ONNX nodes (a Conv's input gradient is a ConvTranspose with the same weights, or a
+  stride-1 Conv with the flipped kernel; an activation's is an elementwise mask or factor; a broadcast's a
+  ReduceSum; a MaxPool's a ScatterElements of its Indices output); shapes are constants, known for the signature;
+* names the forward tensors that backward reads (the "residuals": an activation's input, the other operand of a
+  product); the forward session returns them besides the graph's outputs.
+
+A node on that path without a rule here (LSTM, GRU, If, Loop, a product of two tensors that are both
+differentiated inputs of a MatMul with 1-D operands, ...) makes ``build`` return the reason instead, and the
+caller runs the torch interpreter as before. ``OrtGradient`` wraps the two sessions as one torch autograd
+Function: its forward is onnxruntime's forward (with the residuals), its backward the backward session; a
+backward that must itself be differentiable (``create_graph``) differentiates the torch interpreter on the saved
+inputs instead. Used only on float32 CPU graphs outside torch.func transforms and forward-mode AD
+(``OnnxModel.run``); everywhere else the torch interpreter runs.
+
+Conventions at kinks are torch's: Relu passes the gradient where its output is > 0, Clip where
+min <= x <= max, MaxPool to the first maximum of a window (onnxruntime's Indices).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+_FLOAT = {torch.float32}
+# a strided depthwise Conv's input gradient: "zeros" (the zero-inserted gradient through a stride-1 Conv) or
+# "convtranspose" (what other strided Convs run)
+STRIDED = "zeros"
+_NP_TO_ONNX = {np.dtype("float32"): 1, np.dtype("int64"): 7, np.dtype("int32"): 6, np.dtype("bool"): 9,
+               np.dtype("float64"): 11}
+BWD_OPSET = 17
+
+# Ops whose outputs never carry a derivative (integer/boolean results or shape queries).
+_NONDIFF = frozenset("""Shape Size Equal Greater GreaterOrEqual Less LessOrEqual Not And Or Xor ArgMax ArgMin
+NonZero IsNaN IsInf ConstantOfShape Range RandomNormal RandomUniform RandomNormalLike RandomUniformLike
+Multinomial Bernoulli EyeLike OneHot""".split())
+
+
+class Refused(Exception):
+    """The graph (or this signature) has no onnxruntime gradient here; the message says why."""
+
+
+def _np(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().numpy()
+    return np.asarray(t)
+
+
+class _Builder:
+    """Writes the backward graph: nodes, constants, and the residuals it reads from the forward."""
+
+    def __init__(self, values: dict[str, Any], const: set[str]):
+        self.values = values
+        self.const = const
+        self.nodes: list = []
+        self.inits: dict[str, np.ndarray] = {}
+        self.residuals: dict[str, str] = {}  # forward name -> name in the backward graph
+        self._k = 0
+
+    def fresh(self, hint: str = "t") -> str:
+        self._k += 1
+        return f"__g{self._k}_{hint}"
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> Any:
+        from onnx import helper
+        outs = [self.fresh(op) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def c(self, arr, dtype=np.float32) -> str:
+        a = np.asarray(arr, dtype=dtype)
+        name = self.fresh("c")
+        self.inits[name] = a
+        return name
+
+    def ci(self, arr) -> str:
+        return self.c(arr, np.int64)
+
+    def fwd(self, name: str) -> str:
+        """A forward tensor in the backward graph: a constant when the signature fixes it, else a residual."""
+        if name in self.const:
+            key = "__k_" + name
+            if key not in self.inits:
+                self.inits[key] = _np(self.values[name])
+            return key
+        r = self.residuals.get(name)
+        if r is None:
+            r = self.residuals[name] = "__r_" + name
+        return r
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.values[name].shape)
+
+    def value(self, name: str) -> np.ndarray:
+        if name not in self.const:
+            raise Refused(f"tensor {name!r} must be fixed by the input signature (it is computed from input values)")
+        return _np(self.values[name])
+
+    # -- shape helpers -------------------------------------------------------------------------------------
+    def reshape(self, g: str, shape) -> str:
+        return self.node("Reshape", [g, self.ci(list(shape))])
+
+    def unbroadcast(self, g: str, out_shape, in_shape) -> str:
+        out_shape, in_shape = tuple(out_shape), tuple(in_shape)
+        if out_shape == in_shape:
+            return g
+        lead = len(out_shape) - len(in_shape)
+        padded = (1,) * lead + in_shape
+        axes = [i for i, (o, s) in enumerate(zip(out_shape, padded)) if i < lead or (s == 1 and o != 1)]
+        if axes:
+            g = self.node("ReduceSum", [g, self.ci(axes)], keepdims=1)
+        return self.reshape(g, in_shape) if (lead or axes) else g
+
+    def zeros(self, shape) -> str:
+        from onnx import helper, TensorProto
+        return self.node("ConstantOfShape", [self.ci(list(shape))],
+                         value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0]))
+
+    def mask_mul(self, g: str, cond: str) -> str:
+        # Mul by the mask as floats: onnxruntime's Where with a scalar operand is ~30x slower than Cast + Mul
+        return self.node("Mul", [g, self.node("Cast", [cond], to=1)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vector-Jacobian products: rule(b, node, attrs, g_outputs, diff) -> {input name: gradient name}
+# ---------------------------------------------------------------------------------------------------------
+RULES: dict[str, Any] = {}
+
+
+def rule(*ops):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@rule("Identity", "Dropout")
+def _identity(b, n, a, g, diff):
+    if n.op_type == "Dropout" and (len(n.input) > 2 and n.input[2] and bool(b.value(n.input[2]))):
+        raise Refused("Dropout in training mode")
+    return {n.input[0]: g[0]}
+
+
+@rule("Cast")
+def _cast(b, n, a, g, diff):
+    if a.get("to") != 1:
+        raise Refused("a Cast to another float type on the differentiated path")
+    return {n.input[0]: g[0]}
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(b, n, a, g, diff):
+    return {n.input[0]: b.reshape(g[0], b.shape(n.input[0]))}
+
+
+@rule("Add", "Sub", "Mul", "Div")
+def _binary(b, n, a, g, diff):
+    A, B = n.input[0], n.input[1]
+    out = b.shape(n.output[0])
+    res = {}
+    op = n.op_type
+    if A in diff:
+        if op in ("Add", "Sub"):
+            ga = g[0]
+        elif op == "Mul":
+            ga = b.node("Mul", [g[0], b.fwd(B)])
+        else:
+            ga = b.node("Div", [g[0], b.fwd(B)])
+        res[A] = b.unbroadcast(ga, out, b.shape(A))
+    if B in diff:
+        if op == "Add":
+            gb = g[0]
+        elif op == "Sub":
+            gb = b.node("Neg", [g[0]])
+        elif op == "Mul":
+            gb = b.node("Mul", [g[0], b.fwd(A)])
+        else:  # d(A/B)/dB = -Y/B
+            gb = b.node("Neg", [b.node("Div", [b.node("Mul", [g[0], b.fwd(n.output[0])]), b.fwd(B)])])
+        gb = b.unbroadcast(gb, out, b.shape(B))
+        res[B] = b.node("Add", [res[B], gb]) if B in res else gb  # x * x
+    return res
+
+
+@rule("Sum")
+def _sum(b, n, a, g, diff):
+    out = b.shape(n.output[0])
+    res = {}
+    for x in n.input:
+        if x in diff:
+            gx = b.unbroadcast(g[0], out, b.shape(x))
+            res[x] = b.node("Add", [res[x], gx]) if x in res else gx
+    return res
+
+
+@rule("Neg")
+def _neg(b, n, a, g, diff):
+    return {n.input[0]: b.node("Neg", [g[0]])}
+
+
+@rule("Relu")
+def _relu(b, n, a, g, diff):
+    return {n.input[0]: b.mask_mul(g[0], b.node("Greater", [b.fwd(n.output[0]), b.c(0.0)]))}
+
+
+@rule("LeakyRelu")
+def _leaky(b, n, a, g, diff):
+    alpha = float(a.get("alpha", 0.01))
+    pos = b.node("Cast", [b.node("Greater", [b.fwd(n.input[0]), b.c(0.0)])], to=1)  # 1 / 0
+    f = b.node("Add", [b.node("Mul", [pos, b.c(1.0 - alpha)]), b.c(alpha)])
+    gx = b.node("Mul", [g[0], f])
+    return {n.input[0]: gx}
+
+
+@rule("Sigmoid")
+def _sigmoid(b, n, a, g, diff):
+    y = b.fwd(n.output[0])
+    d = b.node("Mul", [y, b.node("Sub", [b.c(1.0), y])])
+    return {n.input[0]: b.node("Mul", [g[0], d])}
+
+
+@rule("Tanh")
+def _tanh(b, n, a, g, diff):
+    y = b.fwd(n.output[0])
+    d = b.node("Sub", [b.c(1.0), b.node("Mul", [y, y])])
+    return {n.input[0]: b.node("Mul", [g[0], d])}
+
+
+@rule("Exp")
+def _exp(b, n, a, g, diff):
+    return {n.input[0]: b.node("Mul", [g[0], b.fwd(n.output[0])])}
+
+
+@rule("Log")
+def _log(b, n, a, g, diff):
+    return {n.input[0]: b.node("Div", [g[0], b.fwd(n.input[0])])}
+
+
+@rule("Sqrt")
+def _sqrt(b, n, a, g, diff):
+    return {n.input[0]: b.node("Div", [b.node("Mul", [g[0], b.c(0.5)]), b.fwd(n.output[0])])}
+
+
+@rule("Reciprocal")
+def _recip(b, n, a, g, diff):
+    y = b.fwd(n.output[0])
+    return {n.input[0]: b.node("Neg", [b.node("Mul", [g[0], b.node("Mul", [y, y])])])}
+
+
+@rule("Erf")
+def _erf(b, n, a, g, diff):
+    x = b.fwd(n.input[0])
+    d = b.node("Mul", [b.node("Exp", [b.node("Neg", [b.node("Mul", [x, x])])]), b.c(2.0 / math.sqrt(math.pi))])
+    return {n.input[0]: b.node("Mul", [g[0], d])}
+
+
+@rule("Pow")
+def _pow(b, n, a, g, diff):
+    if n.input[1] in diff:
+        raise Refused("Pow with a differentiated exponent")
+    p = b.value(n.input[1])
+    if p.size != 1:
+        raise Refused("Pow with a non-scalar exponent")
+    p = float(p.reshape(()))
+    x = b.fwd(n.input[0])
+    if p == 2.0:
+        d = b.node("Mul", [x, b.c(2.0)])
+    elif p == 1.0:
+        return {n.input[0]: g[0]}
+    else:
+        d = b.node("Mul", [b.node("Pow", [x, b.c(p - 1.0)]), b.c(p)])
+    gx = b.node("Mul", [g[0], d])
+    return {n.input[0]: b.unbroadcast(gx, b.shape(n.output[0]), b.shape(n.input[0]))}
+
+
+@rule("HardSigmoid")
+def _hardsigmoid(b, n, a, g, diff):
+    alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+    t = b.node("Add", [b.node("Mul", [b.fwd(n.input[0]), b.c(alpha)]), b.c(beta)])
+    m = b.node("And", [b.node("Greater", [t, b.c(0.0)]), b.node("Less", [t, b.c(1.0)])])
+    return {n.input[0]: b.mask_mul(b.node("Mul", [g[0], b.c(alpha)]), m)}
+
+
+@rule("HardSwish")
+def _hardswish(b, n, a, g, diff):
+    # d/dx x*u(x), u = clip(x/6+1/2, 0, 1): u + x/6 on -3 <= x <= 3 (torch's hardswish_backward: 0 below -3,
+    # x/3 + 1/2 on [-3, 3], 1 above), without Where (slow in onnxruntime)
+    x = b.fwd(n.input[0])
+    u = b.node("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+    m = b.node("Cast", [b.node("LessOrEqual", [b.node("Abs", [x]), b.c(3.0)])], to=1)
+    d = b.node("Add", [u, b.node("Mul", [b.node("Mul", [x, b.c(1.0 / 6.0)]), m])])
+    return {n.input[0]: b.node("Mul", [g[0], d])}
+
+
+@rule("Clip")
+def _clip(b, n, a, g, diff):
+    x = b.fwd(n.input[0])
+    lo = hi = None
+    if n.op_type == "Clip" and len(n.input) > 1:
+        if len(n.input) > 1 and n.input[1]:
+            if n.input[1] in diff:
+                raise Refused("Clip with a differentiated bound")
+            lo = float(b.value(n.input[1]).reshape(()))
+        if len(n.input) > 2 and n.input[2]:
+            if n.input[2] in diff:
+                raise Refused("Clip with a differentiated bound")
+            hi = float(b.value(n.input[2]).reshape(()))
+    else:
+        lo, hi = a.get("min"), a.get("max")
+    m = None
+    if lo is not None:
+        m = b.node("GreaterOrEqual", [x, b.c(lo)])
+    if hi is not None:
+        m2 = b.node("LessOrEqual", [x, b.c(hi)])
+        m = m2 if m is None else b.node("And", [m, m2])
+    return {n.input[0]: g[0] if m is None else b.mask_mul(g[0], m)}
+
+
+@rule("Gelu")
+def _gelu(b, n, a, g, diff):
+    x = b.fwd(n.input[0])
+    if a.get("approximate", b"none") in ("tanh", b"tanh"):
+        k = math.sqrt(2.0 / math.pi)
+        x2 = b.node("Mul", [x, x])
+        u = b.node("Mul", [b.node("Mul", [x, b.node("Add", [b.c(1.0), b.node("Mul", [x2, b.c(0.044715)])])]),
+                           b.c(k)])
+        t = b.node("Tanh", [u])
+        du = b.node("Mul", [b.node("Add", [b.c(1.0), b.node("Mul", [x2, b.c(3 * 0.044715)])]), b.c(k)])
+        d = b.node("Add", [b.node("Mul", [b.node("Add", [b.c(1.0), t]), b.c(0.5)]),
+                           b.node("Mul", [b.node("Mul", [b.node("Mul", [x, b.c(0.5)]),
+                                                          b.node("Sub", [b.c(1.0), b.node("Mul", [t, t])])]), du])])
+    else:
+        cdf = b.node("Mul", [b.node("Add", [b.c(1.0), b.node("Erf", [b.node("Mul", [x, b.c(1 / math.sqrt(2))])])]),
+                             b.c(0.5)])
+        pdf = b.node("Mul", [b.node("Exp", [b.node("Mul", [b.node("Mul", [x, x]), b.c(-0.5)])]),
+                             b.c(1 / math.sqrt(2 * math.pi))])
+        d = b.node("Add", [cdf, b.node("Mul", [x, pdf])])
+    return {n.input[0]: b.node("Mul", [g[0], d])}
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+@rule("Softmax", "LogSoftmax")
+def _softmax(b, n, a, g, diff, opset=13):
+    rank = len(b.shape(n.input[0]))
+    axis = _norm_axis(int(a.get("axis", -1 if b.opset >= 13 else 1)), rank)
+    if b.opset < 13 and axis != rank - 1:
+        raise Refused(f"{n.op_type} before opset 13 over axes {axis}.. (flattened)")
+    y = b.fwd(n.output[0])
+    if n.op_type == "Softmax":
+        s = b.node("ReduceSum", [b.node("Mul", [g[0], y]), b.ci([axis])], keepdims=1)
+        gx = b.node("Mul", [y, b.node("Sub", [g[0], s])])
+    else:
+        s = b.node("ReduceSum", [g[0], b.ci([axis])], keepdims=1)
+        gx = b.node("Sub", [g[0], b.node("Mul", [b.node("Exp", [y]), s])])
+    return {n.input[0]: gx}
+
+
+def _t_last2(b, x: str, rank: int) -> str:
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return b.node("Transpose", [x], perm=perm)
+
+
+@rule("MatMul")
+def _matmul(b, n, a, g, diff):
+    A, B = n.input[0], n.input[1]
+    sa, sb, so = b.shape(A), b.shape(B), b.shape(n.output[0])
+    if len(sa) < 2 or len(sb) < 2:
+        raise Refused("MatMul with a 1-D operand")
+    res = {}
+    if A in diff:
+        if B in b.const and len(sb) == 2:
+            bt = b.c(_np(b.values[B]).T.copy())
+        else:
+            bt = _t_last2(b, b.fwd(B), len(sb))
+        ga = b.node("MatMul", [g[0], bt])
+        res[A] = b.unbroadcast(ga, so[:-2] + (sa[-2], sa[-1]), sa)
+    if B in diff:
+        gb = b.node("MatMul", [_t_last2(b, b.fwd(A), len(sa)), g[0]])
+        gb = b.unbroadcast(gb, so[:-2] + (sb[-2], sb[-1]), sb)
+        res[B] = b.node("Add", [res[B], gb]) if B in res else gb
+    return res
+
+
+@rule("Gemm")
+def _gemm(b, n, a, g, diff):
+    A, B = n.input[0], n.input[1]
+    C = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
+    res = {}
+    gy = g[0] if alpha == 1.0 else b.node("Mul", [g[0], b.c(alpha)])
+    if A in diff:
+        # dA' = gy @ B'^T; B' = B^T if tb
+        if B in b.const:
+            bm = _np(b.values[B])
+            bpt = bm if tb else bm.T  # B'^T
+            ga = b.node("MatMul", [gy, b.c(np.ascontiguousarray(bpt))])
+        else:
+            ga = b.node("Gemm", [gy, b.fwd(B)], transB=0 if tb else 1)
+        res[A] = b.node("Transpose", [ga], perm=[1, 0]) if ta else ga
+    if B in diff:
+        # dB' = A'^T @ gy
+        gb = b.node("Gemm", [b.fwd(A), gy], transA=0 if ta else 1)
+        gb = b.node("Transpose", [gb], perm=[1, 0]) if tb else gb
+        res[B] = b.node("Add", [res[B], gb]) if B in res else gb
+    if C is not None and C in diff:
+        gc = g[0] if beta == 1.0 else b.node("Mul", [g[0], b.c(beta)])
+        res[C] = b.unbroadcast(gc, b.shape(n.output[0]), b.shape(C))
+    return res
+
+
+def _conv_pads(a, in_sp, k, s, d) -> list[int]:
+    nd = len(in_sp)
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        p = list(a.get("pads", [0] * (2 * nd)))
+        return p
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    begin, end = [], []
+    for i in range(nd):
+        out = -(-in_sp[i] // s[i])
+        total = max((out - 1) * s[i] + (k[i] - 1) * d[i] + 1 - in_sp[i], 0)
+        lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
+        begin.append(lo)
+        end.append(total - lo)
+    return begin + end
+
+
+@rule("Conv")
+def _conv(b, n, a, g, diff):
+    X, W = n.input[0], n.input[1]
+    if W in diff or (len(n.input) > 2 and n.input[2] in diff):
+        raise Refused("Conv with differentiated weights")
+    if W not in b.const:
+        raise Refused("Conv whose weight is computed from input values")
+    w = _np(b.values[W]).astype(np.float32)
+    xs, ys = b.shape(X), b.shape(n.output[0])
+    nd = len(xs) - 2
+    k = list(w.shape[2:])
+    s = list(a.get("strides", [1] * nd))
+    d = list(a.get("dilations", [1] * nd))
+    grp = int(a.get("group", 1))
+    pads = _conv_pads(a, xs[2:], k, s, d)
+    pb, pe = pads[:nd], pads[nd:]
+    scale = b.pending_scale.pop(n.output[0], None)
+    if scale is not None:  # a BatchNormalization after this Conv: its per-channel factor folded into the weight
+        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    cin_g = w.shape[1]
+    wt = _flip_swap(w, grp)
+    gy = g[0]
+    if any(v != 1 for v in s):
+        if STRIDED == "zeros" and cin_g == 1 and grp > 1:
+            # depthwise: onnxruntime's grouped ConvTranspose is slow (~3x torch's at batch 32); the zero-inserted
+            # gradient through the stride-1 depthwise form below costs st^2 more multiply-adds, few for depthwise
+            gy, ylen = _zero_inserted(b, gy, s, ys)
+        else:
+            return {X: _conv_transpose(b, gy, w, grp, s, d, pb, pe, k, xs, ys)}
+    else:
+        ylen = [ys[2 + i] for i in range(nd)]
+    # stride 1: a convolution of g with the flipped kernel, input/output channels swapped per group
+    lo = [(k[i] - 1) * d[i] - pb[i] for i in range(nd)]
+    hi = [xs[2 + i] + pb[i] - ylen[i] for i in range(nd)]
+    if any(v < 0 for v in lo + hi):
+        crop_lo = [max(-v, 0) for v in lo]
+        crop_hi = [max(-v, 0) for v in hi]
+        rank = nd + 2
+        gy = b.node("Slice", [gy, b.ci(crop_lo), b.ci([ylen[i] - crop_hi[i] for i in range(nd)]),
+                              b.ci(list(range(2, rank)))])
+        lo = [max(v, 0) for v in lo]
+        hi = [max(v, 0) for v in hi]
+    gx = b.node("Conv", [gy, b.c(wt)], group=grp, dilations=d, pads=lo + hi, strides=[1] * nd, kernel_shape=k)
+    return {X: gx}
+
+
+def _conv_transpose(b, gy, w, grp, s, d, pb, pe, k, xs, ys) -> str:
+    nd = len(s)
+    outpad = []
+    for i in range(nd):
+        full = s[i] * (ys[2 + i] - 1) + (k[i] - 1) * d[i] + 1 - pb[i] - pe[i]
+        op = xs[2 + i] - full
+        if op < 0 or op >= max(s[i], d[i]):
+            raise Refused("Conv geometry without a ConvTranspose inverse")
+        outpad.append(op)
+    return b.node("ConvTranspose", [gy, b.c(w)], group=grp, dilations=d, pads=pb + pe, strides=s,
+                  kernel_shape=k, output_padding=outpad)
+
+
+def _flip_swap(w: np.ndarray, grp: int) -> np.ndarray:
+    """(C_out, C_in/G, kh, kw) -> the kernel of the transposed correlation: flipped, channels swapped per group."""
+    cout, cin_g = w.shape[0], w.shape[1]
+    k = w.shape[2:]
+    nd = len(k)
+    wf = np.flip(w, axis=tuple(range(2, 2 + nd)))
+    return np.ascontiguousarray(wf.reshape(grp, cout // grp, cin_g, *k).transpose(0, 2, 1, *range(3, 3 + nd))
+                                .reshape(grp * cin_g, cout // grp, *k))
+
+
+def _zero_inserted(b, gy: str, st: list[int], ys) -> tuple[str, list[int]]:
+    """g with st-1 zeros after each position (nearest upsampling times a 0/1 mask): (name, spatial lengths)."""
+    nd = len(st)
+    up = b.node("Resize", [gy, "", b.c([1.0, 1.0] + [float(v) for v in st])], mode="nearest",
+                coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    L = [ys[2 + i] * st[i] for i in range(nd)]
+    mask = np.zeros([1, 1] + L, np.float32)
+    mask[(slice(None), slice(None)) + tuple(slice(0, None, v) for v in st)] = 1.0
+    return b.node("Mul", [up, b.c(mask)]), L
+
+
+@rule("BatchNormalization")
+def _bn(b, n, a, g, diff):
+    if int(a.get("training_mode", 0)) or len([o for o in n.output if o]) > 1:
+        raise Refused("BatchNormalization in training mode")
+    for p in n.input[1:5]:
+        if p in diff or p not in b.const:
+            raise Refused("BatchNormalization with computed statistics")
+    scale, var = _np(b.values[n.input[1]]), _np(b.values[n.input[4]])
+    eps = float(a.get("epsilon", 1e-5))
+    f = (scale / np.sqrt(var.astype(np.float64) + eps)).astype(np.float32)
+    X = n.input[0]
+    if X in b.conv_single_use:  # the Conv before folds f into its weight
+        b.pending_scale[X] = f
+        return {X: g[0]}
+    rank = len(b.shape(n.input[0]))
+    f = f.reshape((-1,) + (1,) * (rank - 2))
+    return {n.input[0]: b.node("Mul", [g[0], b.c(f)])}
+
+
+@rule("GlobalAveragePool")
+def _gap(b, n, a, g, diff):
+    xs = b.shape(n.input[0])
+    cnt = int(np.prod(xs[2:]))
+    return {n.input[0]: b.node("Expand", [b.node("Mul", [g[0], b.c(1.0 / cnt)]), b.ci(list(xs))])}
+
+
+def _axes(b, n, a) -> list[int] | None:
+    if "axes" in a:
+        return list(a["axes"])
+    if len(n.input) > 1 and n.input[1]:
+        return [int(v) for v in b.value(n.input[1]).reshape(-1)]
+    return None
+
+
+@rule("ReduceMean", "ReduceSum")
+def _reduce(b, n, a, g, diff):
+    xs = b.shape(n.input[0])
+    rank = len(xs)
+    axes = _axes(b, n, a)
+    if axes is None or not axes:
+        if axes is not None and int(a.get("noop_with_empty_axes", 0)):
+            return {n.input[0]: g[0]}
+        axes = list(range(rank))
+    axes = sorted(_norm_axis(v, rank) for v in axes)
+    kept = [1 if i in axes else xs[i] for i in range(rank)]
+    gx = b.node("Expand", [b.reshape(g[0], kept), b.ci(list(xs))])
+    if n.op_type == "ReduceMean":
+        cnt = int(np.prod([xs[i] for i in axes]))
+        gx = b.node("Mul", [gx, b.c(1.0 / cnt)])
+    return {n.input[0]: gx}
+
+
+@rule("Transpose")
+def _transpose(b, n, a, g, diff):
+    rank = len(b.shape(n.input[0]))
+    perm = list(a.get("perm", list(range(rank))[::-1]))
+    inv = [0] * rank
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return {n.input[0]: b.node("Transpose", [g[0]], perm=inv)}
+
+
+@rule("Concat")
+def _concat(b, n, a, g, diff):
+    rank = len(b.shape(n.output[0]))
+    axis = _norm_axis(int(a["axis"]), rank)
+    sizes = [b.shape(x)[axis] for x in n.input]
+    parts = b.node("Split", [g[0], b.ci(sizes)], n_out=len(sizes), axis=axis)
+    if len(sizes) == 1:
+        parts = [parts]
+    res = {}
+    for x, p in zip(n.input, parts):
+        if x in diff:
+            res[x] = b.node("Add", [res[x], p]) if x in res else p
+    return res
+
+
+@rule("Split")
+def _split(b, n, a, g, diff):
+    rank = len(b.shape(n.input[0]))
+    axis = _norm_axis(int(a.get("axis", 0)), rank)
+    parts = []
+    for o, go in zip(n.output, g):
+        parts.append(go if go is not None else b.zeros(b.shape(o)))
+    return {n.input[0]: b.node("Concat", parts, axis=axis) if len(parts) > 1 else parts[0]}
+
+
+@rule("Slice")
+def _slice(b, n, a, g, diff):
+    xs = b.shape(n.input[0])
+    rank = len(xs)
+    if b.opset < 10:
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes = list(a.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        starts = [int(v) for v in b.value(n.input[1]).reshape(-1)]
+        ends = [int(v) for v in b.value(n.input[2]).reshape(-1)]
+        axes = [int(v) for v in b.value(n.input[3]).reshape(-1)] if len(n.input) > 3 and n.input[3] \
+            else list(range(len(starts)))
+        steps = [int(v) for v in b.value(n.input[4]).reshape(-1)] if len(n.input) > 4 and n.input[4] \
+            else [1] * len(starts)
+    before = [0] * rank
+    after = [0] * rank
+    for st, en, ax, sp in zip(starts, ends, axes, steps):
+        ax = _norm_axis(ax, rank)
+        dim = xs[ax]
+        if sp != 1:
+            raise Refused("Slice with a step other than 1")
+        st = st + dim if st < 0 else st
+        en = en + dim if en < 0 else en
+        st, en = min(max(st, 0), dim), min(max(en, 0), dim)
+        before[ax] = st
+        after[ax] = dim - max(en, st)
+    return {n.input[0]: b.node("Pad", [g[0], b.ci(before + after)], mode="constant")}
+
+
+@rule("Gather")
+def _gather(b, n, a, g, diff):
+    X, I = n.input[0], n.input[1]
+    xs = b.shape(X)
+    rank = len(xs)
+    axis = _norm_axis(int(a.get("axis", 0)), rank)
+    ishape = b.shape(I)
+    if len(ishape) > 1:
+        raise Refused("Gather with multi-dimensional indices")
+    gy = g[0]
+    if len(ishape) == 0:
+        gy = b.node("Unsqueeze", [gy, b.ci([axis])])
+        m = 1
+    else:
+        m = ishape[0]
+    idx = b.fwd(I)
+    idx = b.node("Cast", [idx], to=7)
+    idx = b.node("Where", [b.node("Less", [idx, b.ci(0)]), b.node("Add", [idx, b.ci(xs[axis])]), idx])
+    shp = [1] * rank
+    shp[axis] = m
+    gshape = list(xs)
+    gshape[axis] = m
+    full = b.node("Expand", [b.reshape(idx, shp), b.ci(gshape)])
+    gx = b.node("ScatterElements", [b.zeros(xs), full, gy], axis=axis, reduction="add")
+    return {X: gx}
+
+
+@rule("Expand")
+def _expand(b, n, a, g, diff):
+    return {n.input[0]: b.unbroadcast(g[0], b.shape(n.output[0]), b.shape(n.input[0]))}
+
+
+@rule("Where")
+def _where(b, n, a, g, diff):
+    C, A, B = n.input
+    out = b.shape(n.output[0])
+    res = {}
+    cond = b.fwd(C)
+    if A in diff:
+        res[A] = b.unbroadcast(b.mask_mul(g[0], cond), out, b.shape(A))
+    if B in diff:
+        gb = b.unbroadcast(b.mask_mul(g[0], b.node("Not", [cond])), out, b.shape(B))
+        res[B] = b.node("Add", [res[B], gb]) if B in res else gb
+    return res
+
+
+@rule("Pad")
+def _pad(b, n, a, g, diff):
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise Refused(f"Pad mode {mode}")
+    xs = b.shape(n.input[0])
+    rank = len(xs)
+    pads = list(a["pads"]) if "pads" in a else [int(v) for v in b.value(n.input[1]).reshape(-1)]
+    if len(n.input) > 3 and n.input[3]:
+        raise Refused("Pad with axes")
+    if any(p < 0 for p in pads):
+        raise Refused("Pad with negative pads")
+    starts = pads[:rank]
+    ends = [pads[i] + xs[i] for i in range(rank)]
+    return {n.input[0]: b.node("Slice", [g[0], b.ci(starts), b.ci(ends), b.ci(list(range(rank)))])}
+
+
+@rule("Resize", "Upsample")
+def _resize(b, n, a, g, diff):
+    mode = a.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    xs, ys = b.shape(n.input[0]), b.shape(n.output[0])
+    if mode != "nearest":
+        raise Refused(f"Resize mode {mode}")
+    ctm = a.get("coordinate_transformation_mode", b"half_pixel")
+    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    nm = a.get("nearest_mode", b"round_prefer_floor")
+    nm = nm.decode() if isinstance(nm, bytes) else nm
+    f = []
+    for x, y in zip(xs, ys):
+        if y % x:
+            raise Refused("Resize by a non-integer factor")
+        f.append(y // x)
+    if n.op_type == "Resize" and b.opset >= 11:
+        # block replication for an integer factor: asymmetric + floor, or half_pixel/pytorch_half_pixel + round
+        ok = (ctm == "asymmetric" and nm == "floor") or \
+             (ctm in ("half_pixel", "pytorch_half_pixel") and nm in ("round_prefer_floor", "round_prefer_ceil"))
+        if not ok:
+            raise Refused(f"Resize nearest with {ctm}/{nm}")
+    # g (x0*f0, x1*f1, ...) -> (x0, f0, x1, f1, ...) -> sum over the f axes
+    inter = []
+    for x, k in zip(xs, f):
+        inter += [x, k]
+    gg = b.reshape(g[0], inter)
+    gx = b.node("ReduceSum", [gg, b.ci([2 * i + 1 for i in range(len(xs))])], keepdims=0)
+    return {n.input[0]: gx}
+
+
+@rule("MaxPool")
+def _maxpool(b, n, a, g, diff):
+    if int(a.get("storage_order", 0)):
+        raise Refused("MaxPool with storage_order 1")
+    xs = b.shape(n.input[0])
+    idx = b.fwd(b.maxpool_indices[n.output[0]])
+    gx = b.node("ScatterElements", [b.zeros([int(np.prod(xs))]), b.reshape(idx, [-1]), b.reshape(g[0], [-1])],
+                axis=0, reduction="add")
+    return {n.input[0]: b.reshape(gx, xs)}
+
+
+@rule("LayerNormalization")
+def _layernorm(b, n, a, g, diff):
+    X = n.input[0]
+    for p in n.input[1:]:
+        if p and (p in diff or p not in b.const):
+            raise Refused("LayerNormalization with computed scale/bias")
+    xs = b.shape(X)
+    rank = len(xs)
+    axis = _norm_axis(int(a.get("axis", -1)), rank)
+    eps = float(a.get("epsilon", 1e-5))
+    axes = list(range(axis, rank))
+    x = b.fwd(X)
+    mean = b.node("ReduceMean", [x], axes=axes, keepdims=1)
+    xc = b.node("Sub", [x, mean])
+    var = b.node("ReduceMean", [b.node("Mul", [xc, xc])], axes=axes, keepdims=1)
+    inv = b.node("Reciprocal", [b.node("Sqrt", [b.node("Add", [var, b.c(eps)])])])
+    xhat = b.node("Mul", [xc, inv])
+    gh = b.node("Mul", [g[0], b.fwd(n.input[1])])
+    m1 = b.node("ReduceMean", [gh], axes=axes, keepdims=1)
+    m2 = b.node("ReduceMean", [b.node("Mul", [gh, xhat])], axes=axes, keepdims=1)
+    gx = b.node("Mul", [inv, b.node("Sub", [b.node("Sub", [gh, m1]), b.node("Mul", [xhat, m2])])])
+    return {X: gx}
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _const_names(graph) -> set[str]:
+    """Tensors fixed by the input signature: initializers, Constant outputs, Shape/Size, and what nodes compute
+    from those alone."""
+    const = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    for nd in graph.node:
+        ins = [i for i in nd.input if i]
+        if nd.domain not in ("", "ai.onnx") or nd.op_type in ("If", "Loop", "Scan") or nd.op_type.startswith(
+                "Random") or nd.op_type in ("Multinomial", "Bernoulli"):
+            continue
+        if nd.op_type in ("Shape", "Size", "Constant") or all(i in const for i in ins):
+            const.update(o for o in nd.output if o)
+    return const
+
+
+class Plan:
+    """The two onnxruntime sessions of one input signature and the names they exchange."""
+
+    def __init__(self, fwd_sess, fwd_outputs, n_outputs, residual_names, bwd_sess, bwd_grad_inputs, wrt,
+                 diff_outputs, n_nodes):
+        self.fwd = fwd_sess
+        self.fwd_outputs = fwd_outputs  # graph outputs, then residuals
+        self.n_outputs = n_outputs
+        self.residual_names = residual_names  # names in the backward graph, in fwd_outputs[n_outputs:] order
+        self.bwd = bwd_sess
+        self.bwd_grad_inputs = bwd_grad_inputs  # output index -> name of its cotangent input (None: not differentiable)
+        self.wrt = wrt
+        self.diff_outputs = diff_outputs
+        self.n_nodes = n_nodes
+
+
+def _session(model_bytes: bytes):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], out_names: list[str],
+          fwd_cache: dict) -> Plan:
+    """The gradient plan for this signature, or Refused."""
+    import onnx
+    from onnx import helper
+
+    graph = proto.graph
+    opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 1)
+    for nd in graph.node:
+        if nd.domain not in ("", "ai.onnx"):
+            raise Refused(f"operator {nd.domain}::{nd.op_type}")
+    names = [o for nd in graph.node for o in nd.output if o]
+    with torch.no_grad():
+        vals = plain_graph.run({k: v.detach() for k, v in feeds.items()}, outputs=names)
+    values: dict[str, Any] = dict(zip(names, vals))
+    for t in graph.initializer:
+        values[t.name] = plain_graph.initializers.get(t.name)
+    values.update({k: v.detach() for k, v in feeds.items()})
+    const = _const_names(graph)
+    # differentiable tensors: float32 tensors computed from a differentiated input
+    diff = set(wrt)
+    producer = {}
+    for nd in graph.node:
+        for o in nd.output:
+            if o:
+                producer[o] = nd
+        if nd.op_type in _NONDIFF:
+            continue
+        if any(i in diff for i in nd.input if i):
+            for o in nd.output:
+                v = values.get(o)
+                if o and isinstance(v, torch.Tensor) and v.is_floating_point():
+                    if v.dtype != torch.float32:
+                        raise Refused(f"a {v.dtype} tensor ({o!r}) on the differentiated path")
+                    diff.add(o)
+    diff_outputs = [o for o in out_names if o in diff]
+    if not diff_outputs:
+        raise Refused("no output depends on the differentiated inputs")
+    # nodes between the inputs and the outputs, backwards
+    need = set(diff_outputs)
+    path_idx = []
+    nodes = list(graph.node)
+    for i in range(len(nodes) - 1, -1, -1):
+        nd = nodes[i]
+        if any(o in need for o in nd.output if o) and any(x in diff for x in nd.input if x):
+            path_idx.append(i)
+            need.update(x for x in nd.input if x in diff)
+    path = [nodes[i] for i in path_idx]
+    b = _Builder(values, const)
+    b.opset = opset
+    b.maxpool_indices = {}
+    b.pending_scale = {}
+    consumers: dict[str, int] = {}
+    for nd in nodes:
+        for x in nd.input:
+            if x:
+                consumers[x] = consumers.get(x, 0) + 1
+    gout = {o.name for o in graph.output}
+    b.conv_single_use = {nd.output[0] for nd in nodes if nd.op_type == "Conv" and consumers.get(nd.output[0]) == 1
+                         and nd.output[0] not in gout and len(nd.input) > 1 and nd.input[1] in const}
+    fwd_model = onnx.ModelProto()
+    fwd_model.CopyFrom(proto)
+    fg = fwd_model.graph
+    # MaxPool nodes on the path give their Indices (output 1) to the forward's outputs
+    for i in path_idx:
+        nd = nodes[i]
+        if nd.op_type == "MaxPool":
+            fn = fg.node[i]
+            if len(fn.output) < 2 or not fn.output[1]:
+                idx_name = f"__jac_idx_{i}"
+                while len(fn.output) < 2:
+                    fn.output.append("")
+                fn.output[1] = idx_name
+                values[idx_name] = torch.empty(tuple(values[nd.output[0]].shape), dtype=torch.int64)
+            b.maxpool_indices[nd.output[0]] = fn.output[1]
+    grads: dict[str, list[str]] = {}
+    grad_in = {}
+    for o in diff_outputs:
+        gname = "__grad_" + o
+        grad_in[o] = gname
+        grads.setdefault(o, []).append(gname)
+
+    def total(name):
+        parts = grads.get(name)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            s = b.node("Sum", parts)
+            grads[name] = [s]
+            return s
+        return parts[0]
+
+    for nd in path:
+        fn = RULES.get(nd.op_type)
+        if fn is None:
+            raise Refused(f"{nd.op_type} (node {nd.name or nd.output[0]!r}) has no ONNX gradient rule")
+        go = [total(o) if o else None for o in nd.output]
+        if all(x is None for x in go):
+            continue
+        if nd.op_type != "Split" and go[0] is None:
+            continue  # only a secondary output is read (e.g. MaxPool's Indices): no derivative flows
+        res = fn(b, nd, _attrs(nd), go, diff)
+        for k, v in res.items():
+            if k in diff:
+                grads.setdefault(k, []).append(v)
+    outs = []
+    for w in wrt:
+        t = total(w)
+        if t is None:
+            t = b.zeros(tuple(values[w].shape))
+        outs.append(helper.make_node("Identity", [t], ["__d_" + w]))
+    # the backward model
+    bnodes = b.nodes + outs
+    residuals = list(b.residuals.items())  # (forward name, backward name)
+    binputs = []
+    for fname, bname in residuals:
+        v = values[fname]
+        binputs.append(helper.make_tensor_value_info(bname, _NP_TO_ONNX[np.dtype(_np(v).dtype)], list(v.shape)))
+    for o in diff_outputs:
+        binputs.append(helper.make_tensor_value_info(grad_in[o], 1, list(values[o].shape)))
+    inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in b.inits.items()]
+    bouts = [helper.make_tensor_value_info("__d_" + w, 1, list(values[w].shape)) for w in wrt]
+    bg = helper.make_graph(bnodes, "jacaudit_backward", binputs, bouts, inits)
+    bmodel = helper.make_model(bg, opset_imports=[helper.make_opsetid("", BWD_OPSET)], ir_version=8)
+    try:
+        bbytes = bmodel.SerializeToString()
+        bsess = _session(bbytes)
+    except Exception as e:
+        raise Refused(f"onnxruntime refused the backward graph: {str(e).splitlines()[0][:200]}") from None
+    # the forward session: the graph with the residuals among its outputs (cached by the residual set)
+    res_fwd = [f for f, _ in residuals]
+    key = (tuple(res_fwd), tuple(sorted(b.maxpool_indices.items())))
+    fsess = fwd_cache.get(key)
+    if fsess is None:
+        have = {o.name for o in fg.output}
+        for f in res_fwd:
+            if f not in have:
+                v = values.get(f)
+                if v is None:  # a MaxPool Indices output
+                    fg.output.append(helper.make_tensor_value_info(f, 7, None))
+                else:
+                    fg.output.append(helper.make_tensor_value_info(f, _NP_TO_ONNX[np.dtype(_np(v).dtype)], None))
+                have.add(f)
+        try:
+            fsess = _session(fwd_model.SerializeToString())
+        except Exception as e:
+            raise Refused(f"onnxruntime refused the forward graph: {str(e).splitlines()[0][:200]}") from None
+        if len(fwd_cache) >= 8:
+            fwd_cache.clear()
+        fwd_cache[key] = fsess
+    plan = Plan(fsess, list(out_names) + res_fwd, len(out_names), [bn for _, bn in residuals], bsess,
+                [grad_in.get(o) for o in out_names], list(wrt), diff_outputs, len(path))
+    plan.bwd_bytes = bbytes  # for profiling (benchmarks)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+class _OrtFunction(torch.autograd.Function):
+    """Outputs of the graph from onnxruntime; their input gradients from the backward session."""
+
+    @staticmethod
+    def forward(ctx, engine, plan, feeds_np, wrt_names, *xs):
+        feeds_np = dict(feeds_np)
+        for name, x in zip(wrt_names, xs):
+            feeds_np[name] = x.detach().numpy()
+        outs = plan.fwd.run(plan.fwd_outputs, feeds_np)
+        ctx.engine, ctx.plan, ctx.wrt_names = engine, plan, wrt_names
+        ctx.rest = {k: v for k, v in feeds_np.items() if k not in wrt_names}
+        ctx.save_for_backward(*xs)
+        ctx.residuals = outs[plan.n_outputs:]
+        res = [torch.from_numpy(np.asarray(o)) for o in outs[:plan.n_outputs]]
+        nondiff = [r for r, gi in zip(res, plan.bwd_grad_inputs) if gi is None or not r.is_floating_point()]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+        ctx.shapes = [tuple(r.shape) for r in res]
+        return tuple(res)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan = ctx.plan
+        if torch.is_grad_enabled():
+            # a backward that is itself differentiated (create_graph): the torch interpreter on the saved inputs
+            return (None, None, None, None) + ctx.engine.torch_vjp(ctx.rest, ctx.wrt_names, ctx.saved_tensors, grads)
+        feeds = dict(zip(plan.residual_names, ctx.residuals))
+        for gi, g, shape in zip(plan.bwd_grad_inputs, grads, ctx.shapes):
+            if gi is None:
+                continue
+            feeds[gi] = np.zeros(shape, np.float32) if g is None else \
+                np.ascontiguousarray(g.detach().to(torch.float32).numpy())
+        outs = plan.bwd.run(None, feeds)
+        return (None, None, None, None) + tuple(torch.from_numpy(np.asarray(o)) for o in outs)
+
+
+class OrtGradient:
+    """The onnxruntime forward/backward of one OnnxModel, planned per input signature (``run``)."""
+
+    MAX_PLANS = 8
+
+    def __init__(self, model):
+        self.model = model
+        self.plans: dict[Any, Any] = {}  # signature -> Plan or the refusal message
+        self.fwd_cache: dict = {}
+        self.refused: str | None = None  # the last refusal (inspect/the notes say why torch ran)
+
+    def plan(self, feeds: dict[str, torch.Tensor], wrt: list[str], out_names: list[str]):
+        sig = (tuple((k, tuple(v.shape), v.dtype) for k, v in feeds.items()), tuple(wrt), tuple(out_names))
+        p = self.plans.get(sig)
+        if p is None:
+            if len(self.plans) >= self.MAX_PLANS:
+                self.plans.clear()
+            try:
+                p = build(self.model.proto, self.model.plain_graph, feeds, wrt, out_names, self.fwd_cache)
+            except Refused as e:
+                p = str(e)
+            except Exception as e:  # e.g. the feeds do not fit the graph: the torch interpreter says how
+                p = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            self.plans[sig] = p
+        if isinstance(p, str):
+            self.refused = p
+            return None
+        return p
+
+    def run(self, feeds: dict[str, torch.Tensor], out_names: list[str]):
+        """The outputs through onnxruntime, differentiable w.r.t. the float feeds that require grad; None when
+        this graph/signature has no onnxruntime gradient (the caller runs the torch interpreter)."""
+        wrt = [k for k, v in feeds.items() if v.requires_grad]
+        p = self.plan(feeds, wrt, out_names)
+        if p is None:
+            return None
+        rest = {k: v.detach().numpy() for k, v in feeds.items() if k not in wrt}
+        outs = _OrtFunction.apply(self, p, rest, wrt, *[feeds[k] for k in wrt])
+        return list(outs)
+
+    def torch_vjp(self, rest_np, wrt_names, saved, grads):
+        feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in rest_np.items()}
+        xs = list(saved)  # the Function's own inputs: the gradient's graph reaches the caller's tensors
+        feeds.update(zip(wrt_names, xs))
+        out_names = [s.name for s in self.model.outputs]
+        outs = self.model.graph.run(feeds, outputs=out_names)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        gx = torch.autograd.grad([o for o, _ in pairs], xs, [g for _, g in pairs], create_graph=True,
+                                 allow_unused=True)
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, gx))
+
+
+# ---------------------------------------------------------------------------------------------------------
+RUNTIMES = ("auto", "onnxruntime", "torch")
+#: "auto" differentiates through onnxruntime up to this batch size (the first dimension of the differentiated
+#: input); above it the torch interpreter (benchmarks/README.md, "onnxruntime backward": onnxruntime's backward
+#: wins where torch's per-op overhead dominates, and loses at batch 32 on depthwise networks)
+AUTO_GRAD_MAX_BATCH = 8
+
+_peek = torch._C._functorch.peek_interpreter_stack
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def plain_feeds(feeds: dict[str, Any]) -> bool:
+    """Every feed a plain CPU torch tensor (float ones float32), outside transforms and forward-mode AD."""
+    import torch.autograd.forward_ad as fad
+    if _peek() is not None or fad._current_level >= 0:
+        return False
+    for v in feeds.values():
+        if not isinstance(v, torch.Tensor) or not v.is_cpu or v.layout is not torch.strided or _wrapped(v) \
+                or (v.is_floating_point() and v.dtype is not torch.float32) or v.is_complex():
+            return False
+    return True
+
+
+class Runtime:
+    """onnxruntime under an OnnxModel: values-only calls run the graph in an onnxruntime session; calls that
+    record a gradient run ``OrtGradient`` when the mode and batch size say so. ``run`` returns None where the
+    torch interpreter must run (the caller's path)."""
+
+    def __init__(self, model, mode: str):
+        self.model = model
+        self.mode = mode
+        self.grad = OrtGradient(model)
+        self._sess = None
+        self._sess_error: str | None = None
+        self.last: str | None = None  # "onnxruntime" or the reason the torch interpreter ran (the last call)
+
+    def session(self):
+        if self._sess is None and self._sess_error is None:
+            try:
+                self._sess = _session(self.model.proto.SerializeToString())
+            except Exception as e:
+                self._sess_error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return self._sess
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: list[str], out_names: list[str]):
+        if not plain_feeds(feeds):
+            self.last = "a transform, forward-mode AD, or a non-float32/non-CPU feed"
+            return None
+        want_grad = torch.is_grad_enabled() and any(v.requires_grad for v in feeds.values())
+        if want_grad:
+            wrt = [k for k, v in feeds.items() if v.requires_grad]
+            if self.mode == "auto":
+                x = feeds[wrt[0]]
+                if x.dim() == 0 or x.shape[0] > AUTO_GRAD_MAX_BATCH:
+                    self.last = f"batch {x.shape[0] if x.dim() else 1} > {AUTO_GRAD_MAX_BATCH}"
+                    return None
+            res = self.grad.run(feeds, out_names)
+            if res is None:
+                self.last = self.grad.refused
+                return None
+            self.last = "onnxruntime"
+            got = dict(zip(out_names, res))
+            return [got[o] for o in outputs]
+        sess = self.session()
+        if sess is None:
+            self.last = self._sess_error
+            return None
+        try:
+            outs = sess.run(outputs, {k: v.detach().numpy() for k, v in feeds.items()})
+        except Exception as e:  # bad feeds: the torch interpreter's message
+            self.last = f"onnxruntime: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+            return None
+        if any(not isinstance(o, np.ndarray) or o.dtype.kind not in "fiub" for o in outs):
+            self.last = "an output torch cannot hold"
+            return None
+        self.last = "onnxruntime"
+        return [torch.from_numpy(o) for o in outs]
