@@ -90,12 +90,54 @@ def _shape(shape):
     return None if shape is None else [tidy_dim(x) for x in shape]
 
 
-def inspect_analysis(path: str, tensors: bool = False) -> tuple[AnalysisOutput, Any]:
-    """-> (output, model identity). ``tensors``: also list the internal float tensors (ONNX)."""
+def gradient_probe(path: str, runtime: str, fmt: str) -> str:
+    """Which path computes the model's input gradients at batch 1 under ``runtime``: "onnxruntime (backward
+    graph of N nodes)" or "torch interpreter (<reason>)". Never raises: a failed probe is the reason."""
+    if fmt != "onnx":
+        return "torch (TorchScript models run in torch)"
+    if runtime == "torch":
+        return "torch interpreter (runtime torch)"
+    try:
+        import torch
+
+        from ..data.feeds import default_wrt, load_feeds
+        from ..models import load
+
+        model = load(path, runtime=runtime)
+        if model._ort is None:
+            return "torch interpreter (no onnxruntime runtime for this model)"
+        wrt = default_wrt(model)
+        spec = model.input_spec(wrt) if wrt is not None else None
+        if spec is None or not spec.is_float:
+            return "torch interpreter (no float input to differentiate)"
+        torch.manual_seed(0)
+        feeds = load_feeds(model, None, seed=0).feeds
+        x = feeds[wrt]
+        if x.dim() and x.shape[0] != 1:  # batch 1: the first dimension of the differentiated input
+            feeds = {k: (v[:1] if v.dim() and v.shape[0] == x.shape[0] else v) for k, v in feeds.items()}
+        feeds = {k: v.detach() for k, v in feeds.items()}
+        plan = model._ort.grad.plan(feeds, [wrt], [s.name for s in model.outputs])
+        if plan is None:
+            return f"torch interpreter ({model._ort.grad.refused or 'no plan'})"
+        return f"onnxruntime (backward graph of {plan.n_nodes} nodes)"
+    except Exception as e:  # the probe never fails inspect
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"torch interpreter (probe failed: {type(e).__name__}{': ' + msg if msg else ''})"
+
+
+def inspect_analysis(path: str, tensors: bool = False, runtime: str | None = None) -> tuple[AnalysisOutput, Any]:
+    """-> (output, model identity). ``tensors``: also list the internal float tensors (ONNX). ``runtime``
+    (auto|onnxruntime|torch): also say which path computes the input gradients at batch 1."""
+    import dataclasses
+
     from ..models import describe_file
 
     d = describe_file(path, tensors=tensors)
     result = inspect_result(d)
+    if runtime is not None:
+        probe = "torch interpreter (unsupported operators)" if result.unsupported_ops else \
+            gradient_probe(path, runtime, result.format)
+        result = dataclasses.replace(result, runtime=runtime, input_gradients=probe)
     unsupported = result.unsupported_ops
     listed = "; ".join(f"{u.domain}::{u.op_type} (opset {u.opset}) in {len(u.nodes)} node(s): "
                        + ", ".join(u.nodes[:3]) + (" ..." if len(u.nodes) > 3 else "") for u in unsupported)

@@ -26,6 +26,8 @@ class State:
     threads: int | None = None
     config_path: str | None = None
     model_args: tuple = ()
+    #: --runtime / JACAUDIT_RUNTIME: "auto", "onnxruntime" or "torch" (ONNX models; TorchScript ignores it)
+    runtime: str = "auto"
     #: while a command computes, its notes and warnings wait here (printed once it completed): an error is then
     #: the only line on stderr
     deferred: list | None = None
@@ -109,11 +111,91 @@ def parse_model_arg(text: str):
     return text
 
 
+RUNTIMES = ("auto", "onnxruntime", "torch")  # the same as jacaudit.models.onnx.ortgrad.RUNTIMES (no torch here)
+
+
+def resolve_runtime(option: str | None) -> str:
+    """--runtime, else JACAUDIT_RUNTIME, else "auto"; a bad environment value is an InputError (exit 2)."""
+    from ..errors import InputError
+
+    if option is not None:
+        return option
+    env = os.environ.get("JACAUDIT_RUNTIME", "").strip()
+    if not env:
+        return "auto"
+    if env.lower() not in RUNTIMES:
+        raise InputError(f"JACAUDIT_RUNTIME={env!r}: use one of {', '.join(RUNTIMES)}")
+    return env.lower()
+
+
+def model_spec(device: str | None, dtype: str | None) -> dict:
+    """The keyword arguments of ``jacaudit.models.load`` for this run (here and on Ray workers)."""
+    return {"device": device, "dtype": dtype, "extra_args": state.model_args, "runtime": state.runtime}
+
+
 def load_model(path: str, device: str | None = "cpu", dtype: str | None = None):
-    """``jacaudit.load`` with the global --model-arg values (extra arguments of a TorchScript forward)."""
+    """``jacaudit.load`` with the global --model-arg values (extra arguments of a TorchScript forward) and the
+    global --runtime (ONNX models); the model's input-gradient calls are counted by path (the report says which
+    path computed them: :func:`gradient_path`)."""
     from ..models import load
 
-    return load(path, device=device, dtype=dtype, extra_args=state.model_args)
+    model = load(path, **model_spec(device, dtype))
+    track_gradients(model)
+    return model
+
+
+def track_gradients(model) -> None:
+    """Count, per path ("onnxruntime" or the interpreter's reason), the calls of an ONNX model's onnxruntime
+    runtime that took derivatives (``model._ort.grad_paths``); nothing for TorchScript or ``--runtime torch``."""
+    rt = getattr(model, "_ort", None)
+    if rt is None or getattr(rt, "grad_paths", None) is not None:
+        return
+    import collections
+
+    import torch
+
+    rt.grad_paths = collections.Counter()
+    inner = rt.run
+
+    def run(feeds, outputs, out_names):
+        res = inner(feeds, outputs, out_names)
+        last = rt.last or "?"
+        derivative = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
+                                                     for v in feeds.values())
+        if derivative or last.startswith("a transform"):  # torch.func / forward-mode AD: derivatives too
+            rt.grad_paths[last] += 1
+        return res
+
+    rt.run = run
+
+
+def gradient_path(model) -> str | None:
+    """Which path computed the input gradients of this run: "onnxruntime", "torch interpreter (<reason>)", or
+    both with their call counts; None where unknown (TorchScript, no gradient taken here)."""
+    if getattr(model, "format", None) != "onnx" or not hasattr(model, "runtime"):  # TorchScript, an identity
+        return None
+    rt = getattr(model, "_ort", None)
+    if rt is None:
+        return "torch interpreter (runtime torch)" if getattr(model, "runtime", None) == "torch" else \
+            "torch interpreter (float64 or a non-CPU device)"
+    paths = getattr(rt, "grad_paths", None)
+    if not paths:
+        return None
+    import re
+
+    n_ort = paths.get("onnxruntime", 0)
+    reasons: dict[str, int] = {}
+    for k, n in paths.most_common():
+        if k != "onnxruntime":
+            k = re.sub(r"^batch \d+ > ", "batches over ", k)  # auto's batch limit, one reason for every size
+            reasons[k] = reasons.get(k, 0) + n
+    n_torch = sum(reasons.values())
+    interp = f"torch interpreter ({'; '.join(reasons)})" if reasons else ""
+    if not n_torch:
+        return "onnxruntime"
+    if not n_ort:
+        return interp
+    return f"onnxruntime ({n_ort} call(s)); {interp} ({n_torch} call(s))"
 
 
 def fixed_feeds(items: list[str] | None, model, main: str) -> dict:
@@ -160,15 +242,15 @@ def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_si
 
     def run(plan):
         from ..distributed import Job, run_batches
-        from ..distributed.shards import ShardStore, fingerprint
+        from ..distributed.shards import ShardStore
 
         if ray is not None:  # a cluster that cannot be reached fails before anything is written
             from ..distributed.ray_runner import connect
             connect(ray, str(device or "cpu"))
-        job = Job(analysis, plan, index, max(1, int(batch_size)), model_path,
-                  {"device": device, "dtype": dtype, "extra_args": state.model_args}, threads=state.threads or 1)
-        store = ShardStore(str(ctx.out_dir), fingerprint(model_path, index, plan=plan, batch_size=job.batch_size,
-                                                         device=str(device), dtype=str(dtype)), resume=resume)
+        spec = model_spec(device, dtype)
+        job = Job(analysis, plan, index, max(1, int(batch_size)), model_path, spec, threads=state.threads or 1)
+        store = ShardStore(str(ctx.out_dir), shard_fingerprint(model_path, index, plan, job.batch_size, spec),
+                           resume=resume)
         if store.note:
             info(store.note)
         _remove_stale_reports(str(ctx.out_dir))
@@ -183,6 +265,14 @@ def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_si
             raise KeyboardInterrupt(f"{n} of {job.n_batches} batch(es) kept in {store.dir}: the same command with "
                                     "--resume goes on from there") from None
     return run
+
+
+def shard_fingerprint(model_path: str, index, plan, batch_size: int, spec: dict) -> dict:
+    """The shard store's fingerprint: a resume with another device, dtype or runtime computes afresh."""
+    from ..distributed.shards import fingerprint
+
+    return fingerprint(model_path, index, plan=plan, batch_size=batch_size, device=str(spec["device"]),
+                       dtype=str(spec["dtype"]), runtime=str(spec.get("runtime", "torch")))
 
 
 def _remove_stale_reports(out_dir: str) -> None:

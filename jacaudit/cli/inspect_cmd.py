@@ -27,6 +27,8 @@ def _summary(report) -> None:
     out.print(t)
     if r.op_histogram:
         out.print("ops: " + ", ".join(f"{o.op_type}×{o.count}" for o in r.op_histogram), markup=False)
+    if getattr(r, "input_gradients", None):
+        out.print(f"input gradients: {r.input_gradients}", markup=False)
     for n in r.notes:
         out.print(f"note: {n}", markup=False)
     tensors = getattr(r, "tensors", None)
@@ -53,7 +55,8 @@ def register(app: typer.Typer) -> None:
         One check: unsupported_ops fails (exit 1) when the interpreter lacks an operator the graph uses; the
         report is written either way."""
         from ..analyses.inspect import inspect_analysis
+        from .common import state
 
         with ctx.timed("inspect"):
-            res, ident = inspect_analysis(model, tensors=tensors)
+            res, ident = inspect_analysis(model, tensors=tensors, runtime=state.runtime)
         return Outcome(res, model=ident, settings={"tensors": tensors}, summary=_summary)

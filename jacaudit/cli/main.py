@@ -4,6 +4,7 @@ Command modules must not import torch at module level (``jacaudit --help`` stays
 """
 from __future__ import annotations
 
+from enum import Enum
 from importlib import import_module
 from typing import Annotated, Optional
 
@@ -12,6 +13,14 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from .common import state
+
+
+class RuntimeMode(str, Enum):
+    """--runtime: where an ONNX model's values and input gradients are computed."""
+
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    torch = "torch"
 
 
 class _OneLineErrors(TyperGroup):
@@ -93,6 +102,12 @@ def _main(
         "--model-arg", help="Extra argument passed after the tensor inputs to a TorchScript forward that takes "
                             "non-tensor arguments (e.g. a sample rate); repeat for several; int, float, "
                             "true/false or text.")] = None,
+    runtime: Annotated[Optional[RuntimeMode], typer.Option(
+        "--runtime", case_sensitive=False,
+        help="ONNX models: 'onnxruntime' computes values and input gradients in onnxruntime (a backward graph "
+             "jacaudit writes) where the graph allows; 'auto' (default) does so for gradients of batches up to "
+             "8 inputs; 'torch' runs everything in jacaudit's torch interpreter. LSTM/GRU/If graphs, float64, "
+             "non-CPU devices and torch.func transforms run the interpreter anyway (env JACAUDIT_RUNTIME).")] = None,
 ) -> None:
     from .. import config as cfg
     from .common import handle_errors
@@ -107,6 +122,9 @@ def _main(
 
         ctx.default_map = cfg.default_map(file_cfg, commands, shared=SHARED_KEYS)
         state.config_path = str(path) if path is not None else None
+        from .common import resolve_runtime
+
+        state.runtime = resolve_runtime(runtime.value if runtime is not None else None)
     state.quiet = quiet
     state.threads = threads
     from .common import parse_model_arg

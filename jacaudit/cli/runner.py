@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import typer
 
-from .common import deferred_messages, err, handle_errors, info, out, setup_runtime, state, warn
+from .common import deferred_messages, err, gradient_path, handle_errors, info, out, setup_runtime, state, warn
 from .options import report_params
 
 __all__ = ["ReportOptions", "Outcome", "Context", "audit_command", "run"]
@@ -162,7 +162,8 @@ def run(command: str, ro: ReportOptions, body: Callable[[Context], Outcome], *, 
             ctx.timings["total"] = round(time.perf_counter() - t_start, 4)
             report = make_report(command, res.result, model=outcome.model, settings=outcome.settings,
                                  timings=ctx.timings, warnings=res.warnings, exit_code=code, status=status,
-                                 device=outcome.device, checks=checks, metrics=metrics, baseline=comparison)
+                                 device=outcome.device, checks=checks, metrics=metrics, baseline=comparison,
+                                 runtime=state.runtime, gradients=gradient_path(outcome.model))
             written = _write_artifacts(res.artifacts, ro.out_dir)
             n_artifacts = len(written)
             written += write_reports(report, str(ro.out_dir), fmts) if fmts else []

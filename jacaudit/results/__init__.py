@@ -55,9 +55,10 @@ from typing import Any, Iterator, Literal, Union
 
 from .checks import BaselineComparison, Check, MetricValue
 
-SCHEMA_VERSION = "1.1"
-#: versions this package still reads and renders (1.0: no checks/metrics/baseline)
-READABLE_VERSIONS = ("1.0", "1.1")
+SCHEMA_VERSION = "1.2"
+#: versions this package still reads and renders (1.0: no checks/metrics/baseline; 1.1: no environment.runtime /
+#: environment.gradients)
+READABLE_VERSIONS = ("1.0", "1.1", "1.2")
 TOOL = "jacaudit"
 
 __all__ = ["SCHEMA_VERSION", "Report", "ModelIdentity", "TensorInfo", "Environment", "Image", "result_type",
@@ -139,6 +140,12 @@ class Environment:
     numpy: str | None
     device: str | None = None
     threads: int | None = None
+    runtime: str | None = field(default=None, metadata={
+        "doc": "--runtime (auto, onnxruntime, torch): where an ONNX model's values and input gradients run "
+               "(schema 1.2)"})
+    gradients: str | None = field(default=None, metadata={
+        "doc": "which path computed the input gradients: 'onnxruntime', 'torch interpreter (<reason>)', or both "
+               "with their call counts; null where not known (TorchScript, Ray workers, no gradient; schema 1.2)"})
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,8 @@ def _version_of(dist: str) -> str | None:
         return None
 
 
-def environment(device: str | None = None, threads: int | None = None) -> Environment:
+def environment(device: str | None = None, threads: int | None = None, runtime: str | None = None,
+                gradients: str | None = None) -> Environment:
     """Versions of the libraries that shape the numbers (read without importing torch)."""
     from .. import __version__
 
@@ -195,7 +203,8 @@ def environment(device: str | None = None, threads: int | None = None) -> Enviro
     return Environment(python=platform.python_version(), platform=platform.platform(terse=True),
                        jacaudit=__version__, torch=_version_of("torch"), onnxruntime=_version_of("onnxruntime"),
                        onnx=_version_of("onnx"), numpy=_version_of("numpy"),
-                       device=None if device is None else str(device), threads=threads)
+                       device=None if device is None else str(device), threads=threads, runtime=runtime,
+                       gradients=gradients)
 
 
 def _tensor_info(spec: Any) -> TensorInfo:
@@ -233,8 +242,10 @@ def make_report(kind: str, result: Any, *, model: Any = None, settings: dict[str
                 timings: dict[str, float] | None = None, warnings: list[str] | None = None,
                 exit_code: int = 0, status: str | None = None, device: str | None = None,
                 argv: list[str] | None = None, checks: list[Check] | None = None,
-                metrics: list[MetricValue] | None = None, baseline: BaselineComparison | None = None) -> Report:
-    """Wrap an analysis result in the envelope. ``model`` is a loaded Model or a ModelIdentity."""
+                metrics: list[MetricValue] | None = None, baseline: BaselineComparison | None = None,
+                runtime: str | None = None, gradients: str | None = None) -> Report:
+    """Wrap an analysis result in the envelope. ``model`` is a loaded Model or a ModelIdentity; ``runtime`` /
+    ``gradients``: the --runtime mode and the path that computed the input gradients (Environment)."""
     from .. import __version__
 
     if status is None:
@@ -245,7 +256,8 @@ def make_report(kind: str, result: Any, *, model: Any = None, settings: dict[str
     return Report(schema_version=SCHEMA_VERSION, kind=kind, tool=TOOL, version=__version__,
                   command_line=argv if argv is not None else command_line(),
                   created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-                  status=status, exit_code=int(exit_code), model=ident, environment=environment(device),
+                  status=status, exit_code=int(exit_code), model=ident,
+                  environment=environment(device, runtime=runtime, gradients=gradients),
                   settings=dict(settings or {}), timings=dict(timings or {}), warnings=list(warnings or []),
                   result=result, checks=list(checks or []), metrics=list(metrics or []), baseline=baseline)
 

@@ -55,3 +55,7 @@ class InspectResult:
         "doc": "internal float tensors with inferred shapes (inspect --tensors; candidates for wrt/output); "
                "None when not asked for or not available"})
     tensors_note: str | None = field(default=None, metadata={"doc": "what --tensors could not list, and why"})
+    runtime: str | None = field(default=None, metadata={"doc": "--runtime: auto, onnxruntime or torch (schema 1.2)"})
+    input_gradients: str | None = field(default=None, metadata={
+        "doc": "the path that computes input gradients at batch 1 under that runtime: 'onnxruntime (backward "
+               "graph of N nodes)' or 'torch interpreter (<reason>)' (schema 1.2)"})
