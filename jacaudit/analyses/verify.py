@@ -11,6 +11,11 @@ Metrics (ids ``verify.<name>[<subject>]``), each judged against the tolerance th
 * ``adjoint_rel_error[model]`` -- u^T (J v) vs (u^T J) v; fails above the adjoint tolerance (raised to the
   jvp/vjp rounding measured); *skipped* when every direction's jvp/vjp is rounding noise.
 
+* ``ort_backward_rel_error[model]`` -- with ``--runtime auto|onnxruntime`` and an onnxruntime gradient plan for
+  the verified input: max|g_onnxruntime - g_torch| / max|g_torch| of the VJP u^T J over a few seeded random
+  cotangents u (both float32); fails above ``ORT_BACKWARD_TOL``; *skipped* (inconclusive) when the interpreter's
+  VJP is zero or not finite.
+
 When no direction is conclusive the report's status is ``inconclusive`` (exit 4 via the CLI runner).
 """
 from __future__ import annotations
@@ -21,7 +26,11 @@ from typing import Any
 from ..gate import Metric
 from .base import AnalysisOutput
 
-__all__ = ["VerifyOptions", "verify_analysis", "verify_metrics"]
+__all__ = ["VerifyOptions", "verify_analysis", "verify_metrics", "ort_backward_check", "ORT_BACKWARD_TOL"]
+
+#: onnxruntime's VJP against the interpreter's: relative to max|g|, in float32 terms (both run in float32; the
+#: two backward graphs sum in different orders)
+ORT_BACKWARD_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,89 @@ def verify_metrics(r: Any) -> list[Metric]:
                                       "values are above their rounding level",
                           properties={"rounding_residual": a.rounding_residual}
                           if a.rounding_residual is not None else {}))
+    ob = getattr(r, "ort_backward", None)
+    if ob is not None:
+        metrics.append(Metric("ort_backward_rel_error", "model", ob.max_rel_error, ">", fail=ob.tol,
+                              status="skipped" if ob.status == "inconclusive" else None, note=ob.note,
+                              description="max|g_onnxruntime - g_torch| / max|g_torch| of the VJP u^T J over "
+                                          f"{ob.cotangents} seeded random cotangents (onnxruntime's backward graph "
+                                          "vs the torch interpreter's autograd, float32)",
+                              properties={"backward_nodes": float(ob.backward_nodes)}))
     return metrics
+
+
+def ort_backward_check(model: Any, feeds: dict, input_name: str, *, seed: int = 0, cotangents: int = 3,
+                       tol: float = ORT_BACKWARD_TOL):
+    """onnxruntime's backward (``model._ort``) against the torch interpreter's VJP at ``feeds``, w.r.t.
+    ``input_name``: a :class:`jacaudit.results.verify.VerifyOrtBackward`, or None when the model's runtime is
+    torch or onnxruntime has no gradient plan for this input (the interpreter computes its gradients anyway)."""
+    import math
+
+    import torch
+
+    from ..results.verify import VerifyOrtBackward
+
+    rt = getattr(model, "_ort", None)
+    if rt is None or getattr(model, "runtime", "torch") == "torch" or input_name not in feeds:
+        return None
+    x0 = feeds[input_name]
+    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
+        return None
+    base = {k: v.detach() for k, v in feeds.items()}
+    out_names = [s.name for s in model.outputs]
+    plan = rt.grad.plan(base, [input_name], out_names)
+    if plan is None:
+        return None
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+
+    def vjp(run, us):
+        x = base[input_name].clone().requires_grad_(True)
+        with torch.enable_grad():
+            outs = run({**base, input_name: x})
+            pairs = [(o, u) for o, u in zip(outs, us) if u is not None and o.requires_grad]
+            if not pairs:
+                return torch.zeros_like(x)
+            (g,) = torch.autograd.grad([o for o, _ in pairs], [x], [u for _, u in pairs], allow_unused=True)
+        return torch.zeros_like(x) if g is None else g.detach()
+
+    def run_ort(f):
+        res = rt.grad.run(f, out_names)
+        if res is None:
+            raise RuntimeError(rt.grad.refused or "onnxruntime refused the gradient")
+        return res
+
+    def run_torch(f):
+        return model.graph.run(f, outputs=out_names)
+
+    with torch.no_grad():
+        ref_outs = model.graph.run(base, outputs=out_names)
+    worst, judged, note = 0.0, 0, ""
+    try:
+        for _ in range(max(1, int(cotangents))):
+            us = [torch.randn(o.shape, generator=gen, dtype=o.dtype) if o.is_floating_point() else None
+                  for o in ref_outs]
+            g_t = vjp(run_torch, us)
+            g_o = vjp(run_ort, us)
+            scale = float(g_t.abs().max()) if g_t.numel() else 0.0
+            if not math.isfinite(scale) or scale == 0.0:
+                continue
+            err = float((g_o.to(g_t.dtype) - g_t).abs().max()) / scale
+            if not math.isfinite(err):
+                err = float("inf")
+            worst = max(worst, err)
+            judged += 1
+    except Exception as e:  # onnxruntime failed at run time: the check fails with the reason
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return VerifyOrtBackward(status="fail", max_rel_error=None, tol=tol, cotangents=int(cotangents),
+                                 backward_nodes=int(plan.n_nodes), note=f"onnxruntime's backward failed: {msg}")
+    if not judged:
+        return VerifyOrtBackward(status="inconclusive", max_rel_error=None, tol=tol, cotangents=int(cotangents),
+                                 backward_nodes=int(plan.n_nodes),
+                                 note="the interpreter's VJP is zero (or not finite) for every cotangent")
+    status = "pass" if worst <= tol else "fail"
+    note = f"{judged} cotangent(s); backward graph of {plan.n_nodes} nodes"
+    return VerifyOrtBackward(status=status, max_rel_error=worst, tol=tol, cotangents=int(cotangents),
+                             backward_nodes=int(plan.n_nodes), note=note)
 
 
 def verify_analysis(model: Any, feeds: Any, options: VerifyOptions = VerifyOptions(),
@@ -81,5 +172,9 @@ def verify_analysis(model: Any, feeds: Any, options: VerifyOptions = VerifyOptio
                directions=o.directions, seed=o.seed, dtype=o.dtype, rtol=o.rtol, forward_tol=o.forward_tol,
                retries=o.retries, progress=progress)
     r = replace(r, input_source=str(feeds.source), synthetic_input=bool(feeds.synthetic))
+    if o.wrt is None or o.wrt == feeds.input_name:  # an internal wrt tensor: no onnxruntime gradient plan
+        r = replace(r, ort_backward=ort_backward_check(model, feeds.feeds, feeds.input_name, seed=o.seed))
+        if r.ort_backward is not None and r.ort_backward.status == "fail":
+            r = replace(r, verdict="fail")
     warnings = list(r.warnings) + [w for w in feeds.warnings if w not in r.warnings]
     return AnalysisOutput(result=r, metrics=verify_metrics(r), warnings=warnings)

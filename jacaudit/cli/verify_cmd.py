@@ -40,6 +40,12 @@ def _summary(report) -> None:
     else:
         out.print(f"u^T (J v) vs (u^T J) v: max rel error {a.max_rel_error:.3g} (tol {a.tol:.3g}) -> "
                   f"{'pass' if a.passed else 'FAIL'}" + (f" ({a.note})" if a.note else ""), markup=False)
+    ob = getattr(r, "ort_backward", None)
+    if ob is not None:
+        fig = f"max rel error {ob.max_rel_error:.3g} (tol {ob.tol:.3g})" if ob.max_rel_error is not None else \
+            f"tol {ob.tol:.3g}"
+        out.print(f"onnxruntime backward vs interpreter VJP: {fig} -> {ob.status.upper()}"
+                  + (f" ({ob.note})" if ob.note else ""), markup=False)
     out.print(f"verdict: {r.verdict.upper()}", markup=False)
 
 

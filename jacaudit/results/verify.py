@@ -64,6 +64,21 @@ class VerifyAdjoint:
 
 
 @dataclass(frozen=True)
+class VerifyOrtBackward:
+    """onnxruntime's backward graph (``--runtime auto|onnxruntime``) against the torch interpreter's autograd:
+    the VJP u^T J for a few seeded random cotangents u, both in float32 (schema 1.2)."""
+
+    status: Literal["pass", "fail", "inconclusive"] = field(metadata={
+        "doc": "inconclusive: the interpreter's VJP is zero or not finite for every cotangent (no evidence)"})
+    max_rel_error: float | None = field(metadata={
+        "doc": "max over cotangents of max|g_onnxruntime - g_torch| / max|g_torch|"})
+    tol: float = field(metadata={"doc": "relative tolerance (float32 terms, of max|g_torch|)"})
+    cotangents: int
+    backward_nodes: int = field(metadata={"doc": "nodes of the backward graph on the differentiated path"})
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class VerifyTolerances:
     forward: float | None = field(metadata={"doc": "bound on max|engine - onnxruntime| / max|onnxruntime|"})
     rtol: float | None = field(metadata={"doc": "--rtol as given (None: the default by the reference's dtype)"})
@@ -109,6 +124,9 @@ class VerifyResult:
     retries: int = field(default=0, metadata={"doc": "extra directions/points tried when one gave no evidence"})
     retry_budget: int = 0
     warnings: list[str] = field(default_factory=list, metadata={"doc": "what the check itself noticed"})
+    ort_backward: VerifyOrtBackward | None = field(default=None, metadata={
+        "doc": "onnxruntime's input-gradient VJP against the interpreter's; null where the runtime is torch or "
+               "onnxruntime has no backward plan for this input"})
 
     @property
     def passed(self) -> bool:
