@@ -526,6 +526,51 @@ def _zero_inserted(b, gy: str, st: list[int], ys) -> tuple[str, list[int]]:
     return b.node("Mul", [up, b.c(mask)]), L
 
 
+@rule("ConvTranspose")
+def _conv_transpose_rule(b, n, a, g, diff):
+    X, W = n.input[0], n.input[1]
+    if W in diff or (len(n.input) > 2 and n.input[2] in diff):
+        raise Refused("ConvTranspose with differentiated weights")
+    if W not in b.const:
+        raise Refused("ConvTranspose whose weight is computed from input values")
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "") or "output_shape" in a:
+        raise Refused("ConvTranspose with auto_pad or output_shape")
+    xs = b.shape(X)
+    nd = len(xs) - 2
+    w = _np(b.values[W]).astype(np.float32)
+    s = list(a.get("strides", [1] * nd))
+    d = list(a.get("dilations", [1] * nd))
+    pads = list(a.get("pads", [0] * (2 * nd)))
+    # the adjoint of a transposed convolution is the convolution with the same weight and geometry (its output
+    # is x's size: output_padding < stride only adds positions no input reaches)
+    gx = b.node("Conv", [g[0], b.c(w)], group=int(a.get("group", 1)), dilations=d, pads=pads, strides=s,
+                kernel_shape=list(w.shape[2:]))
+    return {X: gx}
+
+
+@rule("AveragePool")
+def _avgpool(b, n, a, g, diff):
+    xs, ys = b.shape(n.input[0]), b.shape(n.output[0])
+    nd = len(xs) - 2
+    k = list(a["kernel_shape"])
+    s = list(a.get("strides", [1] * nd))
+    pads = list(a.get("pads", [0] * (2 * nd)))
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "", "VALID") or list(a.get("dilations", [1] * nd)) != [1] * nd:
+        raise Refused("AveragePool with auto_pad SAME or dilations")
+    if any(pads) and not int(a.get("count_include_pad", 0)):
+        raise Refused("AveragePool with pads excluded from the count")
+    for i in range(nd):  # every window whole (no ceil_mode partial window): one divisor
+        if (ys[2 + i] - 1) * s[i] + k[i] > xs[2 + i] + pads[i] + pads[nd + i]:
+            raise Refused("AveragePool with partial windows (ceil_mode)")
+    c = xs[1]
+    w = np.full([c, 1] + k, 1.0 / float(np.prod(k)), np.float32)
+    return {n.input[0]: _conv_transpose(b, g[0], w, c, s, [1] * nd, pads[:nd], pads[nd:], k, xs, ys)}
+
+
 @rule("BatchNormalization")
 def _bn(b, n, a, g, diff):
     if int(a.get("training_mode", 0)) or len([o for o in n.output if o]) > 1:
@@ -788,6 +833,17 @@ def _const_names(graph) -> set[str]:
     return const
 
 
+def _subgraph_names(nd) -> set[str]:
+    """Every tensor name the node's subgraphs (If/Loop/Scan bodies) read, recursively."""
+    names: set[str] = set()
+    for a in nd.attribute:
+        for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+                names |= _subgraph_names(inner)
+    return names
+
+
 class Plan:
     """The two onnxruntime sessions of one input signature and the names they exchange."""
 
@@ -834,14 +890,10 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     const = _const_names(graph)
     # differentiable tensors: float32 tensors computed from a differentiated input
     diff = set(wrt)
-    producer = {}
     for nd in graph.node:
-        for o in nd.output:
-            if o:
-                producer[o] = nd
         if nd.op_type in _NONDIFF:
             continue
-        if any(i in diff for i in nd.input if i):
+        if any(i in diff for i in nd.input if i) or any(i in diff for i in _subgraph_names(nd)):
             for o in nd.output:
                 v = values.get(o)
                 if o and isinstance(v, torch.Tensor) and v.is_floating_point():
@@ -857,7 +909,8 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     nodes = list(graph.node)
     for i in range(len(nodes) - 1, -1, -1):
         nd = nodes[i]
-        if any(o in need for o in nd.output if o) and any(x in diff for x in nd.input if x):
+        if any(o in need for o in nd.output if o) and (any(x in diff for x in nd.input if x)
+                                                        or any(x in diff for x in _subgraph_names(nd))):
             path_idx.append(i)
             need.update(x for x in nd.input if x in diff)
     path = [nodes[i] for i in path_idx]
