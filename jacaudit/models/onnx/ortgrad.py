@@ -49,6 +49,29 @@ class Refused(Exception):
     """The graph (or this signature) has no onnxruntime gradient here; the message says why."""
 
 
+_TORCH_TO_ONNX = {torch.float32: 1, torch.int64: 7, torch.int32: 6, torch.bool: 9, torch.float64: 11,
+                  torch.float16: 10, torch.uint8: 2, torch.int8: 3}
+
+
+class _Meta:
+    """What the plan keeps of a probed tensor that the signature does not fix: its shape and dtype."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def _onnx_type(v) -> int:
+    t = _TORCH_TO_ONNX.get(v.dtype)
+    if t is None:
+        raise Refused(f"a {v.dtype} tensor among the residuals")
+    return t
+
+
 def _np(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().cpu().numpy()
@@ -168,12 +191,48 @@ def _reshape(b, n, a, g, diff):
     return {n.input[0]: b.reshape(g[0], b.shape(n.input[0]))}
 
 
+def _self_gated(b, n, diff):
+    """Mul(x, F(x)) with F's output read by this Mul only: (x, the gate's node) for F = Sigmoid (SiLU) or
+    Clip(x + 3, 0, 6) (HardSwish times 6, as paddle2onnx/tf exports write it); else None."""
+    for x, gname in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+        gate = b.producer.get(gname)
+        if gate is None or b.consumers.get(gname) != 1 or x not in diff or b.shape(x) != b.shape(n.output[0]):
+            continue
+        if gate.op_type == "Sigmoid" and gate.input[0] == x:
+            return x, "silu"
+        if gate.op_type == "Clip" and len(gate.input) >= 3 and all(i in b.const for i in gate.input[1:3]):
+            add = b.producer.get(gate.input[0])
+            if add is None or add.op_type != "Add" or b.consumers.get(gate.input[0]) != 1 or x not in add.input:
+                continue
+            other = add.input[1] if add.input[0] == x else add.input[0]
+            if other not in b.const or b.value(other).size != 1:
+                continue
+            lo, hi = (float(b.value(i).reshape(())) for i in gate.input[1:3])
+            if float(b.value(other).reshape(())) == 3.0 and lo == 0.0 and hi == 6.0:
+                return x, "hardswish6"
+    return None
+
+
 @rule("Add", "Sub", "Mul", "Div")
 def _binary(b, n, a, g, diff):
     A, B = n.input[0], n.input[1]
     out = b.shape(n.output[0])
     res = {}
     op = n.op_type
+    if op == "Mul":
+        gated = _self_gated(b, n, diff)
+        if gated is not None:
+            x, kind = gated
+            xr = b.fwd(x)
+            if kind == "silu":  # d/dx x*s(x) = s * (1 + x * (1 - s))
+                sg = b.node("Sigmoid", [xr])
+                d = b.node("Mul", [sg, b.node("Add", [b.node("Mul", [xr, b.node("Sub", [b.c(1.0), sg])]),
+                                                       b.c(1.0)])])
+            else:  # d/dx x*clip(x+3, 0, 6) = clip(x+3, 0, 6) + x * [-3 <= x <= 3]  (Clip's closed interval)
+                c = b.node("Clip", [b.node("Add", [xr, b.c(3.0)]), b.c(0.0), b.c(6.0)])
+                m = b.node("Cast", [b.node("LessOrEqual", [b.node("Abs", [xr]), b.c(3.0)])], to=1)
+                d = b.node("Add", [c, b.node("Mul", [xr, m])])
+            return {x: b.node("Mul", [g[0], d])}
     if A in diff:
         if op in ("Add", "Sub"):
             ga = g[0]
@@ -833,6 +892,46 @@ def _const_names(graph) -> set[str]:
     return const
 
 
+#: unary elementwise ops (other inputs constant) whose outputs the backward recomputes from a residual input
+REMAT = frozenset("""Sigmoid HardSigmoid HardSwish Relu LeakyRelu Clip Tanh Neg Identity Add Sub Mul Div Erf
+Softplus Abs""".split())
+
+
+def _rematerialize(b, nodes) -> list:
+    """Replace residuals computed by a REMAT op from another residual (or a recomputed one) with that op in the
+    backward graph; returns the nodes to put first (forward order)."""
+    from onnx import helper
+    producer = {}
+    for i, nd in enumerate(nodes):
+        for o in nd.output:
+            if o:
+                producer[o] = (i, nd)
+    remat: dict[str, tuple[int, Any, str]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for f in list(b.residuals):
+            if f in remat or f not in producer:
+                continue
+            i, nd = producer[f]
+            if nd.op_type not in REMAT or nd.domain not in ("", "ai.onnx") or len([o for o in nd.output if o]) != 1:
+                continue
+            if nd.op_type == "Cast" and _attrs(nd).get("to") != 1:
+                continue
+            srcs = [x for x in nd.input if x and x not in b.const]
+            if len(srcs) != 1 or srcs[0] not in b.residuals or srcs[0] == f:
+                continue
+            remat[f] = (i, nd, srcs[0])
+            changed = True
+    out = []
+    for f, (i, nd, src) in sorted(remat.items(), key=lambda kv: kv[1][0]):
+        ins = [b.residuals[x] if x == src else (b.fwd(x) if x else "") for x in nd.input]
+        out.append(helper.make_node(nd.op_type, ins, [b.residuals[f]], **_attrs(nd)))
+    for f in remat:
+        del b.residuals[f]
+    return out
+
+
 def _subgraph_names(nd) -> set[str]:
     """Every tensor name the node's subgraphs (If/Loop/Scan bodies) read, recursively."""
     names: set[str] = set()
@@ -888,6 +987,10 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
         values[t.name] = plain_graph.initializers.get(t.name)
     values.update({k: v.detach() for k, v in feeds.items()})
     const = _const_names(graph)
+    for k, v in list(values.items()):  # only what the signature fixes keeps its values
+        if k not in const and isinstance(v, torch.Tensor):
+            values[k] = _Meta(v.shape, v.dtype)
+    del vals
     # differentiable tensors: float32 tensors computed from a differentiated input
     diff = set(wrt)
     for nd in graph.node:
@@ -896,7 +999,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
         if any(i in diff for i in nd.input if i) or any(i in diff for i in _subgraph_names(nd)):
             for o in nd.output:
                 v = values.get(o)
-                if o and isinstance(v, torch.Tensor) and v.is_floating_point():
+                if o and isinstance(v, (torch.Tensor, _Meta)) and v.is_floating_point():
                     if v.dtype != torch.float32:
                         raise Refused(f"a {v.dtype} tensor ({o!r}) on the differentiated path")
                     diff.add(o)
@@ -920,10 +1023,14 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     b.pending_scale = {}
     consumers: dict[str, int] = {}
     for nd in nodes:
-        for x in nd.input:
+        for x in list(nd.input) + sorted(_subgraph_names(nd)):
             if x:
                 consumers[x] = consumers.get(x, 0) + 1
     gout = {o.name for o in graph.output}
+    for o in gout:
+        consumers[o] = consumers.get(o, 0) + 1  # a graph output is read by the caller too
+    b.consumers = consumers
+    b.producer = {o: nd for nd in nodes for o in nd.output if o}
     b.conv_single_use = {nd.output[0] for nd in nodes if nd.op_type == "Conv" and consumers.get(nd.output[0]) == 1
                          and nd.output[0] not in gout and len(nd.input) > 1 and nd.input[1] in const}
     fwd_model = onnx.ModelProto()
@@ -939,7 +1046,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
                 while len(fn.output) < 2:
                     fn.output.append("")
                 fn.output[1] = idx_name
-                values[idx_name] = torch.empty(tuple(values[nd.output[0]].shape), dtype=torch.int64)
+                values[idx_name] = _Meta(values[nd.output[0]].shape, torch.int64)
             b.maxpool_indices[nd.output[0]] = fn.output[1]
     grads: dict[str, list[str]] = {}
     grad_in = {}
@@ -977,13 +1084,17 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
         if t is None:
             t = b.zeros(tuple(values[w].shape))
         outs.append(helper.make_node("Identity", [t], ["__d_" + w]))
+    # residuals that a cheap elementwise op computes from another residual: recomputed in the backward graph
+    # (the forward then keeps onnxruntime's fusions, e.g. x*sigmoid(x) as one QuickGelu, and returns fewer
+    # tensors: each one an NCHWc -> NCHW reorder in onnxruntime's convolution pipeline)
+    pre = _rematerialize(b, nodes)
     # the backward model
-    bnodes = b.nodes + outs
+    bnodes = pre + b.nodes + outs
     residuals = list(b.residuals.items())  # (forward name, backward name)
     binputs = []
     for fname, bname in residuals:
         v = values[fname]
-        binputs.append(helper.make_tensor_value_info(bname, _NP_TO_ONNX[np.dtype(_np(v).dtype)], list(v.shape)))
+        binputs.append(helper.make_tensor_value_info(bname, _onnx_type(v), list(v.shape)))
     for o in diff_outputs:
         binputs.append(helper.make_tensor_value_info(grad_in[o], 1, list(values[o].shape)))
     inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in b.inits.items()]
@@ -1007,7 +1118,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
                 if v is None:  # a MaxPool Indices output
                     fg.output.append(helper.make_tensor_value_info(f, 7, None))
                 else:
-                    fg.output.append(helper.make_tensor_value_info(f, _NP_TO_ONNX[np.dtype(_np(v).dtype)], None))
+                    fg.output.append(helper.make_tensor_value_info(f, _onnx_type(v), None))
                 have.add(f)
         try:
             fsess = _session(fwd_model.SerializeToString())
