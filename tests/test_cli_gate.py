@@ -45,7 +45,7 @@ def test_every_command_writes_checks_and_json_is_the_report(cmd, tmp_path):
     d = json.loads(r.stdout)
     assert d == json.loads((out / "report.json").read_text())
     validate(d)
-    assert d["schema_version"] == "1.1" and d["checks"], d["checks"]
+    assert d["schema_version"] == "1.2" and d["checks"], d["checks"]  # 1.2: environment.runtime/gradients
     assert all(c["id"].startswith(f"{cmd[0]}.") for c in d["checks"])
     suite = ET.parse(out / "report.junit.xml").getroot()
     assert len(suite.findall(".//testcase")) == len(d["checks"])

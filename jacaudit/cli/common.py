@@ -145,57 +145,25 @@ def load_model(path: str, device: str | None = "cpu", dtype: str | None = None):
 
 
 def track_gradients(model) -> None:
-    """Count, per path ("onnxruntime" or the interpreter's reason), the calls of an ONNX model's onnxruntime
-    runtime that took derivatives (``model._ort.grad_paths``); nothing for TorchScript or ``--runtime torch``."""
-    rt = getattr(model, "_ort", None)
-    if rt is None or getattr(rt, "grad_paths", None) is not None:
-        return
-    import collections
+    from ..engine.gradpaths import track_gradients as _track
 
-    import torch
-
-    rt.grad_paths = collections.Counter()
-    inner = rt.run
-
-    def run(feeds, outputs, out_names):
-        res = inner(feeds, outputs, out_names)
-        last = rt.last or "?"
-        derivative = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
-                                                     for v in feeds.values())
-        if derivative or last.startswith("a transform"):  # torch.func / forward-mode AD: derivatives too
-            rt.grad_paths[last] += 1
-        return res
-
-    rt.run = run
+    _track(model)
 
 
 def gradient_path(model) -> str | None:
-    """Which path computed the input gradients of this run: "onnxruntime", "torch interpreter (<reason>)", or
-    both with their call counts; None where unknown (TorchScript, no gradient taken here)."""
-    if getattr(model, "format", None) != "onnx" or not hasattr(model, "runtime"):  # TorchScript, an identity
+    """Which path computed the input gradients of this run (``environment.gradients``): "onnxruntime", "torch
+    interpreter (<reason>)" or both; None where unknown (TorchScript, no gradient taken). A dataset command's
+    batches say it themselves (``model._batch_gradient_paths``: also shards reused or computed on Ray)."""
+    if getattr(model, "format", None) != "onnx" or not hasattr(model, "runtime"):
         return None
-    rt = getattr(model, "_ort", None)
-    if rt is None:
-        return "torch interpreter (runtime torch)" if getattr(model, "runtime", None) == "torch" else \
-            "torch interpreter (float64 or a non-CPU device)"
-    paths = getattr(rt, "grad_paths", None)
-    if not paths:
-        return None
-    import re
+    from ..engine.gradpaths import describe_paths
 
-    n_ort = paths.get("onnxruntime", 0)
-    reasons: dict[str, int] = {}
-    for k, n in paths.most_common():
-        if k != "onnxruntime":
-            k = re.sub(r"^batch \d+ > ", "batches over ", k)  # auto's batch limit, one reason for every size
-            reasons[k] = reasons.get(k, 0) + n
-    n_torch = sum(reasons.values())
-    interp = f"torch interpreter ({'; '.join(reasons)})" if reasons else ""
-    if not n_torch:
-        return "onnxruntime"
-    if not n_ort:
-        return interp
-    return f"onnxruntime ({n_ort} call(s)); {interp} ({n_torch} call(s))"
+    from ..engine.gradpaths import paths_of
+
+    batches = getattr(model, "_batch_gradient_paths", None)
+    if batches is None:
+        return describe_paths(model)
+    return describe_paths(model, set(batches) | set(paths_of(model) or ()))
 
 
 def fixed_feeds(items: list[str] | None, model, main: str) -> dict:
@@ -258,8 +226,11 @@ def sharded_executor(ctx, analysis: str, index, model, model_path: str, batch_si
             ctx.after_reports.append(store.remove)
         try:
             with ctx.progress(f"{analysis}" + (f" on Ray ({ray})" if ray else ""), len(index.entries)) as bar:
-                return run_batches(job, model, store=store, ray=ray, workers=workers, device=str(device or "cpu"),
-                                   progress=bar.advance, on_note=info)
+                recs = run_batches(job, model, store=store, ray=ray, workers=workers,
+                                   device=str(device or "cpu"), progress=bar.advance, on_note=info)
+            # the gradient paths of every batch (computed here, on Ray, or reused from shards) for the report
+            model._batch_gradient_paths = sorted({p for r in recs for p in r.get("gradients") or ()})
+            return recs
         except KeyboardInterrupt:
             n = store.count()
             raise KeyboardInterrupt(f"{n} of {job.n_batches} batch(es) kept in {store.dir}: the same command with "

@@ -139,6 +139,9 @@ def compute_one(job: Job, bctx: Any, b: int, entries: list | None = None) -> dic
     if entries is None:
         entries = job.index.entries[s:s + job.batch_size]
     t0 = time.perf_counter()
+    from ..engine.gradpaths import paths_of
+
+    before = paths_of(getattr(bctx, "model", None))
     try:
         rec = fn(bctx, entries, s)
     except JacauditError as e:
@@ -152,6 +155,9 @@ def compute_one(job: Job, bctx: Any, b: int, entries: list | None = None) -> dic
                "failures": [[e_.path or e_.id, f"{e_.id}: its batch failed ({msg})"] for e_ in entries]}
     rec["seconds"] = time.perf_counter() - t0
     rec["worker"] = f"pid {os.getpid()}"
+    if before is not None:  # --runtime: the paths this batch's gradients took (the report's environment)
+        after = paths_of(bctx.model) or {}
+        rec["gradients"] = sorted(k for k, n in after.items() if n > before.get(k, 0))
     return rec
 
 

@@ -122,6 +122,9 @@ class _Worker:
 
         self.job = job
         model = load(job.model_path, **job.load)
+        from ..engine.gradpaths import track_gradients
+
+        track_gradients(model)  # each batch's record says which path computed its gradients
         ctx_cls, _ = _functions(job)
         self.bctx = ctx_cls(model, job.plan)
 

@@ -1,0 +1,67 @@
+"""Which path computed an ONNX model's input gradients (``--runtime``): onnxruntime's backward graph or the torch
+interpreter (with the reason the onnxruntime runtime gave). Counted per call of the model's onnxruntime runtime
+(``model._ort``), recorded per batch by dataset commands (so shards reused by ``--resume`` or computed on Ray
+workers say it too), and described in one deterministic line for the report's ``environment.gradients``."""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+__all__ = ["track_gradients", "paths_of", "describe_paths"]
+
+
+def track_gradients(model: Any) -> None:
+    """Count, per path ("onnxruntime" or the interpreter's reason), the calls of an ONNX model's onnxruntime
+    runtime that took derivatives (``model._ort.grad_paths``); nothing for TorchScript or ``--runtime torch``."""
+    rt = getattr(model, "_ort", None)
+    if rt is None or getattr(rt, "grad_paths", None) is not None:
+        return
+    import collections
+
+    import torch
+
+    rt.grad_paths = collections.Counter()
+    inner = rt.run
+
+    def run(feeds, outputs, out_names):
+        res = inner(feeds, outputs, out_names)
+        last = rt.last or "?"
+        derivative = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
+                                                     for v in feeds.values())
+        if derivative or last.startswith("a transform"):  # torch.func / forward-mode AD: derivatives too
+            rt.grad_paths[_tidy(last)] += 1
+        return res
+
+    rt.run = run
+
+
+def _tidy(reason: str) -> str:
+    # auto's batch limit: one reason for every batch size
+    return re.sub(r"^batch \d+ > (\d+)$", r"batches over \1", reason)
+
+
+def paths_of(model: Any) -> dict | None:
+    """The model's path counter (a copy), or None where none is kept."""
+    rt = getattr(model, "_ort", None)
+    paths = getattr(rt, "grad_paths", None) if rt is not None else None
+    return None if paths is None else dict(paths)
+
+
+def describe_paths(model: Any, paths: Iterable[str] | None = None) -> str | None:
+    """"onnxruntime", "torch interpreter (<reasons>)" or "onnxruntime; torch interpreter (<reasons>)" for the
+    paths taken (``paths``, default: the model's own counter); None where unknown (TorchScript, no gradient)."""
+    if getattr(model, "format", None) != "onnx" or not hasattr(model, "runtime"):  # TorchScript, an identity
+        return None
+    if getattr(model, "_ort", None) is None:
+        return "torch interpreter (runtime torch)" if model.runtime == "torch" else \
+            "torch interpreter (float64 or a non-CPU device)"
+    if paths is None:
+        paths = paths_of(model) or ()
+    paths = set(paths)
+    if not paths:
+        return None
+    reasons = sorted(p for p in paths if p != "onnxruntime")
+    interp = f"torch interpreter ({'; '.join(reasons)})" if reasons else ""
+    if "onnxruntime" not in paths:
+        return interp
+    return "onnxruntime" + (f"; {interp}" if interp else "")
