@@ -279,7 +279,8 @@ def _relu(b, n, a, g, diff):
 @rule("LeakyRelu")
 def _leaky(b, n, a, g, diff):
     alpha = float(a.get("alpha", 0.01))
-    pos = b.node("Cast", [b.node("Greater", [b.fwd(n.input[0]), b.c(0.0)])], to=1)  # 1 / 0
+    # 1 where x >= 0 (the interpreter's where(x >= 0, x, alpha x)), alpha below
+    pos = b.node("Cast", [b.node("GreaterOrEqual", [b.fwd(n.input[0]), b.c(0.0)])], to=1)
     f = b.node("Add", [b.node("Mul", [pos, b.c(1.0 - alpha)]), b.c(alpha)])
     gx = b.node("Mul", [g[0], f])
     return {n.input[0]: gx}
@@ -350,7 +351,8 @@ def _pow(b, n, a, g, diff):
 def _hardsigmoid(b, n, a, g, diff):
     alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
     t = b.node("Add", [b.node("Mul", [b.fwd(n.input[0]), b.c(alpha)]), b.c(beta)])
-    m = b.node("And", [b.node("Greater", [t, b.c(0.0)]), b.node("Less", [t, b.c(1.0)])])
+    # alpha on the closed interval 0 <= alpha x + beta <= 1 (the interpreter's documented convention)
+    m = b.node("And", [b.node("GreaterOrEqual", [t, b.c(0.0)]), b.node("LessOrEqual", [t, b.c(1.0)])])
     return {n.input[0]: b.mask_mul(b.node("Mul", [g[0], b.c(alpha)]), m)}
 
 
@@ -669,8 +671,8 @@ def _reduce(b, n, a, g, diff):
     xs = b.shape(n.input[0])
     rank = len(xs)
     axes = _axes(b, n, a)
-    if axes is None or not axes:
-        if axes is not None and int(a.get("noop_with_empty_axes", 0)):
+    if not axes:  # no axes (absent or empty): all of them, or none with noop_with_empty_axes
+        if int(a.get("noop_with_empty_axes", 0)):
             return {n.input[0]: g[0]}
         axes = list(range(rank))
     axes = sorted(_norm_axis(v, rank) for v in axes)
@@ -878,10 +880,10 @@ def _layernorm(b, n, a, g, diff):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _const_names(graph) -> set[str]:
-    """Tensors fixed by the input signature: initializers, Constant outputs, Shape/Size, and what nodes compute
-    from those alone."""
-    const = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+def _const_names(graph, fed=()) -> set[str]:
+    """Tensors fixed by the input signature: initializers (but those the caller feeds), Constant outputs,
+    Shape/Size, and what nodes compute from those alone."""
+    const = ({t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}) - set(fed)
     for nd in graph.node:
         ins = [i for i in nd.input if i]
         if nd.domain not in ("", "ai.onnx") or nd.op_type in ("If", "Loop", "Scan") or nd.op_type.startswith(
@@ -930,6 +932,45 @@ def _rematerialize(b, nodes) -> list:
     for f in remat:
         del b.residuals[f]
     return out
+
+
+#: input slots whose values set output shapes (or which branch/how many iterations run)
+_SHAPE_SLOTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Pad": (1, 3),
+                "ConstantOfShape": (0,), "Range": (0, 1, 2), "Resize": (1, 2, 3), "Upsample": (1,), "TopK": (1,),
+                "OneHot": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "ReduceMean": (1,),
+                "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL1": (1,),
+                "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
+                "If": (0,), "Loop": (0, 1), "CenterCropPad": (1,), "Trilu": (1,)}
+#: ops whose output shapes follow from their input values
+_VALUE_SHAPED = frozenset({"NonZero", "Compress", "Unique", "StringSplit", "RegexFullMatch"})
+
+
+def shapes_from_values(graph, feeds: dict[str, torch.Tensor]) -> str:
+    """Whether the values of the feeds can change tensor shapes: "" (no: shapes follow from the feeds' shapes),
+    "ints" (the values of the non-float feeds can: the plan is keyed by them too), or "floats" (the values of
+    float feeds can: no plan is valid beyond one call)."""
+    float_t = {k for k, v in feeds.items() if v.is_floating_point()}
+    taint = {k: ("floats" if k in float_t else "ints") for k in feeds}
+    worst = ""
+    for nd in graph.node:
+        if nd.op_type in ("Shape", "Size"):
+            continue
+        kinds = {taint[i] for i in list(nd.input) + sorted(_subgraph_names(nd)) if i in taint}
+        if not kinds:
+            continue
+        kind = "floats" if "floats" in kinds else "ints"
+        slots = _SHAPE_SLOTS.get(nd.op_type, ())
+        hit = [taint[nd.input[i]] for i in slots if i < len(nd.input) and nd.input[i] in taint]
+        if nd.op_type in _VALUE_SHAPED:
+            hit.append(kind)
+        for h in hit:
+            if h == "floats":
+                return "floats"
+            worst = "ints"
+        for o in nd.output:
+            if o:
+                taint[o] = kind
+    return worst
 
 
 def _subgraph_names(nd) -> set[str]:
@@ -986,7 +1027,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     for t in graph.initializer:
         values[t.name] = plain_graph.initializers.get(t.name)
     values.update({k: v.detach() for k, v in feeds.items()})
-    const = _const_names(graph)
+    const = _const_names(graph, feeds)
     for k, v in list(values.items()):  # only what the signature fixes keeps its values
         if k not in const and isinstance(v, torch.Tensor):
             values[k] = _Meta(v.shape, v.dtype)
@@ -1180,9 +1221,19 @@ class OrtGradient:
         self.plans: dict[Any, Any] = {}  # signature -> Plan or the refusal message
         self.fwd_cache: dict = {}
         self.refused: str | None = None  # the last refusal (inspect/the notes say why torch ran)
+        self.value_shaped: str | None = None  # shapes_from_values of the graph (decided on the first plan)
 
     def plan(self, feeds: dict[str, torch.Tensor], wrt: list[str], out_names: list[str]):
         sig = (tuple((k, tuple(v.shape), v.dtype) for k, v in feeds.items()), tuple(wrt), tuple(out_names))
+        if self.value_shaped is None:
+            self.value_shaped = shapes_from_values(self.model.proto.graph, feeds)
+        if self.value_shaped == "floats":
+            self.refused = "tensor shapes follow from input values (NonZero, a computed Reshape/Expand shape, ...)"
+            return None
+        if self.value_shaped == "ints":  # integer inputs set shapes: their values are part of the signature
+            import hashlib
+            sig += tuple((k, hashlib.blake2b(v.detach().numpy().tobytes(), digest_size=16).hexdigest())
+                         for k, v in feeds.items() if not v.is_floating_point())
         p = self.plans.get(sig)
         if p is None:
             if len(self.plans) >= self.MAX_PLANS:
@@ -1256,7 +1307,13 @@ class Runtime:
         self.grad = OrtGradient(model)
         self._sess = None
         self._sess_error: str | None = None
+        self._inputs: set[str] | None = None
         self.last: str | None = None  # "onnxruntime" or the reason the torch interpreter ran (the last call)
+
+    def input_names(self) -> set[str]:
+        if self._inputs is None:
+            self._inputs = {i.name for i in self.model.proto.graph.input}
+        return self._inputs
 
     def session(self):
         if self._sess is None and self._sess_error is None:
@@ -1269,6 +1326,11 @@ class Runtime:
     def run(self, feeds: dict[str, torch.Tensor], outputs: list[str], out_names: list[str]):
         if not plain_feeds(feeds):
             self.last = "a transform, forward-mode AD, or a non-float32/non-CPU feed"
+            return None
+        names = self.input_names()
+        extra = [k for k in feeds if k not in names]
+        if extra:  # e.g. an initializer the graph does not list as an input: the interpreter's semantics
+            self.last = f"feed {extra[0]!r} is not an input of the graph as onnxruntime runs it"
             return None
         want_grad = torch.is_grad_enabled() and any(v.requires_grad for v in feeds.values())
         if want_grad:
