@@ -191,25 +191,45 @@ def _reshape(b, n, a, g, diff):
     return {n.input[0]: b.reshape(g[0], b.shape(n.input[0]))}
 
 
+def _scalar(b, name) -> float | None:
+    if name not in b.const:
+        return None
+    v = b.value(name)
+    return float(v.reshape(())) if v.size == 1 else None
+
+
 def _self_gated(b, n, diff):
-    """Mul(x, F(x)) with F's output read by this Mul only: (x, the gate's node) for F = Sigmoid (SiLU) or
-    Clip(x + 3, 0, 6) (HardSwish times 6, as paddle2onnx/tf exports write it); else None."""
+    """Mul(x, F(x)) with F's nodes read by this Mul only: (x, kind, factor) for F = Sigmoid ("silu"),
+    HardSigmoid(1/6, 1/2) ("hardswish"), Clip(x + 3, 0, 6) optionally / 6 or * 1/6 ("hardswish6", factor 1 or
+    1/6: how paddle2onnx/tf2onnx and torch's opset-11 exports write HardSwish); else None."""
     for x, gname in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
         gate = b.producer.get(gname)
         if gate is None or b.consumers.get(gname) != 1 or x not in diff or b.shape(x) != b.shape(n.output[0]):
             continue
         if gate.op_type == "Sigmoid" and gate.input[0] == x:
-            return x, "silu"
-        if gate.op_type == "Clip" and len(gate.input) >= 3 and all(i in b.const for i in gate.input[1:3]):
+            return x, "silu", 1.0
+        if gate.op_type == "HardSigmoid" and gate.input[0] == x:
+            at = _attrs(gate)
+            if abs(float(at.get("alpha", 0.2)) - 1 / 6) < 1e-6 and float(at.get("beta", 0.5)) == 0.5:
+                return x, "hardswish", 1.0
+            continue
+        factor = 1.0
+        if gate.op_type in ("Div", "Mul") and len(gate.input) == 2:
+            k = _scalar(b, gate.input[1])
+            if k is None or k == 0 or b.consumers.get(gate.input[0]) != 1:
+                continue
+            factor = 1.0 / k if gate.op_type == "Div" else k
+            gate = b.producer.get(gate.input[0])
+            if gate is None:
+                continue
+        if gate.op_type == "Clip" and len(gate.input) >= 3:
             add = b.producer.get(gate.input[0])
             if add is None or add.op_type != "Add" or b.consumers.get(gate.input[0]) != 1 or x not in add.input:
                 continue
             other = add.input[1] if add.input[0] == x else add.input[0]
-            if other not in b.const or b.value(other).size != 1:
-                continue
-            lo, hi = (float(b.value(i).reshape(())) for i in gate.input[1:3])
-            if float(b.value(other).reshape(())) == 3.0 and lo == 0.0 and hi == 6.0:
-                return x, "hardswish6"
+            lo, hi, three = _scalar(b, gate.input[1]), _scalar(b, gate.input[2]), _scalar(b, other)
+            if (lo, hi, three) == (0.0, 6.0, 3.0):
+                return x, "hardswish6", factor
     return None
 
 
@@ -222,17 +242,22 @@ def _binary(b, n, a, g, diff):
     if op == "Mul":
         gated = _self_gated(b, n, diff)
         if gated is not None:
-            x, kind = gated
+            x, kind, factor = gated
             xr = b.fwd(x)
             if kind == "silu":  # d/dx x*s(x) = s * (1 + x * (1 - s))
                 sg = b.node("Sigmoid", [xr])
                 d = b.node("Mul", [sg, b.node("Add", [b.node("Mul", [xr, b.node("Sub", [b.c(1.0), sg])]),
                                                        b.c(1.0)])])
+            elif kind == "hardswish":  # u + x/6 * [0 <= x/6 + 1/2 <= 1] (HardSigmoid's closed interval)
+                u = b.node("HardSigmoid", [xr], alpha=1.0 / 6.0, beta=0.5)
+                m = b.node("Cast", [b.node("LessOrEqual", [b.node("Abs", [xr]), b.c(3.0)])], to=1)
+                d = b.node("Add", [u, b.node("Mul", [b.node("Mul", [xr, b.c(1.0 / 6.0)]), m])])
             else:  # d/dx x*clip(x+3, 0, 6) = clip(x+3, 0, 6) + x * [-3 <= x <= 3]  (Clip's closed interval)
                 c = b.node("Clip", [b.node("Add", [xr, b.c(3.0)]), b.c(0.0), b.c(6.0)])
                 m = b.node("Cast", [b.node("LessOrEqual", [b.node("Abs", [xr]), b.c(3.0)])], to=1)
                 d = b.node("Add", [c, b.node("Mul", [xr, m])])
-            return {x: b.node("Mul", [g[0], d])}
+            gg = g[0] if factor == 1.0 else b.node("Mul", [g[0], b.c(factor)])
+            return {x: b.node("Mul", [gg, d])}
     if A in diff:
         if op in ("Add", "Sub"):
             ga = g[0]
