@@ -1,27 +1,35 @@
 """Input gradients of an ONNX graph computed by onnxruntime itself: jacaudit writes the backward of the graph as
-another ONNX graph, and onnxruntime runs the forward and that backward.
+another ONNX graph, and onnxruntime runs the forward and that backward (issue 10: at small batches the torch
+interpreter pays torch's per-op dispatch and autograd overhead, ~5-10 us a node, where onnxruntime pays ~1 us).
 
-For one input signature (the feeds' shapes and dtypes) and one set of inputs to differentiate, ``build``:
+For one input signature (the feeds' shapes and dtypes; plus the values of integer feeds where those set shapes)
+and one set of inputs to differentiate, ``build``:
 
 * runs the graph as written once in the torch interpreter (no grad) to learn every tensor's shape and dtype, and
-  the values of the tensors the signature fixes (initializers, Constant nodes, shape arithmetic);
-* walks the nodes that lie between the inputs and the outputs backwards and writes, for each, its
-  vector-Jacobian product as ONNX nodes (a Conv's input gradient is a ConvTranspose with the same weights, or a
-  stride-1 Conv with the flipped kernel; an activation's is an elementwise mask or factor; a broadcast's a
-  ReduceSum; a MaxPool's a ScatterElements of its Indices output); shapes are constants, known for the signature;
-* names the forward tensors that backward reads (the "residuals": an activation's input, the other operand of a
-  product); the forward session returns them besides the graph's outputs.
+  keeps the values of the tensors the signature fixes (initializers, Constant nodes, shape arithmetic);
+* walks the nodes that lie between the differentiated inputs and the outputs backwards and writes, for each, its
+  vector-Jacobian product as ONNX nodes (``RULES``): a Conv's input gradient is a stride-1 Conv with the flipped
+  kernel (strided depthwise: of the zero-inserted gradient; other strided: a ConvTranspose with the same weight),
+  with a following BatchNormalization's per-channel factor folded into that kernel; an activation's is an
+  elementwise factor (x*sigmoid(x), x*hardsigmoid(x) and x*clip(x+3,0,6)[/6] as one expression each); a
+  broadcast's a ReduceSum; a MaxPool's a ScatterElements of its Indices output; shapes are constants;
+* names the forward tensors the backward reads (the residuals), and recomputes in the backward those that a
+  cheap elementwise op computes from another residual, so that the forward keeps onnxruntime's fusions and
+  returns few tensors (each one a reorder out of its NCHWc convolution layout).
 
-A node on that path without a rule here (LSTM, GRU, If, Loop, a product of two tensors that are both
-differentiated inputs of a MatMul with 1-D operands, ...) makes ``build`` return the reason instead, and the
-caller runs the torch interpreter as before. ``OrtGradient`` wraps the two sessions as one torch autograd
-Function: its forward is onnxruntime's forward (with the residuals), its backward the backward session; a
-backward that must itself be differentiable (``create_graph``) differentiates the torch interpreter on the saved
-inputs instead. Used only on float32 CPU graphs outside torch.func transforms and forward-mode AD
-(``OnnxModel.run``); everywhere else the torch interpreter runs.
+A node on that path without a rule (LSTM, GRU, If, Loop, ...), a non-float32 tensor on it, or shapes that follow
+from float input values make ``build`` refuse with the reason, and the caller runs the torch interpreter as
+before. ``OrtGradient`` wraps the two sessions as one torch autograd Function: its forward is onnxruntime's
+forward (with the residuals), its backward the backward session; a backward that must itself be differentiable
+(``create_graph``) differentiates the torch interpreter on the saved inputs instead. ``Runtime`` is what
+``OnnxModel.run`` calls for ``runtime="onnxruntime"``/``"auto"``: float32 CPU feeds outside torch.func
+transforms and forward-mode AD only; everywhere else the torch interpreter runs.
 
-Conventions at kinks are torch's: Relu passes the gradient where its output is > 0, Clip where
-min <= x <= max, MaxPool to the first maximum of a window (onnxruntime's Indices).
+Conventions at kinks are the interpreter's (tests/models/test_ortgrad.py): Relu passes the gradient where its
+output is > 0, LeakyRelu's slope is 1 at 0, Clip and HardSigmoid pass it on their closed intervals, MaxPool to
+the first maximum of a window (onnxruntime's Indices). Values are float32 throughout: near a kink, a rounding
+difference between onnxruntime's and torch's forward can put one unit on the other side (benchmarks/README.md
+gives the per-model differences).
 """
 from __future__ import annotations
 
