@@ -1572,3 +1572,71 @@ def test_recomputed_residual_chains(tmp_path, chain):
     used = {i for nd in nodes for i in nd.input}
     path = save_model(tmp_path, nodes, {"x": (3, 7)}, {"y": None}, {k: v for k, v in inits.items() if k in used})
     check(path, {"x": (3, 7)}, kinds={"x": "spread"}, fd=chain == "sigmoid_tanh")
+
+
+@pytest.mark.parametrize("how", ["add", "concat_shape"])
+def test_shape_input_through_arithmetic(tmp_path, how):
+    """An int64 input that sets Expand's shape after an Add / a Concat with Shape(x): new values, new plan."""
+    if how == "add":
+        nodes = [N("Add", ["s", "one"], ["s1"]), N("Expand", ["x", "s1"], ["e"]), N("Tanh", ["e"], ["y"])]
+        values = ([1, 1, 2], [0, 1, 2])
+    else:
+        nodes = [N("Shape", ["x"], ["sh"]), N("Concat", ["s", "sh"], ["s1"], axis=0), N("Expand", ["x", "s1"], ["e"]),
+                 N("Tanh", ["e"], ["y"])]
+        values = ([2], [3])
+    graph = helper.make_graph(nodes, "sa", [vi("x", (2, 1)), vi("s", (len(values[0]),), TensorProto.INT64)],
+                              [vi("y", ("a", "b", "c"))], [numpy_helper.from_array(np.int64(1), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    path = str(tmp_path / "sa.onnx")
+    onnx.save(model, path)
+    m = load(path, runtime="onnxruntime")
+    m64 = load(path, dtype=torch.float64, runtime="torch")
+    x = make_feeds({"x": (2, 1)})["x"]
+    for sv in values:
+        s = torch.tensor(sv)
+        with torch.no_grad():
+            (y64,) = m64.run({"x": x.double(), "s": s})
+        ws = [torch.randn(y64.shape, generator=torch.Generator().manual_seed(1))]
+        _, (g,) = vjp(m, {"x": x, "s": s}, ws, ["x"])
+        assert m._ort.last == "onnxruntime", m._ort.last
+        _, (g64,) = vjp(m64, {"x": x.double(), "s": s}, ws, ["x"])
+        close(g, g64)
+
+
+def test_shape_set_by_float_input_values(tmp_path):
+    """Slice's end counts the positive entries of x: every call's shapes depend on x's values."""
+    nodes = [N("Greater", ["x", "zero"], ["p"]), N("Cast", ["p"], ["pf"], to=TensorProto.INT64),
+             N("ReduceSum", ["pf", "ax"], ["n"], keepdims=1), N("Slice", ["x", "st", "n", "ax"], ["s"]),
+             N("Tanh", ["s"], ["y"])]
+    inits = {"zero": F32(0.0), "ax": I64([0]), "st": I64([0])}
+    path = save_model(tmp_path, nodes, {"x": (6,)}, [vi("y", ("n",))], inits)
+    m = load(path, runtime="onnxruntime")
+    m64 = load(path, dtype=torch.float64, runtime="torch")
+    for vals in ([0.5, -1.0, 2.0, 0.3, -0.2, 1.5], [-0.5, -1.0, 2.0, -0.3, -0.2, 1.5], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]):
+        x = torch.tensor(vals)
+        with torch.no_grad():
+            (y64,) = m64.run({"x": x.double()})
+        ws = [torch.randn(y64.shape, generator=torch.Generator().manual_seed(1))]
+        outs, (g,) = vjp(m, {"x": x}, ws, ["x"])
+        assert outs[0].shape == y64.shape
+        _, (g64,) = vjp(m64, {"x": x.double()}, ws, ["x"])
+        close(g, g64)
+
+
+def test_interleaved_forwards_keep_their_own_residuals(tmp_path):
+    path, xs = _small_conv_graph(tmp_path, 2)
+    m = load(path, runtime="onnxruntime")
+    m64 = load(path, dtype=torch.float64, runtime="torch")
+    f1, f2 = make_feeds({"x": xs}, seed=1)["x"], make_feeds({"x": xs}, seed=2)["x"]
+    x1, x2 = f1.clone().requires_grad_(True), f2.clone().requires_grad_(True)
+    (y1,) = m.run({"x": x1})
+    (y2,) = m.run({"x": x2})
+    assert m._ort.last == "onnxruntime"
+    w = torch.randn(y1.shape, generator=torch.Generator().manual_seed(3))
+    (g2,) = torch.autograd.grad(y2, x2, w)
+    (g1,) = torch.autograd.grad(y1, x1, w)
+    for f, g in ((f1, g1), (f2, g2)):
+        x64 = f.double().requires_grad_(True)
+        (h,) = torch.autograd.grad(m64.run({"x": x64})[0], x64, w.double())
+        close(g, h)
