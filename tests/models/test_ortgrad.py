@@ -72,7 +72,7 @@ def make_feeds(inputs, kinds=None, seed=0, scale=1.0):
             a = rng.standard_normal(s) * 3.0
         else:
             a = rng.standard_normal(s) * scale
-        feeds[k] = torch.from_numpy(a.astype(np.float32))
+        feeds[k] = torch.from_numpy(np.asarray(a, dtype=np.float32))
     return feeds
 
 
@@ -1640,3 +1640,18 @@ def test_interleaved_forwards_keep_their_own_residuals(tmp_path):
         x64 = f.double().requires_grad_(True)
         (h,) = torch.autograd.grad(m64.run({"x": x64})[0], x64, w.double())
         close(g, h)
+
+
+def test_scalar_tensors(tmp_path):
+    """0-d input, a 0-d Gather result and a 0-d ReduceMean output."""
+    nodes = [N("Gather", ["v", "i"], ["gv"]), N("Mul", ["gv", "x"], ["p"]), N("Expand", ["p", "sh"], ["e"]),
+             N("Mul", ["e", "v"], ["ev"]), N("ReduceMean", ["ev"], ["y"], keepdims=0), N("Tanh", ["ev"], ["z"])]
+    inits = {"i": np.asarray(2, np.int64), "sh": I64([5])}
+    path = save_model(tmp_path, nodes, {"x": (), "v": (5,)}, {"y": None, "z": None}, inits)
+    check(path, {"x": (), "v": (5,)}, fd=True)
+
+
+def test_softmax_opset11_2d_default_axis(tmp_path):
+    nodes = [N("Softmax", ["x"], ["s"]), N("Mul", ["s", "s"], ["y"])]
+    path = save_model(tmp_path, nodes, {"x": (3, 6)}, {"y": None}, opset=11)
+    check(path, {"x": (3, 6)})
