@@ -135,19 +135,11 @@ def model_spec(device: str | None, dtype: str | None) -> dict:
 
 def load_model(path: str, device: str | None = "cpu", dtype: str | None = None):
     """``jacaudit.load`` with the global --model-arg values (extra arguments of a TorchScript forward) and the
-    global --runtime (ONNX models); the model's input-gradient calls are counted by path (the report says which
-    path computed them: :func:`gradient_path`)."""
+    global --runtime (ONNX models); the model's onnxruntime runtime counts its input-gradient calls by path (the
+    report says which path computed them: :func:`gradient_path`)."""
     from ..models import load
 
-    model = load(path, **model_spec(device, dtype))
-    track_gradients(model)
-    return model
-
-
-def track_gradients(model) -> None:
-    from ..engine.gradpaths import track_gradients as _track
-
-    _track(model)
+    return load(path, **model_spec(device, dtype))
 
 
 def gradient_path(model) -> str | None:
@@ -156,9 +148,7 @@ def gradient_path(model) -> str | None:
     batches say it themselves (``model._batch_gradient_paths``: also shards reused or computed on Ray)."""
     if getattr(model, "format", None) != "onnx" or not hasattr(model, "runtime"):
         return None
-    from ..engine.gradpaths import describe_paths
-
-    from ..engine.gradpaths import paths_of
+    from ..engine.gradpaths import describe_paths, paths_of
 
     batches = getattr(model, "_batch_gradient_paths", None)
     if batches is None:

@@ -121,10 +121,7 @@ class _Worker:
         from . import _functions
 
         self.job = job
-        model = load(job.model_path, **job.load)
-        from ..engine.gradpaths import track_gradients
-
-        track_gradients(model)  # each batch's record says which path computed its gradients
+        model = load(job.model_path, **job.load)  # its runtime counts the gradient paths (each batch record says)
         ctx_cls, _ = _functions(job)
         self.bctx = ctx_cls(model, job.plan)
 

@@ -7,32 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-__all__ = ["track_gradients", "paths_of", "describe_paths"]
-
-
-def track_gradients(model: Any) -> None:
-    """Count, per path ("onnxruntime" or the interpreter's reason), the calls of an ONNX model's onnxruntime
-    runtime that took derivatives (``model._ort.grad_paths``); nothing for TorchScript or ``--runtime torch``."""
-    rt = getattr(model, "_ort", None)
-    if rt is None or getattr(rt, "grad_paths", None) is not None:
-        return
-    import collections
-
-    import torch
-
-    rt.grad_paths = collections.Counter()
-    inner = rt.run
-
-    def run(feeds, outputs, out_names):
-        res = inner(feeds, outputs, out_names)
-        last = rt.last or "?"
-        derivative = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
-                                                     for v in feeds.values())
-        if derivative or last.startswith("a transform"):  # torch.func / forward-mode AD: derivatives too
-            rt.grad_paths[_tidy(last)] += 1
-        return res
-
-    rt.run = run
+__all__ = ["paths_of", "describe_paths"]
 
 
 def _tidy(reason: str) -> str:
@@ -44,7 +19,7 @@ def paths_of(model: Any) -> dict | None:
     """The model's path counter (a copy), or None where none is kept."""
     rt = getattr(model, "_ort", None)
     paths = getattr(rt, "grad_paths", None) if rt is not None else None
-    return None if paths is None else dict(paths)
+    return None if paths is None else {_tidy(k): v for k, v in paths.items()}
 
 
 def describe_paths(model: Any, paths: Iterable[str] | None = None) -> str | None:

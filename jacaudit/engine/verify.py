@@ -204,6 +204,10 @@ def verify(model: Any, x: Any = None, *, input: str | None = None, output: str |
             raise InputError("verify needs an input x for a plain callable")
         x = _synthetic_feeds(model, seed)
         warnings.append("no input given: a seeded random input from the declared shape (synthetic)")
+    if getattr(model, "runtime", "torch") != "torch" and hasattr(model, "with_runtime"):
+        # what is verified is the torch interpreter: under runtime onnxruntime/auto a values-only call would be
+        # onnxruntime's own forward (the onnxruntime backward has its own check: analyses.verify)
+        model = model.with_runtime("torch")
     t = prepare(model, x, input=input, output=output, wrt=wrt, dtype=dtype, device=device, logits=logits)
     if isinstance(model, Model) and not logits and getattr(t.model, "softmax_input", None) is not None:
         if t.model.softmax_input(t.output_name):

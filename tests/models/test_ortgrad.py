@@ -1436,16 +1436,7 @@ def _declared_input_model(tmp_path, elem, shape):
     return path
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param("dtype", marks=pytest.mark.xfail(strict=True, reason=(
-        "ortgrad bug: a float32 feed for an input the graph declares DOUBLE (the interpreter and the values-only "
-        "path accept it) crashes the gradient path: onnxruntime INVALID_ARGUMENT from the forward session, "
-        "which nothing catches"))),
-    pytest.param("shape", marks=pytest.mark.xfail(strict=True, reason=(
-        "ortgrad bug: a (4, 3) feed for an input declared with the fixed shape (2, 3) (the interpreter runs it; "
-        "build's 'the feeds do not fit the graph' fallback never sees it) crashes the gradient path: onnxruntime "
-        "INVALID_ARGUMENT 'Got invalid dimensions' from the forward session"))),
-])
+@pytest.mark.parametrize("case", ["dtype", "shape"])
 def test_feed_that_differs_from_the_declared_input(tmp_path, case):
     """The interpreter runs such feeds; the gradient path must give its gradient (or fall back), not crash."""
     if case == "dtype":
@@ -1546,10 +1537,6 @@ def test_clip_opset9_attributes(tmp_path):
     check(path, {"x": (2, 3, 4)})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ortgrad defect (refusal, not a wrong gradient): the Clip output of an opset-9 graph is a residual that "
-    "_rematerialize recomputes in the opset-17 backward graph with the opset-6 min/max attributes; onnxruntime "
-    "rejects the backward ('Unrecognized attribute: max for operator Clip') and the interpreter runs instead"))
 def test_clip_opset9_attributes_recomputed_residual(tmp_path):
     nodes = [N("Clip", ["x"], ["c"], min=-0.5, max=0.7), N("Mul", ["c", "x"], ["y"])]
     path = save_model(tmp_path, nodes, {"x": (2, 3, 4)}, {"y": None}, opset=9)

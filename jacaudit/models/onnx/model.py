@@ -180,6 +180,7 @@ class OnnxModel(Model):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         self.runtime = runtime
+        self._siblings: dict[str, "OnnxModel"] = {}
         # onnxruntime for values and input gradients (ortgrad.Runtime): float32 CPU graphs only
         self._ort = None
         if runtime != "torch" and device.type == "cpu" and dtype in (None, torch.float32):
@@ -259,6 +260,19 @@ class OnnxModel(Model):
         return OnnxModel(self.proto, path=self.path, device=torch.device(device) if device is not None else self.device,
                          dtype=dtype if dtype is not None else self.dtype, sha256=self.metadata.get("sha256"),
                          optimize=self._optimize, runtime=self.runtime)
+
+    def with_runtime(self, runtime: str) -> "OnnxModel":
+        """This model with another ``runtime`` (itself when it has that one already). ``verify`` checks the
+        torch interpreter through the ``"torch"`` one: under another runtime a values-only call is
+        onnxruntime's own forward, which compared with onnxruntime proves nothing."""
+        if runtime == self.runtime:
+            return self
+        other = self._siblings.get(runtime)
+        if other is None:
+            other = self._siblings[runtime] = OnnxModel(
+                self.proto, path=self.path, device=self.device, dtype=self.dtype, sha256=self.metadata.get("sha256"),
+                optimize=self._optimize, runtime=runtime)
+        return other
 
     def reference(self, outputs: Sequence[str] | None = None, wrt: str | None = None) -> ReferenceForward:
         """onnxruntime on a copy of the graph with ``outputs`` added as graph outputs and an internal ``wrt``

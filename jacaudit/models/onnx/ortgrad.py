@@ -1161,7 +1161,8 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     # residuals that a cheap elementwise op computes from another residual: recomputed in the backward graph
     # (the forward then keeps onnxruntime's fusions, e.g. x*sigmoid(x) as one QuickGelu, and returns fewer
     # tensors: each one an NCHWc -> NCHW reorder in onnxruntime's convolution pipeline)
-    pre = _rematerialize(b, nodes)
+    # (forward nodes of opset 11+ only: their attributes mean the same in the backward's opset 17)
+    pre = _rematerialize(b, nodes) if opset >= 11 else []
     # the backward model
     bnodes = pre + b.nodes + outs
     residuals = list(b.residuals.items())  # (forward name, backward name)
@@ -1291,7 +1292,15 @@ class OrtGradient:
         if p is None:
             return None
         rest = {k: v.detach().numpy() for k, v in feeds.items() if k not in wrt}
-        outs = _OrtFunction.apply(self, p, rest, wrt, *[feeds[k] for k in wrt])
+        try:
+            outs = _OrtFunction.apply(self, p, rest, wrt, *[feeds[k] for k in wrt])
+        except Exception as e:  # noqa: BLE001 -- e.g. feeds of another type/shape than the graph declares
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            self.refused = f"onnxruntime's forward failed on these feeds: {msg}"
+            for k, v in list(self.plans.items()):
+                if v is p:
+                    self.plans[k] = self.refused
+            return None
         return list(outs)
 
     def torch_vjp(self, rest_np, wrt_names, saved, grads):
@@ -1342,6 +1351,10 @@ class Runtime:
         self._sess_error: str | None = None
         self._inputs: set[str] | None = None
         self.last: str | None = None  # "onnxruntime" or the reason the torch interpreter ran (the last call)
+        import collections
+        #: calls that took derivatives, per path ("onnxruntime" or the interpreter's reason): the reports'
+        #: environment.gradients (engine/gradpaths.py)
+        self.grad_paths: collections.Counter = collections.Counter()
 
     def input_names(self) -> set[str]:
         if self._inputs is None:
@@ -1357,6 +1370,14 @@ class Runtime:
         return self._sess
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: list[str], out_names: list[str]):
+        res = self._run(feeds, outputs, out_names)
+        derivative = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
+                                                     for v in feeds.values())
+        if derivative or (self.last or "").startswith("a transform"):  # torch.func / forward AD: derivatives too
+            self.grad_paths[self.last or "?"] += 1
+        return res
+
+    def _run(self, feeds: dict[str, torch.Tensor], outputs: list[str], out_names: list[str]):
         if not plain_feeds(feeds):
             self.last = "a transform, forward-mode AD, or a non-float32/non-CPU feed"
             return None
@@ -1370,8 +1391,8 @@ class Runtime:
             wrt = [k for k, v in feeds.items() if v.requires_grad]
             if self.mode == "auto":
                 x = feeds[wrt[0]]
-                if x.dim() == 0 or x.shape[0] > AUTO_GRAD_MAX_BATCH:
-                    self.last = f"batch {x.shape[0] if x.dim() else 1} > {AUTO_GRAD_MAX_BATCH}"
+                if x.dim() > 0 and x.shape[0] > AUTO_GRAD_MAX_BATCH:
+                    self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH}"
                     return None
             res = self.grad.run(feeds, out_names)
             if res is None:
