@@ -198,3 +198,35 @@ def test_ray_model_spec_and_fingerprint_carry_the_runtime(monkeypatch, tmp_path)
            for rt in ("auto", "onnxruntime", "torch")}
     assert len({json.dumps(v, sort_keys=True) for v in fps.values()}) == 3
     assert fps["auto"]["runtime"] != fps["torch"]["runtime"]
+
+
+def test_verify_ort_backward_is_inconclusive_where_onnxruntime_forward_differs(tmp_path):
+    """onnxruntime's Sigmoid is accurate to ~1e-7 absolute: on outputs that saturate near 0 (sigmoid(-17) = 4e-8)
+    its forward and so its backward differ from the interpreter's by far more than 1e-4 relative. The check then
+    says it cannot judge (inconclusive, with the forward's figure), not that the backward graph is wrong; the same
+    graph at inputs near 0 passes."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    from jacaudit.analyses.verify import ort_backward_check
+    from jacaudit.models import load
+
+    g = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "sig",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    p = tmp_path / "sig.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(p))
+    m = load(str(p), runtime="onnxruntime")
+    x = torch.from_numpy(np.linspace(-17.5, -16.5, 64, dtype=np.float32)[None])
+    with torch.no_grad():
+        y_ort = m.run({"x": x})[0].double()
+    exact = torch.sigmoid(x.double())
+    fwd = float((y_ort - exact).abs().max() / exact.abs().max())
+    assert fwd > 1e-3  # the premise: onnxruntime's forward is off there (relative to max|y|)
+    r = ort_backward_check(m, {"x": x}, "x")
+    assert r.status == "inconclusive" and r.max_rel_error > 1e-4, r
+    assert "forward differs" in r.note
+    near0 = ort_backward_check(m, {"x": torch.linspace(-2, 2, 64)[None]}, "x")
+    assert near0.status == "pass", near0
