@@ -387,6 +387,8 @@ def main(argv=None):
             row["traceback"] = traceback.format_exc()[-2000:]
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
+        import gc
+        gc.collect()  # the models, their sessions and onnxruntime's arenas go before the next file
         brief = {b: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                  for b, r in row.get("batches", {}).items()}
         print(f"[{name} {exp}] {row.get('load_error', '')} {brief} ({row['wall_s']:.0f} s)", flush=True)

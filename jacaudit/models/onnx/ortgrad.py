@@ -1248,10 +1248,15 @@ class _OrtFunction(torch.autograd.Function):
 class OrtGradient:
     """The onnxruntime forward/backward of one OnnxModel, planned per input signature (``run``)."""
 
+    @property
+    def model(self):
+        return self._model()
+
     MAX_PLANS = 8
 
     def __init__(self, model):
-        self.model = model
+        import weakref
+        self._model = weakref.ref(model)  # the model owns its runtime (no cycle: freed with the model)
         self.plans: dict[Any, Any] = {}  # signature -> Plan or the refusal message
         self.fwd_cache: dict = {}
         self.refused: str | None = None  # the last refusal (inspect/the notes say why torch ran)
@@ -1344,7 +1349,8 @@ class Runtime:
     torch interpreter must run (the caller's path)."""
 
     def __init__(self, model, mode: str):
-        self.model = model
+        import weakref
+        self._model = weakref.ref(model)
         self.mode = mode
         self.grad = OrtGradient(model)
         self._sess = None
@@ -1355,6 +1361,10 @@ class Runtime:
         #: calls that took derivatives, per path ("onnxruntime" or the interpreter's reason): the reports'
         #: environment.gradients (engine/gradpaths.py)
         self.grad_paths: collections.Counter = collections.Counter()
+
+    @property
+    def model(self):
+        return self._model()
 
     def input_names(self) -> set[str]:
         if self._inputs is None:
