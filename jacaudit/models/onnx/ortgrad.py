@@ -1042,6 +1042,36 @@ def _session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
+def _probe(plain_graph, feeds: dict[str, torch.Tensor], const: set[str]) -> dict[str, Any]:
+    """Run the graph as written once (no grad): every tensor's shape and dtype (``_Meta``), and the values of the
+    tensors in ``const``. Each tensor is dropped after its last reader ran, so the probe holds what a forward
+    holds, not every tensor of the graph at once (PP-OCRv4's recogniser at batch 32: tens of GB)."""
+    nodes = plain_graph.nodes
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for x in list(n.inputs) + list(n.implicit):
+            if x:
+                last[x] = i
+    values: dict[str, Any] = dict(plain_graph.initializers)
+    values.update({k: v.detach() for k, v in feeds.items()})
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for i, n in enumerate(nodes):
+            plain_graph._exec([n], values, None)
+            for o in n.outputs:
+                if not o:
+                    continue
+                v = values.get(o)
+                if isinstance(v, torch.Tensor):
+                    out[o] = v if o in const else _Meta(v.shape, v.dtype)
+                if last.get(o, -1) <= i and o not in const:
+                    values.pop(o, None)
+            for x in set(n.inputs) | set(n.implicit):
+                if x and last.get(x) == i and x not in const and x not in plain_graph.initializers:
+                    values.pop(x, None)
+    return out
+
+
 def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], out_names: list[str],
           fwd_cache: dict) -> Plan:
     """The gradient plan for this signature, or Refused."""
@@ -1053,18 +1083,11 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     for nd in graph.node:
         if nd.domain not in ("", "ai.onnx"):
             raise Refused(f"operator {nd.domain}::{nd.op_type}")
-    names = [o for nd in graph.node for o in nd.output if o]
-    with torch.no_grad():
-        vals = plain_graph.run({k: v.detach() for k, v in feeds.items()}, outputs=names)
-    values: dict[str, Any] = dict(zip(names, vals))
+    const = _const_names(graph, feeds)
+    values = _probe(plain_graph, feeds, const)
     for t in graph.initializer:
         values[t.name] = plain_graph.initializers.get(t.name)
     values.update({k: v.detach() for k, v in feeds.items()})
-    const = _const_names(graph, feeds)
-    for k, v in list(values.items()):  # only what the signature fixes keeps its values
-        if k not in const and isinstance(v, torch.Tensor):
-            values[k] = _Meta(v.shape, v.dtype)
-    del vals
     # differentiable tensors: float32 tensors computed from a differentiated input
     diff = set(wrt)
     for nd in graph.node:
