@@ -103,7 +103,7 @@ def test_saliency_metrics_agree_under_auto_and_torch(tmp_path):
               "--out", out, "--format", "json"])
         reps[rt] = json.loads((out / "report.json").read_text())
     assert reps["auto"]["environment"]["runtime"] == "auto"
-    # the plain gradients in onnxruntime; Integrated Gradients' batched steps (> 8) in the interpreter
+    # the gradients in onnxruntime (Integrated Gradients' batched steps too: no grouped convolutions here)
     assert reps["auto"]["environment"]["gradients"].startswith("onnxruntime"), reps["auto"]["environment"]
     assert reps["torch"]["environment"]["gradients"] == "torch interpreter (runtime torch)"
     bad = _close(_metrics(reps["auto"]), _metrics(reps["torch"]), rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ __all__ = ["paths_of", "describe_paths"]
 
 def _tidy(reason: str) -> str:
     # auto's batch limit: one reason for every batch size
-    return re.sub(r"^batch \d+ > (\d+)$", r"batches over \1", reason)
+    return re.sub(r"^batch \d+ > (\d+)", r"batches over \1", reason)
 
 
 def paths_of(model: Any) -> dict | None:

@@ -788,26 +788,30 @@ def test_lstm_is_refused_and_the_interpreter_runs(tmp_path):
     close(g, g64)
 
 
-def _small_conv_graph(tmp_path, batch):
-    nodes = [N("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+def _small_conv_graph(tmp_path, batch, group=1):
+    nodes = [N("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=group),
              N("Relu", ["c"], ["r"]), N("GlobalAveragePool", ["r"], ["g"]), N("Flatten", ["g"], ["y"])]
     xs = (batch, 2, 6, 6)
-    return save_model(tmp_path, nodes, {"x": xs}, {"y": None}, {"w": W(3, 2, 3, 3)}), xs
+    w = W(3, 2, 3, 3) if group == 1 else W(2, 1, 3, 3)
+    return save_model(tmp_path, nodes, {"x": xs}, {"y": None}, {"w": w}), xs
 
 
-def test_auto_runtime_batch_threshold(tmp_path):
-    path, _ = _small_conv_graph(tmp_path, "N")
+@pytest.mark.parametrize("group", [1, 2])
+def test_auto_runtime_batch_threshold(tmp_path, group):
+    """auto: onnxruntime up to AUTO_GRAD_MAX_BATCH inputs, and above for graphs without grouped convolutions."""
+    path, _ = _small_conv_graph(tmp_path, "N", group)
     m = load(path, runtime="auto")
     m64 = load(path, dtype=torch.float64, runtime="torch")
-    for batch, expect_ort in ((1, True), (ortgrad.AUTO_GRAD_MAX_BATCH, True), (16, False)):
-        assert 16 > ortgrad.AUTO_GRAD_MAX_BATCH
+    assert 16 > ortgrad.AUTO_GRAD_MAX_BATCH
+    for batch, expect_ort in ((1, True), (ortgrad.AUTO_GRAD_MAX_BATCH, True), (16, group == 1)):
         feeds = make_feeds({"x": (batch, 2, 6, 6)}, seed=batch)
-        ws = [torch.randn(batch, 3, generator=torch.Generator().manual_seed(batch))]
+        ws = [torch.randn(batch, 3 if group == 1 else 2, generator=torch.Generator().manual_seed(batch))]
         _, (g,) = vjp(m, feeds, ws, ["x"])
         if expect_ort:
             assert m._ort.last == "onnxruntime", (batch, m._ort.last)
         else:
-            assert m._ort.last == f"batch {batch} > {ortgrad.AUTO_GRAD_MAX_BATCH}", m._ort.last
+            assert m._ort.last == f"batch {batch} > {ortgrad.AUTO_GRAD_MAX_BATCH} with grouped convolutions", \
+                m._ort.last
         _, (g64,) = vjp(m64, {"x": feeds["x"].double()}, ws, ["x"])
         close(g, g64)
 

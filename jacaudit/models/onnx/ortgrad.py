@@ -1346,9 +1346,22 @@ class OrtGradient:
 # ---------------------------------------------------------------------------------------------------------
 RUNTIMES = ("auto", "onnxruntime", "torch")
 #: "auto" differentiates through onnxruntime up to this batch size (the first dimension of the differentiated
-#: input); above it the torch interpreter (benchmarks/README.md, "onnxruntime backward": onnxruntime's backward
-#: wins where torch's per-op overhead dominates, and loses at batch 32 on depthwise networks)
+#: input), and above it too for graphs without grouped (e.g. depthwise) convolutions; the torch interpreter for
+#: larger batches of graphs with them (benchmarks/README.md, corpus run of issue 10's fourth session:
+#: onnxruntime's backward wins where torch's per-op overhead dominates, and at batch 32 on ResNet/ViT/YOLO-class
+#: graphs; it loses at batch 32 on MobileNetV3/EfficientNet-class ones, whose grouped-convolution input gradients
+#: and squeeze-excitation products torch runs faster)
 AUTO_GRAD_MAX_BATCH = 8
+
+
+def has_grouped_conv(graph) -> bool:
+    from onnx import helper
+    for nd in graph.node:
+        if nd.op_type in ("Conv", "ConvTranspose"):
+            for a in nd.attribute:
+                if a.name == "group" and helper.get_attribute_value(a) > 1:
+                    return True
+    return False
 
 _peek = torch._C._functorch.peek_interpreter_stack
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -1379,6 +1392,7 @@ class Runtime:
         self._sess = None
         self._sess_error: str | None = None
         self._inputs: set[str] | None = None
+        self._grouped: bool | None = None
         self.last: str | None = None  # "onnxruntime" or the reason the torch interpreter ran (the last call)
         import collections
         #: calls that took derivatives, per path ("onnxruntime" or the interpreter's reason): the reports'
@@ -1425,8 +1439,11 @@ class Runtime:
             if self.mode == "auto":
                 x = feeds[wrt[0]]
                 if x.dim() > 0 and x.shape[0] > AUTO_GRAD_MAX_BATCH:
-                    self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH}"
-                    return None
+                    if self._grouped is None:
+                        self._grouped = has_grouped_conv(self.model.proto.graph)
+                    if self._grouped:
+                        self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH} with grouped convolutions"
+                        return None
             res = self.grad.run(feeds, out_names)
             if res is None:
                 self.last = self.grad.refused
