@@ -18,6 +18,14 @@ cotangent (a plain sum of a softmax's outputs has a zero gradient but the same c
 Ratios are to onnxruntime's forward at the same batch size. ``err`` is max over float outputs of
 max|jacaudit - ort| / max|ort|. A model that fails is a row with the error.
 
+The same file is also timed with ``runtime="onnxruntime"`` (``rt_*``: values in onnxruntime, input gradients
+through the backward graph jacaudit writes, models/onnx/ortgrad.py; ``--no-runtime`` skips it); the "default"
+columns are what the commands run (``--runtime auto``): onnxruntime's values, and its gradients where auto
+sends them there (up to ``AUTO_GRAD_MAX_BATCH`` inputs, or any batch for graphs without grouped convolutions,
+when the backward graph exists), else the interpreter's, from the same rounds. ``rt_grad_diff``: max|g_rt -
+g_interp| / max|g_interp| (and the median over samples of each sample's max: a kink rounded to the other side
+in one sample moves the max, not the median).
+
 ``--baseline DIR``: also time another copy of the interpreter (DIR is the ``jacaudit/models/onnx`` folder of
 another commit, e.g. of a ``git worktree``), loaded under another module name in the same process and timed in
 the same interleaved rounds (``base_fwd_ms``, ``base_grad_ms``; odd rounds time the baseline before jacaudit,
@@ -229,12 +237,14 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
                 per = ((g_rt - g_t).abs().flatten(1).max(1).values / den) if g_t.dim() > 1 else None
                 res["rt_grad_diff_median"] = float(per.median()) if per is not None else res["rt_grad_diff"]
             if "ort_ms" in res:
-                from jacaudit.models.onnx.ortgrad import AUTO_GRAD_MAX_BATCH
+                from jacaudit.models.onnx.ortgrad import AUTO_GRAD_MAX_BATCH, has_grouped_conv
                 if rt_model is not None and "rt_fwd_ms" in res:
                     # what the commands run (runtime "auto"): forward in onnxruntime; the gradient through it
-                    # up to AUTO_GRAD_MAX_BATCH inputs (where its plan exists), else the interpreter's
+                    # (where its plan exists) up to AUTO_GRAD_MAX_BATCH inputs, and above for graphs without
+                    # grouped convolutions; else the interpreter's
                     res["auto_fwd_ms"] = res["rt_fwd_ms"]
-                    use_rt = b <= AUTO_GRAD_MAX_BATCH and res.get("rt_path") == "onnxruntime"
+                    use_rt = (b <= AUTO_GRAD_MAX_BATCH or not has_grouped_conv(rt_model.proto.graph)) \
+                        and res.get("rt_path") == "onnxruntime"
                     if "rt_grad_ms" in res and "grad_ms" in res:
                         res["auto_grad_ms"] = res["rt_grad_ms"] if use_rt else res["grad_ms"]
                 for k in ("fwd_ms", "grad_ms", "base_fwd_ms", "base_grad_ms", "rt_fwd_ms", "rt_grad_ms",

@@ -90,7 +90,10 @@ def _close(a: dict, b: dict, rtol: float, atol: float) -> list[str]:
             if x is not y:
                 bad.append(f"{k}: {x} vs {y}")
             continue
-        if not math.isclose(x, y, rel_tol=rtol, abs_tol=atol):
+        # Integrated Gradients' completeness gap is itself a float32 residual (|sum(attr) - (f(x) - f(x0))| over
+        # 64 steps, ~1e-3 relative): the two runtimes' roundings move it by ~1e-5, so it is compared to 1e-4
+        tol = max(atol, 1e-4) if "completeness_gap" in k else atol
+        if not math.isclose(x, y, rel_tol=rtol, abs_tol=tol):
             bad.append(f"{k}: {x} vs {y}")
     return bad
 
