@@ -540,14 +540,20 @@ def _conv_pads(a, in_sp, k, s, d) -> list[int]:
     return begin + end
 
 
+def _const_weight(b, n) -> np.ndarray:
+    """A Conv/ConvTranspose node's weight, which must be fixed (the input gradient only: weights are constants)."""
+    W = n.input[1]
+    if W in b.diff or (len(n.input) > 2 and n.input[2] in b.diff):
+        raise Refused(f"{n.op_type} with differentiated weights")
+    if W not in b.const:
+        raise Refused(f"{n.op_type} whose weight is computed from input values")
+    return _np(b.values[W]).astype(np.float32)
+
+
 @rule("Conv")
 def _conv(b, n, a, g, diff):
-    X, W = n.input[0], n.input[1]
-    if W in diff or (len(n.input) > 2 and n.input[2] in diff):
-        raise Refused("Conv with differentiated weights")
-    if W not in b.const:
-        raise Refused("Conv whose weight is computed from input values")
-    w = _np(b.values[W]).astype(np.float32)
+    X = n.input[0]
+    w = _const_weight(b, n)
     xs, ys = b.shape(X), b.shape(n.output[0])
     nd = len(xs) - 2
     k = list(w.shape[2:])
@@ -622,18 +628,14 @@ def _zero_inserted(b, gy: str, st: list[int], ys) -> tuple[str, list[int]]:
 
 @rule("ConvTranspose")
 def _conv_transpose_rule(b, n, a, g, diff):
-    X, W = n.input[0], n.input[1]
-    if W in diff or (len(n.input) > 2 and n.input[2] in diff):
-        raise Refused("ConvTranspose with differentiated weights")
-    if W not in b.const:
-        raise Refused("ConvTranspose whose weight is computed from input values")
+    X = n.input[0]
+    w = _const_weight(b, n)
     auto = a.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto not in ("NOTSET", "") or "output_shape" in a:
         raise Refused("ConvTranspose with auto_pad or output_shape")
     xs = b.shape(X)
     nd = len(xs) - 2
-    w = _np(b.values[W]).astype(np.float32)
     s = list(a.get("strides", [1] * nd))
     d = list(a.get("dilations", [1] * nd))
     pads = list(a.get("pads", [0] * (2 * nd)))
@@ -1115,6 +1117,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
             need.update(x for x in nd.input if x in diff)
     path = [nodes[i] for i in path_idx]
     b = _Builder(values, const)
+    b.diff = diff
     b.opset = opset
     b.maxpool_indices = {}
     b.pending_scale = {}
