@@ -122,7 +122,9 @@ def gradient_probe(path: str, runtime: str, fmt: str) -> str:
         return f"onnxruntime (backward graph of {plan.n_nodes} nodes)"
     except Exception as e:  # the probe never fails inspect
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        return f"torch interpreter (probe failed: {type(e).__name__}{': ' + msg if msg else ''})"
+        # e.g. dynamic spatial axes: no example input, so no plan to look at; the commands' reports say which
+        # path ran (environment.gradients)
+        return f"not probed ({type(e).__name__}{': ' + msg if msg else ''}; each report says which path ran)"
 
 
 def inspect_analysis(path: str, tensors: bool = False, runtime: str | None = None) -> tuple[AnalysisOutput, Any]:
