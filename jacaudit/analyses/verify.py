@@ -131,10 +131,10 @@ def ort_backward_check(model: Any, feeds: dict, input_name: str, *, seed: int = 
         return None
     gen = torch.Generator().manual_seed(int(seed) + 7919)
 
-    def vjp(run, us):
-        x = base[input_name].clone().requires_grad_(True)
+    def vjp(run, us, point):
+        x = point[input_name].clone().requires_grad_(True)
         with torch.enable_grad():
-            outs = run({**base, input_name: x})
+            outs = run({**point, input_name: x})
             pairs = [(o, u) for o, u in zip(outs, us) if u is not None and o.requires_grad]
             if not pairs:
                 return torch.zeros_like(x)
@@ -152,21 +152,38 @@ def ort_backward_check(model: Any, feeds: dict, input_name: str, *, seed: int = 
 
     with torch.no_grad():
         ref_outs = model.graph.run(base, outputs=out_names)
-    worst, judged, note = 0.0, 0, ""
-    try:
+    def measure(point: dict) -> tuple[float, int]:
+        """(max over cotangents of max|g_ort - g_torch| / max|g_torch|, cotangents judged) at ``point``."""
+        worst, judged = 0.0, 0
+        with torch.no_grad():
+            outs = model.graph.run(point, outputs=out_names)
         for _ in range(max(1, int(cotangents))):
             us = [torch.randn(o.shape, generator=gen, dtype=o.dtype) if o.is_floating_point() else None
-                  for o in ref_outs]
-            g_t = vjp(run_torch, us)
-            g_o = vjp(run_ort, us)
+                  for o in outs]
+            g_t = vjp(run_torch, us, point)
+            g_o = vjp(run_ort, us, point)
             scale = float(g_t.abs().max()) if g_t.numel() else 0.0
             if not math.isfinite(scale) or scale == 0.0:
                 continue
             err = float((g_o.to(g_t.dtype) - g_t).abs().max()) / scale
-            if not math.isfinite(err):
-                err = float("inf")
-            worst = max(worst, err)
+            worst = max(worst, err if math.isfinite(err) else float("inf"))
             judged += 1
+        return worst, judged
+
+    try:
+        worst, judged = measure(base)
+        nearby: list[float] = []
+        if judged and worst > tol:
+            # a unit at a kink (a ReLU input, a max-pool near-tie) that the two float32 forwards round to different
+            # sides changes the gradient there and nowhere else: the verdict is taken at two nearby points too
+            x0 = base[input_name]
+            spread = float(x0.float().std()) if x0.numel() > 1 else 0.0
+            step = 1e-3 * (spread if math.isfinite(spread) and spread > 0 else 1.0)
+            for _ in range(2):
+                dx = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.dtype) * step
+                w, j = measure({**base, input_name: x0 + dx})
+                if j:
+                    nearby.append(w)
     except Exception as e:  # onnxruntime failed at run time: the check fails with the reason
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         return VerifyOrtBackward(status="fail", max_rel_error=None, tol=tol, cotangents=int(cotangents),
@@ -177,7 +194,12 @@ def ort_backward_check(model: Any, feeds: dict, input_name: str, *, seed: int = 
                                  note="the interpreter's VJP is zero (or not finite) for every cotangent")
     status = "pass" if worst <= tol else "fail"
     note = f"{judged} cotangent(s); backward graph of {plan.n_nodes} nodes"
-    if status == "fail":
+    if status == "fail" and len(nearby) == 2 and max(nearby) <= tol:
+        note = (f"{worst:.2g} at the given input but {max(nearby):.2g} at 2 nearby points (steps of {step:.2g}): a "
+                f"unit at a kink rounded to different sides by the two float32 forwards, not the backward graph; "
+                f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes")
+        status, worst = "pass", max(nearby)
+    elif status == "fail":
         # onnxruntime's own forward may differ from the interpreter's by more than the tolerance (e.g. its Sigmoid
         # is accurate to ~1e-7 absolute: relative to outputs that saturate near 0 that is 1e-2); then its
         # backward cannot agree more closely, and the disagreement says nothing about the backward graph
@@ -187,6 +209,9 @@ def ort_backward_check(model: Any, feeds: dict, input_name: str, *, seed: int = 
             note = (f"onnxruntime's forward differs from the interpreter's by {fwd:.2g} (relative to max|y|) at "
                     f"this input, more than the tolerance: the backward's {worst:.2g} cannot be judged; "
                     f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes")
+        elif nearby:
+            note = (f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes; the disagreement reproduces at "
+                    f"nearby points ({', '.join(f'{v:.2g}' for v in nearby)})")
     return VerifyOrtBackward(status=status, max_rel_error=worst, tol=tol, cotangents=int(cotangents),
                              backward_nodes=int(plan.n_nodes), note=note)
 
