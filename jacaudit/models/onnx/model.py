@@ -269,9 +269,14 @@ class OnnxModel(Model):
             return self
         other = self._siblings.get(runtime)
         if other is None:
-            other = self._siblings[runtime] = OnnxModel(
-                self.proto, path=self.path, device=self.device, dtype=self.dtype, sha256=self.metadata.get("sha256"),
-                optimize=self._optimize, runtime=runtime)
+            # a view sharing the compiled graphs (no second compile): only the runtime differs
+            import copy
+            from .ortgrad import Runtime
+            other = copy.copy(self)
+            other.runtime, other._siblings = runtime, {}
+            usable = self.device.type == "cpu" and self.dtype in (None, torch.float32)
+            other._ort = Runtime(other, runtime) if runtime != "torch" and usable else None
+            self._siblings[runtime] = other
         return other
 
     def reference(self, outputs: Sequence[str] | None = None, wrt: str | None = None) -> ReferenceForward:

@@ -39,12 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-_FLOAT = {torch.float32}
 # a strided depthwise Conv's input gradient: "zeros" (the zero-inserted gradient through a stride-1 Conv) or
 # "convtranspose" (what other strided Convs run)
 STRIDED = "zeros"
-_NP_TO_ONNX = {np.dtype("float32"): 1, np.dtype("int64"): 7, np.dtype("int32"): 6, np.dtype("bool"): 9,
-               np.dtype("float64"): 11}
 BWD_OPSET = 17
 
 # Ops whose outputs never carry a derivative (integer/boolean results or shape queries).
@@ -1366,8 +1363,7 @@ def has_grouped_conv(graph) -> bool:
                     return True
     return False
 
-_peek = torch._C._functorch.peek_interpreter_stack
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+from .onednn import _peek, _wrapped  # noqa: E402 -- the same transform probes as the oneDNN paths
 
 
 def plain_feeds(feeds: dict[str, Any]) -> bool:
