@@ -212,7 +212,7 @@ class OnnxModel(Model):
         out_names = [s.name for s in self.outputs]
         graph = self.graph
         internal = [o for o in outputs or () if o not in out_names]
-        if self._ort is not None and not overrides and not self._randomised and not internal:
+        if self._ort is not None and not overrides and not self._randomised:
             res = self._ort.run(feeds, list(outputs or out_names), out_names)
             if res is not None:
                 return res

@@ -1206,10 +1206,14 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
         raise Refused(f"onnxruntime refused the backward graph: {str(e).splitlines()[0][:200]}") from None
     # the forward session: the graph with the residuals among its outputs (cached by the residual set)
     res_fwd = [f for f, _ in residuals]
-    key = (tuple(res_fwd), tuple(sorted(b.maxpool_indices.items())))
+    key = (tuple(out_names), tuple(res_fwd), tuple(sorted(b.maxpool_indices.items())))
     fsess = fwd_cache.get(key)
     if fsess is None:
         have = {o.name for o in fg.output}
+        for f in out_names:  # internal tensors asked for (e.g. the logits before a final Softmax)
+            if f not in have:
+                fg.output.append(helper.make_tensor_value_info(f, _onnx_type(values[f]), None))
+                have.add(f)
         for f in res_fwd:
             if f not in have:
                 v = values.get(f)
@@ -1257,7 +1261,8 @@ class _OrtFunction(torch.autograd.Function):
         plan = ctx.plan
         if torch.is_grad_enabled():
             # a backward that is itself differentiated (create_graph): the torch interpreter on the saved inputs
-            return (None, None, None, None) + ctx.engine.torch_vjp(ctx.rest, ctx.wrt_names, ctx.saved_tensors, grads)
+            return (None, None, None, None) + ctx.engine.torch_vjp(ctx.rest, ctx.wrt_names, ctx.saved_tensors, grads,
+                                                                    plan)
         feeds = dict(zip(plan.residual_names, ctx.residuals))
         for gi, g, shape in zip(plan.bwd_grad_inputs, grads, ctx.shapes):
             if gi is None:
@@ -1331,12 +1336,12 @@ class OrtGradient:
             return None
         return list(outs)
 
-    def torch_vjp(self, rest_np, wrt_names, saved, grads):
+    def torch_vjp(self, rest_np, wrt_names, saved, grads, plan):
         feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in rest_np.items()}
         xs = list(saved)  # the Function's own inputs: the gradient's graph reaches the caller's tensors
         feeds.update(zip(wrt_names, xs))
-        out_names = [s.name for s in self.model.outputs]
-        outs = self.model.graph.run(feeds, outputs=out_names)
+        # the Function's outputs (graph outputs and internal tensors asked for), through the interpreter
+        outs = self.model.with_runtime("torch").run(feeds, outputs=plan.fwd_outputs[:plan.n_outputs])
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         gx = torch.autograd.grad([o for o, _ in pairs], xs, [g for _, g in pairs], create_graph=True,
                                  allow_unused=True)
@@ -1388,8 +1393,8 @@ class Runtime:
         self._model = weakref.ref(model)
         self.mode = mode
         self.grad = OrtGradient(model)
-        self._sess = None
-        self._sess_error: str | None = None
+        self._sess: dict[tuple, Any] = {}
+        self._sess_error: dict[tuple, str] = {}
         self._inputs: set[str] | None = None
         self._grouped: bool | None = None
         self.last: str | None = None  # "onnxruntime" or the reason the torch interpreter ran (the last call)
@@ -1407,13 +1412,24 @@ class Runtime:
             self._inputs = {i.name for i in self.model.proto.graph.input}
         return self._inputs
 
-    def session(self):
-        if self._sess is None and self._sess_error is None:
+    def session(self, internal: tuple[str, ...] = ()):
+        """The values-only session; ``internal``: with those internal tensors among its outputs too."""
+        if internal not in self._sess and internal not in self._sess_error:
             try:
-                self._sess = _session(self.model.proto.SerializeToString())
+                proto = self.model.proto
+                if internal:
+                    import onnx
+                    from onnx import helper
+                    proto = onnx.ModelProto()
+                    proto.CopyFrom(self.model.proto)
+                    for name in internal:
+                        proto.graph.output.append(helper.make_empty_tensor_value_info(name))
+                if len(self._sess) >= 8:
+                    self._sess.clear()
+                self._sess[internal] = _session(proto.SerializeToString())
             except Exception as e:
-                self._sess_error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        return self._sess
+                self._sess_error[internal] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return self._sess.get(internal)
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: list[str], out_names: list[str]):
         res = self._run(feeds, outputs, out_names)
@@ -1443,16 +1459,18 @@ class Runtime:
                     if self._grouped:
                         self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH} with grouped convolutions"
                         return None
-            res = self.grad.run(feeds, out_names)
+            targets = list(out_names) + [o for o in outputs if o not in out_names]
+            res = self.grad.run(feeds, targets)
             if res is None:
                 self.last = self.grad.refused
                 return None
             self.last = "onnxruntime"
-            got = dict(zip(out_names, res))
+            got = dict(zip(targets, res))
             return [got[o] for o in outputs]
-        sess = self.session()
+        internal = tuple(o for o in outputs if o not in out_names)
+        sess = self.session(internal)
         if sess is None:
-            self.last = self._sess_error
+            self.last = self._sess_error.get(internal)
             return None
         try:
             outs = sess.run(outputs, {k: v.detach().numpy() for k, v in feeds.items()})
