@@ -282,6 +282,14 @@ POOL = [
     ("k2_dil2", (1, 2, 9, 9), dict(kernel_shape=[2, 2], dilations=[2, 2])),
     ("same_upper", (1, 2, 7, 7), dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")),
     ("1d", (2, 3, 11), dict(kernel_shape=[3], strides=[2], pads=[1, 1])),
+    # storage_order only changes the Indices output's values, which the gradient no longer reads
+    ("storage_order", (1, 2, 6, 6), dict(kernel_shape=[2, 2], storage_order=1)),
+    ("gaps_k2s3", (1, 2, 11, 10), dict(kernel_shape=[2, 2], strides=[3, 3])),   # elements no window reads
+    ("k3s2_dil2_ceil", (1, 2, 12, 11), dict(kernel_shape=[3, 3], strides=[2, 2], dilations=[2, 2], ceil_mode=1)),
+    ("k5s1_sppf", (1, 3, 7, 7), dict(kernel_shape=[5, 5], pads=[2, 2, 2, 2])),  # YOLO's SPPF
+    ("k3x2_s3x2_rect", (1, 2, 9, 8), dict(kernel_shape=[3, 2], strides=[3, 2])),  # a CRNN's last pool
+    ("same_lower_s3", (1, 2, 8, 7), dict(kernel_shape=[4, 4], strides=[3, 3], auto_pad="SAME_LOWER")),
+    ("3d", (1, 2, 5, 6, 5), dict(kernel_shape=[2, 3, 2], strides=[2, 2, 1], pads=[0, 1, 0, 0, 1, 1])),
 ]
 
 
@@ -1308,7 +1316,6 @@ REFUSED = [
      {"p": I64([0, 0, 1, 1, 0, 0, 1, 1])}, "reflect"),
     ("slice_step2", [N("Slice", ["x", "s", "e", "a", "st"], ["z"]), N("Tanh", ["z"], ["y"])],
      {"s": I64([0]), "e": I64([5]), "a": I64([3]), "st": I64([2])}, "step"),
-    ("maxpool_storage_order", [N("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], storage_order=1)], {}, "storage_order"),
     ("resize_half_pixel_floor", [N("Resize", ["x", "", "sc"], ["y"], mode="nearest", nearest_mode="floor")],
      {"sc": F32([1, 1, 2, 2])}, "floor"),
     ("softplus", [N("Softplus", ["x"], ["y"])], {}, "Softplus"),
