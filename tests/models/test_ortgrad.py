@@ -700,18 +700,12 @@ def test_resize_nearest(tmp_path, rid, attrs, scales, by):
     check(path, {"x": xs}, fd=rid == "half_pixel_rpf_2" and by == "scales")
 
 
-def test_resize_linear_falls_back_to_the_interpreter(tmp_path):
+def test_resize_linear_runs_as_a_torch_island(tmp_path):
     xs = (1, 2, 4, 4)
     nodes = [N("Resize", ["x", "", "sc"], ["y"], mode="linear")]
     path = save_model(tmp_path, nodes, {"x": xs}, {"y": None}, {"sc": F32([1, 1, 2, 2])})
-    m = load(path, runtime="onnxruntime")
-    m64 = load(path, dtype=torch.float64, runtime="torch")
-    feeds = make_feeds({"x": xs})
-    ws = [torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(3))]
-    _, (g,) = vjp(m, feeds, ws, ["x"])
-    assert m._ort.last != "onnxruntime" and "linear" in m._ort.last, m._ort.last
-    _, (g64,) = vjp(m64, {"x": feeds["x"].double()}, ws, ["x"])
-    close(g, g64, 1e-5)
+    m = check(path, {"x": xs}, fd=True)
+    assert m._ort.grad.plan(make_feeds({"x": xs}), ["x"], ["y"]).islands == ["Resize"]
 
 
 @pytest.mark.parametrize("axis,shape", [(-1, (2, 3, 8)), (1, (2, 3, 4)), (2, (2, 3, 4, 5))])
@@ -782,18 +776,149 @@ def _lstm_graph(tmp_path):
     return save_model(tmp_path, nodes, {"x": (5, 2, I_)}, {"y": None}, inits), {"x": (5, 2, I_)}
 
 
-def test_lstm_is_refused_and_the_interpreter_runs(tmp_path):
+def test_lstm_runs_as_a_torch_island_between_onnxruntime_pieces(tmp_path):
+    path, ins = _lstm_graph(tmp_path)
+    m = check(path, ins, fd=True)
+    plan = m._ort.grad.plan(make_feeds(ins), ["x"], ["y"])
+    assert plan.islands == ["LSTM"] and [k for k, *_ in plan.steps] == ["ort", "island", "ort"]
+
+
+def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1, only_yh=False):
+    """Conv1d -> (T, B, C) -> a bidirectional RNN node -> both outputs used, with a skip path around the RNN
+    (the gradient of the RNN's input adds up from both sides of the island) and a fed initial state."""
+    H, C, T, B = 3, 4, 6, 2
+    G = 4 if op == "LSTM" else 3
+    direction = direction or ("bidirectional" if bidir else "forward")
+    D = 2 if direction == "bidirectional" else 1
+    inits = {"cw": W(C, 2, 3, seed=1), "W": W(D, G * H, C, seed=2), "R": W(D, G * H, H, seed=3),
+             "B": W(D, 2 * G * H, seed=4), "perm_w": W(C, D * H, seed=5)}
+    attrs = dict(hidden_size=H, direction=direction)
+    if op == "GRU":
+        attrs["linear_before_reset"] = lbr
+    rnn_in = ["t", "W", "R", "B", "", "h0"] if fed_state else ["t", "W", "R", "B"]
+    outs = ["Y", "Yh"] + (["Yc"] if op == "LSTM" else [])
+    nodes = [N("Conv", ["x", "cw"], ["c"], pads=[1, 1]), N("Tanh", ["c"], ["ct"]),
+             N("Transpose", ["ct"], ["t"], perm=[2, 0, 1]),                     # (T, B, C)
+             N(op, rnn_in, outs, **attrs),                                         # Y (T, D, B, H)
+             N("Transpose", ["Y"], ["yt"], perm=[0, 2, 1, 3]),
+             N("Reshape", ["yt", "shp"], ["yr"]),                                  # (T, B, D*H)
+             N("MatMul", ["yr", "perm_w_t"], ["proj"]),                            # (T, B, C)
+             N("Add", ["proj", "t"], ["skip"]),                                    # around the island
+             N("Sigmoid", ["skip"], ["y"]), N("Mul", ["Yh", "Yh"], ["yh2"])]
+    inits["shp"] = I64([T, B, D * H])
+    inits["perm_w_t"] = W(D * H, C, seed=6)
+    inputs = {"x": (B, 2, T)}
+    if fed_state:
+        inputs["h0"] = (D, B, H)
+    outs = {"yh2": None} if only_yh else {"y": None, "yh2": None}
+    return save_model(tmp_path, nodes, inputs, outs, inits), inputs
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("bidir", [True, False], ids=["bidirectional", "forward"])
+def test_rnn_islands_in_an_exported_shape(tmp_path, op, bidir):
+    path, ins = _rnn_block(tmp_path, op, bidir)
+    m = check(path, ins, fd=bidir)
+    plan = m._ort.grad.plan(make_feeds(ins), ["x"], ["y", "yh2"])
+    assert plan.islands == [op]
+
+
+@pytest.mark.parametrize("from_outputs", [True, False], ids=["from_outputs", "recompute"])
+@pytest.mark.parametrize("case", ["reverse", "lbr0", "only_yh", "forward"])
+def test_gru_island_variants(tmp_path, case, from_outputs):
+    """The GRU island from onnxruntime's outputs (rnn_fast.gru_vjp) and the generic recompute, on the
+    variants: a reverse-only node, linear_before_reset=0 (always the generic island), only Y_h read."""
+    from jacaudit.models.onnx import ortgrad
+    kw = dict(direction="reverse") if case == "reverse" else dict(lbr=0) if case == "lbr0" else \
+        dict(only_yh=True) if case == "only_yh" else dict(direction="forward")
+    path, ins = _rnn_block(tmp_path, "GRU", fed_state=True, **kw)
+    old = ortgrad.GRU_FROM_OUTPUTS[0]
+    ortgrad.GRU_FROM_OUTPUTS[0] = from_outputs
+    try:
+        m = check(path, ins, wrt=["x", "h0"], fd=case == "reverse")
+        outs = ["yh2"] if case == "only_yh" else ["y", "yh2"]
+        plan = m._ort.grad.plan(make_feeds(ins), ["x", "h0"], outs)
+        isl = plan.steps[[k for k, *_ in plan.steps].index("island")][1]
+        assert isl.special == ("gru" if from_outputs and case != "lbr0" else None)
+    finally:
+        ortgrad.GRU_FROM_OUTPUTS[0] = old
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_rnn_island_gradient_reaches_a_fed_initial_state(tmp_path, op):
+    path, ins = _rnn_block(tmp_path, op, fed_state=True)
+    check(path, ins, wrt=["x", "h0"])
+    check(path, ins, wrt=["h0"])
+
+
+def test_two_stacked_lstm_islands(tmp_path):
+    H, I_ = 3, 2
+    inits = {"W1": W(1, 4 * H, I_, seed=1), "R1": W(1, 4 * H, H, seed=2),
+             "W2": W(1, 4 * H, H, seed=3), "R2": W(1, 4 * H, H, seed=4), "z": I64([1])}
+    nodes = [N("LSTM", ["x", "W1", "R1"], ["Y1"], hidden_size=H), N("Squeeze", ["Y1", "z"], ["s1"]),
+             N("Relu", ["s1"], ["r1"]),
+             N("LSTM", ["r1", "W2", "R2"], ["Y2"], hidden_size=H), N("Squeeze", ["Y2", "z"], ["y"])]
+    path = save_model(tmp_path, nodes, {"x": (4, 2, I_)}, {"y": None}, inits)
+    m = check(path, {"x": (4, 2, I_)}, fd=True)
+    plan = m._ort.grad.plan(make_feeds({"x": (4, 2, I_)}), ["x"], ["y"])
+    assert plan.islands == ["LSTM", "LSTM"]
+
+
+def test_an_op_without_a_rule_is_an_island_too(tmp_path):
+    """Einsum has no ONNX rule: torch differentiates it between the onnxruntime pieces."""
+    nodes = [N("Tanh", ["a"], ["ta"]), N("Einsum", ["ta", "b"], ["e"], equation="ij,jk->ik"),
+             N("Sigmoid", ["e"], ["y"])]
+    path = save_model(tmp_path, nodes, {"a": (3, 4), "b": (4, 5)}, {"y": None})
+    m = check(path, {"a": (3, 4), "b": (4, 5)}, fd=True)
+    assert m._ort.grad.plan(make_feeds({"a": (3, 4), "b": (4, 5)}), ["a", "b"], ["y"]).islands == ["Einsum"]
+
+
+def test_too_many_islands_and_subgraph_nodes_are_refused(tmp_path):
+    from jacaudit.models.onnx import ortgrad
+    nodes, prev = [], "a"
+    for i in range(ortgrad.MAX_ISLANDS + 1):
+        nodes.append(N("Einsum", [prev, "b"], [f"e{i}"], equation="ij,jk->ik"))
+        prev = f"e{i}"
+    nodes.append(N("Identity", [prev], ["y"]))
+    path = save_model(tmp_path, nodes, {"a": (3, 3), "b": (3, 3)}, {"y": None})
+    m = load(path, runtime="onnxruntime")
+    feeds = make_feeds({"a": (3, 3), "b": (3, 3)}, scale=0.3)
+    vjp(m, feeds, [torch.ones(3, 3)], ["a"])
+    assert "more than" in m._ort.last and "Einsum" in m._ort.last, m._ort.last
+    # an If on the path: its branches may be the whole model (silero-vad's are): refused, the interpreter runs
+    then_g = helper.make_graph([N("Tanh", ["x"], ["t_out"])], "then", [], [vi("t_out", None)])
+    else_g = helper.make_graph([N("Sigmoid", ["x"], ["e_out"])], "else", [], [vi("e_out", None)])
+    nodes = [N("Size", ["x"], ["s"]), N("Greater", ["s", "zero"], ["c"]),
+             N("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    path = save_model(tmp_path, nodes, {"x": (2, 3)}, {"y": None}, {"zero": I64(0)})
+    m = load(path, runtime="onnxruntime")
+    m64 = load(path, dtype=torch.float64, runtime="torch")
+    x = make_feeds({"x": (2, 3)})["x"]
+    _, (g,) = vjp(m, {"x": x}, [torch.ones(2, 3)], ["x"])
+    assert "If" in m._ort.last and "subgraphs" in m._ort.last, m._ort.last
+    _, (g64,) = vjp(m64, {"x": x.double()}, [torch.ones(2, 3)], ["x"])
+    close(g, g64)
+
+
+def test_an_island_under_create_graph_differentiates_the_interpreter(tmp_path):
     path, ins = _lstm_graph(tmp_path)
     m = load(path, runtime="onnxruntime")
     m64 = load(path, dtype=torch.float64, runtime="torch")
-    feeds = make_feeds(ins)
-    ws = [torch.randn(2, 4, generator=torch.Generator().manual_seed(1))]
-    outs, (g,) = vjp(m, feeds, ws, ["x"])
-    assert "LSTM" in m._ort.last, m._ort.last
-    assert m._ort.grad.plan({"x": feeds["x"]}, ["x"], ["y"]) is None and "LSTM" in m._ort.grad.refused
-    outs64, (g64,) = vjp(m64, {"x": feeds["x"].double()}, ws, ["x"])
-    close(outs[0], outs64[0])
+    x = make_feeds(ins)["x"]
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+
+    def hvp(model, dt):
+        xx = x.to(dt).clone().requires_grad_(True)
+        (y,) = model.run({"x": xx})
+        (g,) = torch.autograd.grad((y ** 2).sum(), xx, create_graph=True)
+        (h,) = torch.autograd.grad((g * v.to(dt)).sum(), xx)
+        return g, h
+
+    g, h = hvp(m, torch.float32)
+    assert m._ort.last == "onnxruntime"
+    g64, h64 = hvp(m64, torch.float64)
     close(g, g64)
+    close(h, h64)
 
 
 def _small_conv_graph(tmp_path, batch, group=1):
@@ -1311,31 +1436,26 @@ def test_extra_feed_on_the_gradient_path(tmp_path):
     close(g, g64)
 
 
-REFUSED = [
+ISLANDED = [
     ("pad_reflect", [N("Pad", ["x", "p"], ["z"], mode="reflect"), N("Tanh", ["z"], ["y"])],
-     {"p": I64([0, 0, 1, 1, 0, 0, 1, 1])}, "reflect"),
+     {"p": I64([0, 0, 1, 1, 0, 0, 1, 1])}, "Pad"),
     ("slice_step2", [N("Slice", ["x", "s", "e", "a", "st"], ["z"]), N("Tanh", ["z"], ["y"])],
-     {"s": I64([0]), "e": I64([5]), "a": I64([3]), "st": I64([2])}, "step"),
+     {"s": I64([0]), "e": I64([5]), "a": I64([3]), "st": I64([2])}, "Slice"),
     ("resize_half_pixel_floor", [N("Resize", ["x", "", "sc"], ["y"], mode="nearest", nearest_mode="floor")],
-     {"sc": F32([1, 1, 2, 2])}, "floor"),
+     {"sc": F32([1, 1, 2, 2])}, "Resize"),
     ("softplus", [N("Softplus", ["x"], ["y"])], {}, "Softplus"),
 ]
 
 
-@pytest.mark.parametrize("rid,nodes,inits,why", REFUSED, ids=[r[0] for r in REFUSED])
-def test_refused_graphs_run_the_interpreter(tmp_path, rid, nodes, inits, why):
+@pytest.mark.parametrize("rid,nodes,inits,op", ISLANDED, ids=[r[0] for r in ISLANDED])
+def test_variants_without_a_rule_run_as_torch_islands(tmp_path, rid, nodes, inits, op):
+    """A node whose rule does not write this variant (or an op with no rule) is differentiated by torch
+    between the onnxruntime pieces; anything the rule had written for it is dropped."""
     xs = (1, 2, 4, 6)
     path = save_model(tmp_path, nodes, {"x": xs}, {"y": None}, inits)
-    m = load(path, runtime="onnxruntime")
-    m64 = load(path, dtype=torch.float64, runtime="torch")
-    x = make_feeds({"x": xs})["x"]
-    with torch.no_grad():
-        (y64,) = m64.run({"x": x.double()})
-    ws = [torch.randn(y64.shape, generator=torch.Generator().manual_seed(1))]
-    _, (g,) = vjp(m, {"x": x}, ws, ["x"])
-    assert m._ort.last != "onnxruntime" and why in m._ort.last, m._ort.last
-    _, (g64,) = vjp(m64, {"x": x.double()}, ws, ["x"])
-    close(g, g64, 1e-5)
+    m = check(path, {"x": xs}, fd=rid == "softplus")
+    plan = m._ort.grad.plan(make_feeds({"x": xs}), ["x"], ["y"])
+    assert plan.islands == [op]
 
 
 CONV_EDGE = [

@@ -51,6 +51,20 @@ NonZero IsNaN IsInf ConstantOfShape Range RandomNormal RandomUniform RandomNorma
 Multinomial Bernoulli EyeLike OneHot""".split())
 
 
+#: a node on the differentiated path without an ONNX rule (an LSTM, a GRU, an Einsum...) runs its vector-Jacobian
+#: product in torch, on the forward tensors onnxruntime returned, between the onnxruntime pieces of the backward
+#: (an "island"); nodes with subgraphs (If/Loop/Scan) do not (their bodies are often the whole model: a torch
+#: recompute of it costs more than the interpreter's own run), nor more than this many islands in one graph
+MAX_ISLANDS = 8
+#: a GRU island takes its gradient from onnxruntime's outputs (no torch recompute of the recurrence); tests
+#: switch it off to compare with the generic island
+GRU_FROM_OUTPUTS = [True]
+#: random ops: a torch recompute would draw other values than onnxruntime's forward did
+_NO_ISLAND = frozenset("""Dropout RandomNormal RandomUniform RandomNormalLike RandomUniformLike Multinomial
+Bernoulli""".split())
+ISLAND_DOMAIN = "jacaudit.island"
+
+
 class Refused(Exception):
     """The graph (or this signature) has no onnxruntime gradient here; the message says why."""
 
@@ -1056,6 +1070,212 @@ def _subgraph_names(nd) -> set[str]:
     return names
 
 
+
+class Island:
+    """A node whose vector-Jacobian product torch computes during the backward: the interpreter's op run again
+    on the forward tensors onnxruntime returned (its inputs), differentiated by autograd."""
+
+    def __init__(self, node, inputs, gouts, wrt, gnames, op_type):
+        self.node = node        # the compiled interpreter node
+        self.inputs = inputs    # per input slot: None, (name, constant tensor, None) or (name, None, residual name)
+        self.gouts = gouts      # (forward output name, name of its gradient in the backward)
+        self.wrt = wrt          # differentiated inputs (forward names)
+        self.gnames = gnames    # the names their gradients get in the backward
+        self.op_type = op_type
+
+    special = None  # "gru": the gradient from the node's own outputs (rnn_fast.gru_vjp), no torch recompute
+    y_residual = None
+
+    def run(self, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.special == "gru":
+            return self._gru(env)
+        vals: dict[str, Any] = {}
+        for item in self.inputs:
+            if item is not None:
+                name, const, rname = item
+                vals[name] = const if rname is None else torch.from_numpy(np.asarray(env[rname]))
+        xs = [vals[x].detach().requires_grad_(True) for x in self.wrt]
+        vals.update(zip(self.wrt, xs))
+        graph = self.graph_ref()
+        if graph is None:
+            raise RuntimeError("the model of this gradient plan was freed")
+        with torch.enable_grad():
+            graph._exec([self.node], vals, None)
+        pairs = [(vals[o], torch.from_numpy(np.asarray(env[gn]))) for o, gn in self.gouts]
+        pairs = [(o, g) for o, g in pairs if isinstance(o, torch.Tensor) and o.requires_grad]
+        gx = torch.autograd.grad([o for o, _ in pairs], xs, [g for _, g in pairs], allow_unused=True) \
+            if pairs else [None] * len(xs)
+        return {gn: (np.zeros(tuple(x.shape), np.float32) if g is None else
+                     np.ascontiguousarray(g.detach().to(torch.float32).numpy()))
+                for gn, x, g in zip(self.gnames, xs, gx)}
+
+    def _gru(self, env):
+        from .ops import rnn_fast
+        v = []
+        for item in self.inputs[:6] + [None] * (6 - len(self.inputs[:6])):
+            if item is None:
+                v.append(None)
+            else:
+                name, const, rname = item
+                v.append(const if rname is None else torch.from_numpy(np.asarray(env[rname])))
+        x, w, r, bias, _, h0 = v
+        y = torch.from_numpy(np.asarray(env[self.y_residual]))
+        g = dict(self.gouts)
+        out = self.out_names + ["", ""]
+        gy = torch.from_numpy(np.asarray(env[g[out[0]]])) if out[0] in g else None
+        gyh = torch.from_numpy(np.asarray(env[g[out[1]]])) if out[1] and out[1] in g else None
+        gx, gh0 = rnn_fast.gru_vjp(x, w, r, bias, h0, y, gy, gyh, self.hidden, self.num_dir, self.reverse_only)
+        x_name = self.inputs[0][0]
+        h0_name = self.inputs[5][0] if len(self.inputs) > 5 and self.inputs[5] is not None else None
+        res = {}
+        for name, gn, shape in zip(self.wrt, self.gnames, self.wrt_shapes):
+            t = gx if name == x_name else gh0 if name == h0_name else None
+            res[gn] = np.zeros(shape, np.float32) if t is None else np.ascontiguousarray(t.to(torch.float32).numpy())
+        return res
+
+
+def _gru_special(b, nd) -> tuple[int, int, bool] | None:
+    """(hidden size, directions, reverse only) when ``nd`` is a GRU the fast path computes (linear_before_reset,
+    default activations, no clip, layout 0, no sequence lengths, constant W/R/B, float32): its island takes
+    the gradient from onnxruntime's outputs (rnn_fast.gru_vjp); else None (the generic island)."""
+    a = _attrs(nd)
+    if nd.op_type != "GRU" or not int(a.get("linear_before_reset", 0)) or a.get("clip") is not None \
+            or int(a.get("layout", 0)):
+        return None
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    D = 2 if direction == "bidirectional" else 1
+    acts = a.get("activations")
+    if acts:
+        low = [x.decode().lower() if isinstance(x, bytes) else str(x).lower() for x in acts]
+        if low not in (["sigmoid", "tanh"] * D, ["sigmoid", "tanh"]):
+            return None
+    ins = list(nd.input) + [""] * (6 - len(nd.input))
+    if ins[4] or any(ins[i] and ins[i] not in b.const for i in (1, 2, 3)):
+        return None
+    if len(b.shape(ins[0])) != 3 or not nd.output or not nd.output[0]:
+        return None
+    if ins[5] and b.values[ins[5]].dtype != torch.float32:
+        return None
+    w = b.values[ins[1]]
+    if getattr(w, "dtype", None) != torch.float32:
+        return None
+    H = int(a.get("hidden_size", b.shape(ins[2])[-1]))
+    return H, D, direction == "reverse"
+
+
+def _island(b, nd, cn, go, diff):
+    """Puts a torch island for ``nd`` (compiled node ``cn``) in the backward: a marker node that reads the
+    gradients of its outputs and its residual inputs and writes its inputs' gradients."""
+    from onnx import helper
+    inputs = []
+    for x in nd.input:
+        if not x:
+            inputs.append(None)
+        elif x in b.const:
+            v = b.values[x]
+            inputs.append((x, v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)), None))
+        else:
+            inputs.append((x, None, b.fwd(x)))
+    wrt = [x for x in dict.fromkeys(nd.input) if x and x in diff]
+    gnames = [b.fresh("island") for _ in wrt]
+    gouts = [(o, g) for o, g in zip(nd.output, go) if o and g]
+    isl = Island(cn, inputs, gouts, wrt, gnames, nd.op_type)
+    reads = [g for _, g in gouts] + [it[2] for it in inputs if it is not None and it[2] is not None]
+    gru = _gru_special(b, nd) if GRU_FROM_OUTPUTS[0] else None
+    if gru is not None:
+        isl.special = "gru"
+        isl.hidden, isl.num_dir, isl.reverse_only = gru
+        isl.y_residual = b.fwd(nd.output[0])
+        reads.append(isl.y_residual)
+    isl.out_names = list(nd.output)
+    isl.wrt_shapes = [tuple(b.shape(x)) for x in wrt]
+    b.islands.append(isl)
+    b.nodes.append(helper.make_node("Island", reads, gnames, domain=ISLAND_DOMAIN, index=len(b.islands) - 1))
+    return dict(zip(wrt, gnames))
+
+
+def _backward_types(bnodes, binputs, bouts, inits, islands, values) -> dict[str, int]:
+    """The element type of every tensor of the backward (onnx's shape inference; an island's outputs are
+    float32 gradients), for the names that cross from one step to another."""
+    import onnx
+    from onnx import helper
+    vinfo = []
+    for nd in bnodes:
+        if nd.domain == ISLAND_DOMAIN:
+            vinfo += [helper.make_tensor_value_info(o, 1, None) for o in nd.output]
+    g = helper.make_graph(bnodes, "jacaudit_backward", binputs, bouts,
+                          [onnx.numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in inits.items()],
+                          value_info=vinfo)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", BWD_OPSET), helper.make_opsetid(ISLAND_DOMAIN, 1)],
+                          ir_version=8)
+    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+    types = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = v.type.tensor_type.elem_type
+        if t:
+            types[v.name] = t
+    return types
+
+
+def _segments(bnodes, inits: dict[str, np.ndarray], binputs, bouts, types: dict[str, int], islands):
+    """The backward as steps: onnxruntime sessions between the islands (each with the names it reads and the
+    names later steps read), and the islands. Returns [(kind, session or island, inputs, outputs)], plus the
+    names each step is the last to read (freed after it)."""
+    from onnx import helper
+    import onnx
+    groups: list = []
+    cur: list = []
+    for nd in bnodes:
+        if nd.domain == ISLAND_DOMAIN:
+            groups.append(("ort", cur))
+            groups.append(("island", nd))
+            cur = []
+        else:
+            cur.append(nd)
+    groups.append(("ort", cur))
+    final = [o.name for o in bouts]
+    reads, writes = [], []
+    for kind, obj in groups:
+        if kind == "island":
+            reads.append(set(obj.input))
+            writes.append(set(obj.output))
+        else:
+            made = {o for nd in obj for o in nd.output if o}
+            used = {i for nd in obj for i in nd.input if i} - made
+            reads.append(used)
+            writes.append(made)
+    steps = []
+    needed = set(final)
+    plan_rev = []
+    for i in range(len(groups) - 1, -1, -1):
+        kind, obj = groups[i]
+        if kind == "island":
+            plan_rev.append(("island", islands[_attrs(obj)["index"]], list(obj.input), list(obj.output)))
+            needed = (needed - writes[i]) | reads[i]
+            continue
+        outs = sorted(writes[i] & needed)
+        if not outs:
+            continue
+        ins = sorted(n for n in reads[i] if n not in inits)
+        vis = {v.name: v for v in binputs}
+        ginputs = [vis[n] if n in vis else helper.make_tensor_value_info(n, types.get(n, 1), None) for n in ins]
+        gouts = [helper.make_tensor_value_info(n, types.get(n, 1), None) for n in outs]
+        used_inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(inits[n]), n) for n in sorted(reads[i])
+                      if n in inits]
+        g = helper.make_graph(obj, f"jacaudit_backward_{i}", ginputs, gouts, used_inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", BWD_OPSET)], ir_version=8)
+        plan_rev.append(("ort", m.SerializeToString(), ins, outs))
+        needed = (needed - writes[i]) | set(ins)
+    steps = plan_rev[::-1]
+    last: dict[str, int] = {}
+    for j, (_, _, ins, _) in enumerate(steps):
+        for n in ins:
+            last[n] = j
+    free = [[n for n, j in last.items() if j == k] for k in range(len(steps))]
+    return steps, free
+
+
 class Plan:
     """The two onnxruntime sessions of one input signature and the names they exchange."""
 
@@ -1189,16 +1409,46 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
             return s
         return parts[0]
 
+    b.islands = []
+    compiled = {}
+    for cn in plain_graph.nodes:
+        for o in cn.outputs:
+            if o:
+                compiled[o] = cn
     for nd in path:
         fn = RULES.get(nd.op_type)
-        if fn is None:
-            raise Refused(f"{nd.op_type} (node {nd.name or nd.output[0]!r}) has no ONNX gradient rule")
         go = [total(o) if o else None for o in nd.output]
         if all(x is None for x in go):
             continue
-        if nd.op_type != "Split" and go[0] is None:
-            continue  # only a secondary output is read (e.g. MaxPool's Indices): no derivative flows
-        res = fn(b, nd, _attrs(nd), go, diff)
+        why = None
+        if fn is not None:
+            if nd.op_type != "Split" and go[0] is None:
+                continue  # only a secondary output is read (e.g. MaxPool's Indices): no derivative flows
+            mark = (len(b.nodes), set(b.residuals), set(b.inits))
+            try:
+                res = fn(b, nd, _attrs(nd), go, diff)
+            except Refused as e:  # a variant the rule does not write (Pad reflect, a strided Slice...)
+                if nd.op_type in _NO_ISLAND:
+                    raise
+                del b.nodes[mark[0]:]
+                for k in set(b.residuals) - mark[1]:
+                    del b.residuals[k]
+                for k in set(b.inits) - mark[2]:
+                    del b.inits[k]
+                why = f"{nd.op_type} (node {nd.name or nd.output[0]!r}): {e}"
+        else:
+            why = f"{nd.op_type} (node {nd.name or nd.output[0]!r}) has no ONNX gradient rule"
+        if why is not None:
+            if nd.op_type in _NO_ISLAND:
+                raise Refused(why + " (random: a torch island would draw other values)")
+            if _subgraph_names(nd) or any(at.type in (5, 10) for at in nd.attribute):
+                raise Refused(why + " (a node with subgraphs: not run as a torch island)")
+            if len(b.islands) >= MAX_ISLANDS:
+                raise Refused(why + f" (more than {MAX_ISLANDS} such nodes)")
+            cn = next((compiled[o] for o in nd.output if o in compiled), None)
+            if cn is None:
+                raise Refused(why + " (not found in the compiled graph)")
+            res = _island(b, nd, cn, go, diff)
         for k, v in res.items():
             if k in diff:
                 grads.setdefault(k, []).append(v)
@@ -1224,11 +1474,23 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
         binputs.append(helper.make_tensor_value_info(grad_in[o], 1, list(values[o].shape)))
     inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in b.inits.items()]
     bouts = [helper.make_tensor_value_info("__d_" + w, 1, list(values[w].shape)) for w in wrt]
-    bg = helper.make_graph(bnodes, "jacaudit_backward", binputs, bouts, inits)
-    bmodel = helper.make_model(bg, opset_imports=[helper.make_opsetid("", BWD_OPSET)], ir_version=8)
+    steps = free = None
     try:
-        bbytes = bmodel.SerializeToString()
-        bsess = _session(bbytes)
+        if not b.islands:
+            bg = helper.make_graph(bnodes, "jacaudit_backward", binputs, bouts, inits)
+            bmodel = helper.make_model(bg, opset_imports=[helper.make_opsetid("", BWD_OPSET)], ir_version=8)
+            bbytes = bmodel.SerializeToString()
+            bsess = _session(bbytes)
+        else:
+            import weakref
+            for isl in b.islands:
+                isl.graph_ref = weakref.ref(plain_graph)
+            types = _backward_types(bnodes, binputs, bouts, b.inits, b.islands, values)
+            steps, free = _segments(bnodes, b.inits, binputs, bouts, types, b.islands)
+            steps = [(k, _session(o) if k == "ort" else o, i, out) for k, o, i, out in steps]
+            bsess = bbytes = None
+    except Refused:
+        raise
     except Exception as e:
         raise Refused(f"onnxruntime refused the backward graph: {str(e).splitlines()[0][:200]}") from None
     # the forward session: the graph with the residuals among its outputs (cached by the residual set)
@@ -1255,6 +1517,8 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     plan = Plan(fsess, list(out_names) + res_fwd, len(out_names), [bn for _, bn in residuals], bsess,
                 [grad_in.get(o) for o in out_names], list(wrt), diff_outputs, len(path))
     plan.bwd_bytes = bbytes  # for profiling (benchmarks)
+    plan.steps, plan.free = steps, free  # with islands: the backward's onnxruntime pieces and torch islands
+    plan.islands = [isl.op_type for isl in b.islands]
     return plan
 
 
@@ -1292,7 +1556,18 @@ class _OrtFunction(torch.autograd.Function):
                 continue
             feeds[gi] = np.zeros(shape, np.float32) if g is None else \
                 np.ascontiguousarray(g.detach().to(torch.float32).numpy())
-        outs = plan.bwd.run(None, feeds)
+        if plan.steps is None:
+            outs = plan.bwd.run(None, feeds)
+        else:  # onnxruntime pieces and torch islands in turn
+            env = feeds
+            for (kind, obj, ins, outs_), gone in zip(plan.steps, plan.free):
+                if kind == "ort":
+                    env.update(zip(outs_, obj.run(outs_, {n: env[n] for n in ins})))
+                else:
+                    env.update(obj.run(env))
+                for n in gone:
+                    env.pop(n, None)
+            outs = [env["__d_" + w] for w in plan.wrt]
         return (None, None, None, None) + tuple(torch.from_numpy(np.asarray(o)) for o in outs)
 
 

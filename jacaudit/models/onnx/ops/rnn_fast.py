@@ -446,3 +446,42 @@ def lstm_fast(x, w, r, b, initial_h, initial_c, hs: int, num_dir: int, reverse_o
         hs_, cs_, _ = _lstm_forward(xw.contiguous(), h0, c0, rt, save=False)
         yp, cl = hs_[1:], cs_[-1]
     return _unflip(yp, num_dir, reverse_only), yp[-1], cl
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GRU input gradients from the node's own outputs (onnxruntime ran the forward: models/onnx/ortgrad.py)
+# ------------------------------------------------------------------------------------------------------------
+def gru_vjp(x, w, r, b, initial_h, y, gy, gyh, hs: int, num_dir: int, reverse_only: bool):
+    """Input gradients (x, initial_h) of ``gru_fast``'s outputs given those outputs (Y (T, D, B, H), e.g.
+    onnxruntime's) and their gradients (gy for Y, gyh for Y_h; None = zero): no forward recurrence runs, the
+    per-step gates come from h_{t-1} (Y shifted by a step) for all steps in one batched matmul; then the
+    backward recurrence of ``_gru_backward``. Same derivative as differentiating ``gru_fast``."""
+    dt = x.dtype
+    T, B, _ = x.shape
+    D, H = num_dir, hs
+    w, r = w.to(dt), r.to(dt)
+    wb = rb = None
+    if b is not None:
+        b = b.to(dt)
+        wb, rb = b[:, :3 * H], b[:, 3 * H:]
+    h0 = initial_h.to(dt) if initial_h is not None else x.new_zeros((D, B, H))
+    with torch.no_grad():
+        xw = _proj(x, w, wb, 3, D, H, reverse_only)                     # (T, D, B, 3H), loop order
+        hs_ = torch.cat([h0.unsqueeze(0), _unflip(y.to(dt), D, reverse_only)], 0)  # (T+1, D, B, H)
+        hp = hs_[:-1].permute(1, 0, 2, 3).reshape(D, T * B, H)
+        gg = torch.bmm(hp, r.transpose(1, 2)).view(D, T, B, 3 * H).permute(1, 0, 2, 3).contiguous()
+        if rb is not None:
+            gg += rb.view(1, D, 1, 3 * H)
+        gg[..., :2 * H] += xw[..., :2 * H]                               # z, r pre-activations
+        zr = torch.sigmoid(gg[..., :2 * H])
+        n = torch.tanh(torch.addcmul(xw[..., 2 * H:], zr[..., H:], gg[..., 2 * H:]))
+        gyp = None if gy is None else _unflip(gy.to(dt), D, reverse_only).contiguous()
+        ghl = None if gyh is None else gyh.to(dt).contiguous()
+        g_xw, g_h0 = _gru_backward(gyp, ghl, hs_, (zr.contiguous(), n, gg), r)
+        g_x = None
+        for d in range(D):
+            gd = torch.mm(g_xw[:, d].reshape(T * B, 3 * H), w[d]).view(T, B, -1)
+            if d == 1 or reverse_only:
+                gd = torch.flip(gd, dims=[0])
+            g_x = gd if g_x is None else g_x + gd
+    return g_x, g_h0
