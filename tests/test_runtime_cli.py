@@ -260,3 +260,48 @@ def test_verify_ort_backward_disagreement_only_at_the_given_point_is_a_kink(monk
     r = ort_backward_check(m, f.feeds, f.input_name)
     assert r.status == "pass" and r.max_rel_error < 1e-4, r
     assert "nearby points" in r.note and "kink" in r.note
+
+
+def _lstm_classifier(tmp_path) -> Path:
+    """A conv + LSTM classifier as torch's exporter writes it: its LSTM has no ONNX gradient rule and runs as a
+    torch island between onnxruntime's pieces of the backward."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(3, 8, 3, padding=1)
+            self.rnn = torch.nn.LSTM(8, 6, bidirectional=True)
+            self.fc = torch.nn.Linear(12, 4)
+
+        def forward(self, x):                                  # (1, 3, T)
+            h = torch.relu(self.conv(x)).permute(2, 0, 1)      # (T, 1, 8)
+            y, _ = self.rnn(h)
+            return self.fc(y[-1])
+
+    torch.manual_seed(0)
+    path = tmp_path / "lstm.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 10),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"])
+    return path
+
+
+def test_inspect_and_verify_name_the_torch_islands(tmp_path):
+    path = _lstm_classifier(tmp_path)
+    rep = _inspect(["inspect", path])
+    assert "torch islands: LSTM" in rep["result"]["input_gradients"], rep["result"]["input_gradients"]
+    rep = json.loads(_run(["verify", path, "--json"]).stdout)
+    ob = rep["result"]["ort_backward"]
+    assert ob is not None and ob["status"] == "pass" and ob["max_rel_error"] <= ob["tol"], ob
+
+
+def test_gradient_paths_with_islands_are_onnxruntime_paths():
+    from jacaudit.engine.gradpaths import describe_paths
+
+    class M:
+        format, runtime, _ort = "onnx", "auto", object()
+
+    d = describe_paths(M(), ["onnxruntime with torch islands (LSTM x2)", "batches over 8 with grouped convolutions"])
+    assert d == "onnxruntime with torch islands (LSTM x2); torch interpreter (batches over 8 with grouped convolutions)"
+    assert describe_paths(M(), ["onnxruntime", "onnxruntime with torch islands (GRU)"]) == \
+        "onnxruntime; onnxruntime with torch islands (GRU)"

@@ -23,7 +23,8 @@ def paths_of(model: Any) -> dict | None:
 
 
 def describe_paths(model: Any, paths: Iterable[str] | None = None) -> str | None:
-    """"onnxruntime", "torch interpreter (<reasons>)" or "onnxruntime; torch interpreter (<reasons>)" for the
+    """"onnxruntime", "onnxruntime with torch islands (LSTM x2)" (nodes without an ONNX rule differentiated by torch
+    between onnxruntime's pieces), "torch interpreter (<reasons>)", or those joined by "; ", for the
     paths taken (``paths``, default: the model's own counter); None where unknown (TorchScript, no gradient)."""
     if getattr(model, "format", None) != "onnx" or not hasattr(model, "runtime"):  # TorchScript, an identity
         return None
@@ -35,8 +36,9 @@ def describe_paths(model: Any, paths: Iterable[str] | None = None) -> str | None
     paths = set(paths)
     if not paths:
         return None
-    reasons = sorted(p for p in paths if p != "onnxruntime")
+    ort = sorted(p for p in paths if p.startswith("onnxruntime"))  # "onnxruntime[ with torch islands (...)]"
+    reasons = sorted(p for p in paths if not p.startswith("onnxruntime"))
     interp = f"torch interpreter ({'; '.join(reasons)})" if reasons else ""
-    if "onnxruntime" not in paths:
+    if not ort:
         return interp
-    return "onnxruntime" + (f"; {interp}" if interp else "")
+    return "; ".join(ort) + (f"; {interp}" if interp else "")

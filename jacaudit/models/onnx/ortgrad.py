@@ -1195,6 +1195,12 @@ def _island(b, nd, cn, go, diff):
     return dict(zip(wrt, gnames))
 
 
+def island_summary(ops: list[str]) -> str:
+    """"LSTM x2, Einsum": the op types of a plan's torch islands, counted."""
+    import collections
+    return ", ".join(f"{op} x{k}" if k > 1 else op for op, k in sorted(collections.Counter(ops).items()))
+
+
 def _backward_types(bnodes, binputs, bouts, inits, islands, values) -> dict[str, int]:
     """The element type of every tensor of the backward (onnx's shape inference; an island's outputs are
     float32 gradients), for the names that cross from one step to another."""
@@ -1587,6 +1593,7 @@ class OrtGradient:
         self.fwd_cache: dict = {}
         self.refused: str | None = None  # the last refusal (inspect/the notes say why torch ran)
         self.value_shaped: str | None = None  # shapes_from_values of the graph (decided on the first plan)
+        self.last_islands: list[str] = []  # the torch islands of the last plan run (op types)
 
     def plan(self, feeds: dict[str, torch.Tensor], wrt: list[str], out_names: list[str]):
         sig = (tuple((k, tuple(v.shape), v.dtype) for k, v in feeds.items()), tuple(wrt), tuple(out_names))
@@ -1622,6 +1629,7 @@ class OrtGradient:
         p = self.plan(feeds, wrt, out_names)
         if p is None:
             return None
+        self.last_islands = p.islands
         rest = {k: v.detach().numpy() for k, v in feeds.items() if k not in wrt}
         try:
             outs = _OrtFunction.apply(self, p, rest, wrt, *[feeds[k] for k in wrt])
@@ -1734,7 +1742,10 @@ class Runtime:
         derivative = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
                                                      for v in feeds.values())
         if derivative or (self.last or "").startswith("a transform"):  # torch.func / forward AD: derivatives too
-            self.grad_paths[self.last or "?"] += 1
+            key = self.last or "?"
+            if key == "onnxruntime" and derivative and self.grad.last_islands:
+                key = "onnxruntime with torch islands (" + island_summary(self.grad.last_islands) + ")"
+            self.grad_paths[key] += 1
         return res
 
     def _run(self, feeds: dict[str, torch.Tensor], outputs: list[str], out_names: list[str]):
