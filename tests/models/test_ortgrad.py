@@ -885,17 +885,17 @@ def test_too_many_islands_and_subgraph_nodes_are_refused(tmp_path):
     feeds = make_feeds({"a": (3, 3), "b": (3, 3)}, scale=0.3)
     vjp(m, feeds, [torch.ones(3, 3)], ["a"])
     assert "more than" in m._ort.last and "Einsum" in m._ort.last, m._ort.last
-    # an If on the path: its branches may be the whole model (silero-vad's are): refused, the interpreter runs
-    then_g = helper.make_graph([N("Tanh", ["x"], ["t_out"])], "then", [], [vi("t_out", None)])
-    else_g = helper.make_graph([N("Sigmoid", ["x"], ["e_out"])], "else", [], [vi("e_out", None)])
-    nodes = [N("Size", ["x"], ["s"]), N("Greater", ["s", "zero"], ["c"]),
-             N("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
-    path = save_model(tmp_path, nodes, {"x": (2, 3)}, {"y": None}, {"zero": I64(0)})
+    # a Loop on the path: its body may be the whole model: refused, the interpreter runs
+    body = helper.make_graph([N("Identity", ["cin"], ["cout"]), N("Tanh", ["v"], ["vout"])], "body",
+                             [vi("i", (), TensorProto.INT64), vi("cin", (), TensorProto.BOOL), vi("v", (2, 3))],
+                             [vi("cout", (), TensorProto.BOOL), vi("vout", (2, 3))])
+    nodes = [N("Loop", ["trips", "", "x"], ["y"], body=body)]
+    path = save_model(tmp_path, nodes, {"x": (2, 3)}, {"y": (2, 3)}, {"trips": I64(2)})
     m = load(path, runtime="onnxruntime")
     m64 = load(path, dtype=torch.float64, runtime="torch")
     x = make_feeds({"x": (2, 3)})["x"]
     _, (g,) = vjp(m, {"x": x}, [torch.ones(2, 3)], ["x"])
-    assert "If" in m._ort.last and "subgraphs" in m._ort.last, m._ort.last
+    assert "Loop" in m._ort.last and "subgraphs" in m._ort.last, m._ort.last
     _, (g64,) = vjp(m64, {"x": x.double()}, [torch.ones(2, 3)], ["x"])
     close(g, g64)
 
@@ -1773,3 +1773,65 @@ def test_softmax_opset11_2d_default_axis(tmp_path):
     nodes = [N("Softmax", ["x"], ["s"]), N("Mul", ["s", "s"], ["y"])]
     path = save_model(tmp_path, nodes, {"x": (3, 6)}, {"y": None}, opset=11)
     check(path, {"x": (3, 6)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# If nodes whose condition the signature fixes: inlined (the branch taken), then differentiated as usual
+# ---------------------------------------------------------------------------------------------------------
+def _branch(name, nodes, outs, inits=None):
+    return helper.make_graph(nodes, name, [], [vi(o, None) for o in outs],
+                             [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
+
+
+def test_if_on_a_shape_is_inlined_nested_and_with_clashing_names(tmp_path):
+    """The outer If's condition is a shape test; the branch taken holds an If on a shape of its own tensor
+    and an initializer named like one of the outer graph's."""
+    inner_then = _branch("it", [N("Sigmoid", ["bt"], ["it_o"])], ["it_o"])
+    inner_else = _branch("ie", [N("Neg", ["bt"], ["ie_o"])], ["ie_o"])
+    then_g = _branch("then", [N("Mul", ["x", "w"], ["bt"]),                       # its 'w' shadows the outer one
+                              N("Size", ["bt"], ["n"]), N("Greater", ["n", "k0"], ["c2"]),
+                              N("If", ["c2"], ["b_o"], then_branch=inner_then, else_branch=inner_else)],
+                     ["b_o"], {"w": F32(np.full((2, 3), 0.5)), "k0": I64(3)})
+    else_g = _branch("else", [N("Relu", ["x"], ["e_o"])], ["e_o"])
+    nodes = [N("Tanh", ["x"], ["t"]), N("Shape", ["x"], ["s"]), N("ReduceSum", ["s"], ["ss"], keepdims=0),
+             N("Greater", ["ss", "k"], ["c"]),
+             N("If", ["c"], ["f"], then_branch=then_g, else_branch=else_g), N("Mul", ["t", "w"], ["tw"]),
+             N("Add", ["f", "tw"], ["y"])]
+    path = save_model(tmp_path, nodes, {"x": (2, 3)}, {"y": None}, {"k": I64(1), "w": F32(np.full((2, 3), 3.0))})
+    m = check(path, {"x": (2, 3)}, fd=True)
+    plan = m._ort.grad.plan(make_feeds({"x": (2, 3)}), ["x"], ["y"])
+    assert plan.islands == [] and len(m._ort.grad._inlined) == 2  # two rounds: outer, then inner
+
+
+def test_if_on_an_integer_feed_takes_the_branch_of_each_value(tmp_path):
+    """silero-vad's shape: an If on the sample rate (an int64 feed) around the model; each value is its own
+    plan, each differentiated through the branch it takes."""
+    then_g = _branch("then", [N("Sigmoid", ["x"], ["a"]), N("Mul", ["a", "x"], ["t_o"])], ["t_o"])
+    else_g = _branch("else", [N("Tanh", ["x"], ["e_o"])], ["e_o"])
+    nodes = [N("Equal", ["sr", "k"], ["c"]), N("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [vi("x", (2, 4)), vi("sr", (), TensorProto.INT64)], [vi("y", None)],
+                              [onnx.numpy_helper.from_array(np.asarray(16000, np.int64), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = str(tmp_path / "if_sr.onnx")
+    onnx.save(model, path)
+    m = load(path, runtime="onnxruntime")
+    m64 = load(path, dtype=torch.float64, runtime="torch")
+    x = make_feeds({"x": (2, 4)})["x"]
+    ws = [torch.randn(2, 4, generator=torch.Generator().manual_seed(1))]
+    for sr in (16000, 8000, 16000):
+        feeds = {"x": x, "sr": torch.tensor(sr)}
+        _, (g,) = vjp(m, feeds, ws, ["x"])
+        assert m._ort.last == "onnxruntime", m._ort.last
+        _, (g64,) = vjp(m64, {"x": x.double(), "sr": torch.tensor(sr)}, ws, ["x"])
+        close(g, g64, what=f"sr={sr}")
+
+
+def test_if_on_float_values_is_refused(tmp_path):
+    then_g = _branch("then", [N("Sigmoid", ["x"], ["t_o"])], ["t_o"])
+    else_g = _branch("else", [N("Tanh", ["x"], ["e_o"])], ["e_o"])
+    nodes = [N("ReduceSum", ["x"], ["s"], keepdims=0), N("Greater", ["s", "z"], ["c"]),
+             N("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    path = save_model(tmp_path, nodes, {"x": (2, 3)}, {"y": None}, {"z": F32(0.0)})
+    m = load(path, runtime="onnxruntime")
+    vjp(m, make_feeds({"x": (2, 3)}), [torch.ones(2, 3)], ["x"])
+    assert m._ort.last != "onnxruntime", m._ort.last

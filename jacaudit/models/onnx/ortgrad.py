@@ -1086,6 +1086,88 @@ def _subgraph_names(nd) -> set[str]:
 
 
 
+def _propagate_known(graph, known: set[str]) -> set[str]:
+    """``known`` and what nodes (no subgraphs, no random ops) compute from those alone."""
+    known = set(known)
+    for nd in graph.node:
+        if nd.op_type in ("If", "Loop", "Scan") or nd.op_type in _NO_ISLAND:
+            continue
+        ins = [i for i in nd.input if i]
+        if ins and all(i in known for i in ins):
+            known.update(o for o in nd.output if o)
+    return known
+
+
+def _rename_refs(g, rename: dict[str, str]) -> None:
+    """Rename the outer-scope names a (nested) subgraph reads, in place, where it does not define them."""
+    local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for nd in g.node for o in nd.output}
+    ren = {k: v for k, v in rename.items() if k not in local}
+    if not ren:
+        return
+    for nd in g.node:
+        for i, x in enumerate(nd.input):
+            if x in ren:
+                nd.input[i] = ren[x]
+        for at in nd.attribute:
+            if at.type == 5:
+                _rename_refs(at.g, ren)
+            elif at.type == 10:
+                for sg in at.graphs:
+                    _rename_refs(sg, ren)
+    for o in g.output:
+        if o.name in ren:
+            o.name = ren[o.name]
+
+
+def _inline(proto, ifs, choice: dict, level: int):
+    """A copy of ``proto`` with each If of ``ifs`` replaced by the nodes of the branch ``choice`` takes (its
+    names prefixed, so that they cannot meet the outer graph's) and Identity nodes onto the If's outputs."""
+    import onnx
+    from onnx import helper
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    ids = {id(nd) for nd in ifs}
+    new_nodes = []
+    for i, nd in enumerate(proto.graph.node):
+        if id(nd) not in ids:
+            new_nodes.append(g.node[i])
+            continue
+        at = {a.name: a for a in nd.attribute}
+        br = onnx.GraphProto()
+        br.CopyFrom(at["then_branch" if choice[id(nd)] else "else_branch"].g)
+        tag = f"__jac_if{level}_{i}/"
+        local = {t.name for t in br.initializer} | {o for n2 in br.node for o in n2.output if o}
+        rename = {x: tag + x for x in local}
+        for t in br.initializer:
+            t.name = rename[t.name]
+            g.initializer.append(t)
+        for n2 in br.node:
+            c = onnx.NodeProto()
+            c.CopyFrom(n2)
+            for k, x in enumerate(c.input):
+                if x in rename:
+                    c.input[k] = rename[x]
+            for k, x in enumerate(c.output):
+                if x in rename:
+                    c.output[k] = rename[x]
+            for a in c.attribute:
+                if a.type == 5:
+                    _rename_refs(a.g, rename)
+                elif a.type == 10:
+                    for sg in a.graphs:
+                        _rename_refs(sg, rename)
+            if c.name:
+                c.name = tag + c.name
+            new_nodes.append(c)
+        for o_br, o_if in zip(br.output, nd.output):
+            if o_if:
+                new_nodes.append(helper.make_node("Identity", [rename.get(o_br.name, o_br.name)], [o_if]))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return out
+
+
 class Island:
     """A node whose vector-Jacobian product torch computes during the backward: the interpreter's op run again
     on the forward tensors onnxruntime returned (its inputs), differentiated by autograd."""
@@ -1609,6 +1691,7 @@ class OrtGradient:
         self.refused: str | None = None  # the last refusal (inspect/the notes say why torch ran)
         self.value_shaped: str | None = None  # shapes_from_values of the graph (decided on the first plan)
         self.last_islands: list[str] = []  # the torch islands of the last plan run (op types)
+        self._inlined: dict = {}  # branches taken -> (proto, compiled graph, forward-session cache)
 
     def plan(self, feeds: dict[str, torch.Tensor], wrt: list[str], out_names: list[str]):
         sig = (tuple((k, tuple(v.shape), v.dtype) for k, v in feeds.items()), tuple(wrt), tuple(out_names))
@@ -1626,7 +1709,10 @@ class OrtGradient:
             if len(self.plans) >= self.MAX_PLANS:
                 self.plans.clear()
             try:
-                p = build(self.model.proto, self.model.plain_graph, feeds, wrt, out_names, self.fwd_cache)
+                proto, pg, cache = self.model.proto, self.model.plain_graph, self.fwd_cache
+                if any(nd.op_type == "If" for nd in proto.graph.node):
+                    proto, pg, cache = self._inline_ifs(feeds)
+                p = build(proto, pg, feeds, wrt, out_names, cache)
             except Refused as e:
                 p = str(e)
             except Exception as e:  # e.g. the feeds do not fit the graph: the torch interpreter says how
@@ -1636,6 +1722,41 @@ class OrtGradient:
             self.refused = p
             return None
         return p
+
+    def _inline_ifs(self, feeds: dict[str, torch.Tensor]):
+        """The graph with every If whose condition the signature fixes (shapes, constants, and integer feeds
+        whose values key the plan) replaced by the branch it takes, nested ones too (silero-vad: an If on the
+        sample rate around the whole model, Ifs on shapes inside): (proto, compiled graph, forward-session
+        cache), cached by the branches taken. Ifs left (a condition from float values) refuse as before."""
+        from .interpreter import compile_model
+        model = self.model
+        proto, pg = model.proto, model.plain_graph
+        taken: list = []
+        for _ in range(16):  # nesting depth
+            graph = proto.graph
+            known = _const_names(graph, feeds)
+            if self.value_shaped == "ints":
+                known |= _propagate_known(graph, known | {k for k, v in feeds.items() if not v.is_floating_point()})
+            ifs = [nd for nd in graph.node if nd.op_type == "If" and nd.input[0] in known]
+            if not ifs:
+                break
+            vals = _probe(pg, feeds, {nd.input[0] for nd in ifs})
+            choice = {id(nd): bool(np.asarray(_np(vals[nd.input[0]])).reshape(-1)[0]) for nd in ifs}
+            taken.append(tuple(choice[id(nd)] for nd in ifs))
+            key = tuple(taken)
+            hit = self._inlined.get(key)
+            if hit is not None:
+                proto, pg = hit[0], hit[1]
+                continue
+            proto = _inline(proto, ifs, choice, len(taken))
+            pg = compile_model(proto, model.device, model.dtype)
+            pg.input_names = list(model.graph.input_names)
+            if len(self._inlined) >= 8:
+                self._inlined.clear()
+            self._inlined[key] = (proto, pg, {})
+        if not taken:
+            return model.proto, model.plain_graph, self.fwd_cache
+        return self._inlined[tuple(taken)]
 
     def run(self, feeds: dict[str, torch.Tensor], out_names: list[str]):
         """The outputs through onnxruntime, differentiable w.r.t. the float feeds that require grad; None when
