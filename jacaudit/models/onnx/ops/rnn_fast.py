@@ -133,21 +133,30 @@ def _gru_backward(gy, gh, hs, saved, r):
     kx[:, :, :, 2] = dn_k
     kh = kx.clone()
     kh[:, :, :, 2] = dn_k * rr
-    gx = torch.empty((T, D, B, 3, H), dtype=n.dtype, device=n.device)
+    # the loop keeps dh_t per step (3 kernels a step: the gate gradients of the recurrent product, their
+    # product with R, plus dh_t * z_t and the next step's output gradient in one addcmul); the input
+    # projection's gradients are one product of all steps after it
+    dhs = torch.empty((T, D, B, H), dtype=n.dtype, device=n.device)
     ghh = torch.empty((D, B, 3, H), dtype=n.dtype, device=n.device)
     ghh3 = ghh.view(D, B, 3 * H)
-    gxu, kxu, khu, zu = gx.unbind(0), kx.unbind(0), kh.unbind(0), z.unbind(0)
+    dhu, khu, zu = dhs.unbind(0), kh.unbind(0), z.unbind(0)
     gyu = gy.unbind(0) if gy is not None else None
-    dh = gh
+    zero = n.new_zeros((D, B, H))
+    if gh is not None:
+        dh = gh if gyu is None else gh + gyu[T - 1]
+    else:
+        dh = gyu[T - 1] if gyu is not None else zero
+    dhu[T - 1].copy_(dh)
     for t in range(T - 1, -1, -1):
-        if gyu is not None:
-            dh = gyu[t] if dh is None else dh + gyu[t]
-        if dh is None:
-            dh = n.new_zeros((D, B, H))
-        d4 = dh.unsqueeze(2)
-        torch.mul(d4, kxu[t], out=gxu[t])
-        torch.mul(d4, khu[t], out=ghh)
-        dh = torch.baddbmm(dh * zu[t], ghh3, r)
+        dh = dhu[t]
+        torch.mul(dh.unsqueeze(2), khu[t], out=ghh)
+        if t == 0:
+            dh = torch.baddbmm(dh * zu[0], ghh3, r)
+        elif gyu is not None:
+            torch.baddbmm(torch.addcmul(gyu[t - 1], dh, zu[t]), ghh3, r, out=dhu[t - 1])
+        else:
+            torch.baddbmm(dh * zu[t], ghh3, r, out=dhu[t - 1])
+    gx = dhs.unsqueeze(3) * kx                                             # (T, D, B, 3, H)
     return gx.view(T, D, B, 3 * H), dh
 
 
