@@ -229,6 +229,9 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
             if rt_model is not None and "rt_grad_ms" in res:
                 g_rt = f_grad(rt_model)
                 res["rt_path"] = rt_model._ort.last
+                if rt_model._ort.last == "onnxruntime" and rt_model._ort.grad.last_islands:
+                    from jacaudit.models.onnx.ortgrad import island_summary
+                    res["rt_islands"] = island_summary(rt_model._ort.grad.last_islands)
                 g_t = f_grad(model)
                 den = max(float(g_t.abs().max()), 1e-30)
                 res["rt_grad_diff"] = float((g_rt - g_t).abs().max()) / den
@@ -299,6 +302,8 @@ def print_tables(rows, batches, targets=(1.5, 2.5, 3.5)):
                 err_c = f"{res['err']:.1e}" if "err" in res else ""
                 path = res.get("rt_path") or ""
                 path = "onnxruntime" if path == "onnxruntime" else (f"interpreter: {path[:80]}" if path else "")
+                if res.get("rt_islands"):
+                    path += f" (torch islands: {res['rt_islands']})"
                 diff = f"{res['rt_grad_diff']:.1e} / {res['rt_grad_diff_median']:.1e}" if "rt_grad_diff" in res else ""
                 cells = [ort_c] + [cell(k) for k, _ in present] + [path, err_c, diff]
                 for key in ("synthetic", "all"):

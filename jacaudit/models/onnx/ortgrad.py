@@ -12,23 +12,31 @@ and one set of inputs to differentiate, ``build``:
   kernel (strided depthwise: of the zero-inserted gradient; other strided: a ConvTranspose with the same weight),
   with a following BatchNormalization's per-channel factor folded into that kernel; an activation's is an
   elementwise factor (x*sigmoid(x), x*hardsigmoid(x) and x*clip(x+3,0,6)[/6] as one expression each); a
-  broadcast's a ReduceSum; a MaxPool's a one-hot of the ArgMax of its windows (no Indices output: onnxruntime's
-  kernel for it is 10-40x slower); shapes are constants;
+  broadcast's a ReduceSum; a MaxPool's a one-hot of the first maximum of each window put back by Col2Im (no
+  Indices output: onnxruntime's kernel for it is 10-40x slower); shapes are constants;
+* differentiates a node without a rule (LSTM, GRU, Einsum, a reflect Pad, a linear Resize...) in torch, between
+  onnxruntime pieces of the backward, on the tensors onnxruntime's forward returned (a torch "island": the
+  interpreter's op run again under autograd; a GRU's gradient taken from onnxruntime's own outputs,
+  ``rnn_fast.gru_vjp``, without running its recurrence forward again);
 * names the forward tensors the backward reads (the residuals), and recomputes in the backward those that a
   cheap elementwise op computes from another residual, so that the forward keeps onnxruntime's fusions and
   returns few tensors (each one a reorder out of its NCHWc convolution layout).
 
-A node on that path without a rule (LSTM, GRU, If, Loop, ...), a non-float32 tensor on it, or shapes that follow
-from float input values make ``build`` refuse with the reason, and the caller runs the torch interpreter as
-before. ``OrtGradient`` wraps the two sessions as one torch autograd Function: its forward is onnxruntime's
-forward (with the residuals), its backward the backward session; a backward that must itself be differentiable
-(``create_graph``) differentiates the torch interpreter on the saved inputs instead. ``Runtime`` is what
-``OnnxModel.run`` calls for ``runtime="onnxruntime"``/``"auto"``: float32 CPU feeds outside torch.func
-transforms and forward-mode AD only; everywhere else the torch interpreter runs.
+Before that, an If whose condition the signature fixes (a shape test, an integer feed whose values key the
+plan: silero-vad's sample rate) is replaced by the branch it takes (``OrtGradient._inline_ifs``). A node with
+subgraphs left on the path (Loop, Scan, an If on float values: a body may be the whole model, whose torch
+recompute would cost more than the interpreter's own run), a random op, more than ``MAX_ISLANDS`` islands, a
+non-float32 tensor on the path, or shapes that follow from float input values make ``build`` refuse with the
+reason, and the caller runs the torch interpreter as before. ``OrtGradient`` wraps the sessions as one torch
+autograd Function: its forward is onnxruntime's forward (with the residuals), its backward the backward
+session(s) and islands in turn; a backward that must itself be differentiable (``create_graph``) differentiates
+the torch interpreter on the saved inputs instead. ``Runtime`` is what ``OnnxModel.run`` calls for
+``runtime="onnxruntime"``/``"auto"``: float32 CPU feeds outside torch.func transforms and forward-mode AD only;
+everywhere else the torch interpreter runs.
 
 Conventions at kinks are the interpreter's (tests/models/test_ortgrad.py): Relu passes the gradient where its
 output is > 0, LeakyRelu's slope is 1 at 0, Clip and HardSigmoid pass it on their closed intervals, MaxPool to
-the first maximum of a window (onnxruntime's Indices). Values are float32 throughout: near a kink, a rounding
+the first maximum of a window in row-major order. Values are float32 throughout: near a kink, a rounding
 difference between onnxruntime's and torch's forward can put one unit on the other side (benchmarks/README.md
 gives the per-model differences).
 """
