@@ -240,14 +240,16 @@ def bench_one(path, feeds_fn, dynamic, batches, rounds, rounds32, b32_budget, or
                 per = ((g_rt - g_t).abs().flatten(1).max(1).values / den) if g_t.dim() > 1 else None
                 res["rt_grad_diff_median"] = float(per.median()) if per is not None else res["rt_grad_diff"]
             if "ort_ms" in res:
-                from jacaudit.models.onnx.ortgrad import AUTO_GRAD_MAX_BATCH, has_grouped_conv
+                from jacaudit.models.onnx.ortgrad import (AUTO_GRAD_MAX_BATCH, AUTO_LARGE_BATCH_INTERPRETER,
+                                                          has_grouped_conv)
                 if rt_model is not None and "rt_fwd_ms" in res:
                     # what the commands run (runtime "auto"): forward in onnxruntime; the gradient through it
                     # (where its plan exists) up to AUTO_GRAD_MAX_BATCH inputs, and above for graphs without
                     # grouped convolutions; else the interpreter's
                     res["auto_fwd_ms"] = res["rt_fwd_ms"]
-                    use_rt = (b <= AUTO_GRAD_MAX_BATCH or not has_grouped_conv(rt_model.proto.graph)) \
-                        and res.get("rt_path") == "onnxruntime"
+                    big_ok = not has_grouped_conv(rt_model.proto.graph) and \
+                        not (set(rt_model._ort.grad.last_islands) & AUTO_LARGE_BATCH_INTERPRETER)
+                    use_rt = (b <= AUTO_GRAD_MAX_BATCH or big_ok) and res.get("rt_path") == "onnxruntime"
                     if "rt_grad_ms" in res and "grad_ms" in res:
                         res["auto_grad_ms"] = res["rt_grad_ms"] if use_rt else res["grad_ms"]
                 for k in ("fwd_ms", "grad_ms", "base_fwd_ms", "base_grad_ms", "rt_fwd_ms", "rt_grad_ms",

@@ -1835,3 +1835,22 @@ def test_if_on_float_values_is_refused(tmp_path):
     m = load(path, runtime="onnxruntime")
     vjp(m, make_feeds({"x": (2, 3)}), [torch.ones(2, 3)], ["x"])
     assert m._ort.last != "onnxruntime", m._ort.last
+
+
+def test_auto_sends_large_batches_with_a_gru_island_to_the_interpreter(tmp_path):
+    """auto: a GRU island is slower than the interpreter at batch 32 (it recomputes every step's input
+    projection and gates): above AUTO_GRAD_MAX_BATCH those plans run the interpreter; below, onnxruntime."""
+    from jacaudit.models.onnx import ortgrad
+    H, I_ = 3, 2
+    inits = {"W": W(1, 3 * H, I_, seed=1), "R": W(1, 3 * H, H, seed=2)}
+    nodes = [N("Transpose", ["x"], ["t"], perm=[1, 0, 2]),   # (B, T, I) -> (T, B, I)
+             N("GRU", ["t", "W", "R"], ["Y"], hidden_size=H, linear_before_reset=1), N("Tanh", ["Y"], ["y"])]
+    path = save_model(tmp_path, nodes, {"x": ("B", 4, I_)}, {"y": None}, inits)
+    m = load(path, runtime="auto")
+    big = ortgrad.AUTO_GRAD_MAX_BATCH + 1
+    for b, want in ((2, "onnxruntime"), (big, "GRU island")):
+        xx = torch.randn(b, 4, I_).requires_grad_(True)
+        (y,) = m.run({"x": xx})
+        (g,) = torch.autograd.grad(y.sum(), xx)
+        assert want in m._ort.last, (b, m._ort.last)
+        assert torch.isfinite(g).all()

@@ -1807,6 +1807,11 @@ RUNTIMES = ("auto", "onnxruntime", "torch")
 #: graphs; it loses at batch 32 on MobileNetV3/EfficientNet-class ones, whose grouped-convolution input gradients
 #: and squeeze-excitation products torch runs faster)
 AUTO_GRAD_MAX_BATCH = 8
+#: and above it, the interpreter for plans with an island of these ops: a GRU island recomputes the input
+#: projections and gates of every step from onnxruntime's outputs, FLOP-bound at batch 32 (the speech BiGRU:
+#: 4.35x onnxruntime's forward vs the interpreter's 3.07x; at batch 1 4.5x vs 5.0x); LSTM islands (a CRNN) win at
+#: both (3.41x vs 3.71x at batch 32)
+AUTO_LARGE_BATCH_INTERPRETER = frozenset({"GRU"})
 
 
 def has_grouped_conv(graph) -> bool:
@@ -1911,6 +1916,11 @@ class Runtime:
                         self._grouped = has_grouped_conv(self.model.proto.graph)
                     if self._grouped:
                         self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH} with grouped convolutions"
+                        return None
+                    plan = self.grad.plan(feeds, wrt, list(out_names) + [o for o in outputs if o not in out_names])
+                    if plan is not None and any(op in AUTO_LARGE_BATCH_INTERPRETER for op in plan.islands):
+                        self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH} with a " + \
+                            "/".join(sorted(set(plan.islands) & AUTO_LARGE_BATCH_INTERPRETER)) + " island"
                         return None
             targets = list(out_names) + [o for o in outputs if o not in out_names]
             res = self.grad.run(feeds, targets)
