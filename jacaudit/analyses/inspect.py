@@ -121,7 +121,8 @@ def gradient_probe(path: str, runtime: str, fmt: str) -> str:
             return f"torch interpreter ({model._ort.grad.refused or 'no plan'})"
         if plan.islands:
             from ..models.onnx.ortgrad import island_summary
-            return f"onnxruntime (backward graph of {plan.n_nodes} nodes; torch islands: {island_summary(plan.islands)})"
+            return (f"onnxruntime (backward graph of {plan.n_nodes} nodes; "
+                    f"torch islands: {island_summary(plan.islands)})")
         return f"onnxruntime (backward graph of {plan.n_nodes} nodes)"
     except Exception as e:  # the probe never fails inspect
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""

@@ -193,11 +193,15 @@ def ort_backward_check(model: Any, feeds: dict, input_name: str, *, seed: int = 
                                  backward_nodes=int(plan.n_nodes),
                                  note="the interpreter's VJP is zero (or not finite) for every cotangent")
     status = "pass" if worst <= tol else "fail"
-    note = f"{judged} cotangent(s); backward graph of {plan.n_nodes} nodes"
+    isl = ""
+    if getattr(plan, "islands", None):
+        from ..models.onnx.ortgrad import island_summary
+        isl = f", torch islands: {island_summary(plan.islands)}"
+    note = f"{judged} cotangent(s); backward graph of {plan.n_nodes} nodes{isl}"
     if status == "fail" and len(nearby) == 2 and max(nearby) <= tol:
         note = (f"{worst:.2g} at the given input but {max(nearby):.2g} at 2 nearby points (steps of {step:.2g}): a "
                 f"unit at a kink rounded to different sides by the two float32 forwards, not the backward graph; "
-                f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes")
+                f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes{isl}")
         status, worst = "pass", max(nearby)
     elif status == "fail":
         # onnxruntime's own forward may differ from the interpreter's by more than the tolerance (e.g. its Sigmoid
@@ -208,9 +212,10 @@ def ort_backward_check(model: Any, feeds: dict, input_name: str, *, seed: int = 
             status = "inconclusive"
             note = (f"onnxruntime's forward differs from the interpreter's by {fwd:.2g} (relative to max|y|) at "
                     f"this input, more than the tolerance: the backward's {worst:.2g} cannot be judged; "
-                    f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes")
+                    f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes{isl}")
         elif nearby:
-            note = (f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes; the disagreement reproduces at "
+            note = (f"{judged} cotangent(s), backward graph of {plan.n_nodes} nodes{isl}; the disagreement "
+                    f"reproduces at "
                     f"nearby points ({', '.join(f'{v:.2g}' for v in nearby)})")
     return VerifyOrtBackward(status=status, max_rel_error=worst, tol=tol, cotangents=int(cotangents),
                              backward_nodes=int(plan.n_nodes), note=note)
