@@ -1106,6 +1106,19 @@ def _propagate_known(graph, known: set[str]) -> set[str]:
     return known
 
 
+def _rename_in_node(nd, rename: dict[str, str]) -> None:
+    """Rename the names ``nd`` reads, in place, and those its subgraphs read from outside them."""
+    for i, x in enumerate(nd.input):
+        if x in rename:
+            nd.input[i] = rename[x]
+    for at in nd.attribute:
+        if at.type == 5:  # GRAPH
+            _rename_refs(at.g, rename)
+        elif at.type == 10:  # GRAPHS
+            for sg in at.graphs:
+                _rename_refs(sg, rename)
+
+
 def _rename_refs(g, rename: dict[str, str]) -> None:
     """Rename the outer-scope names a (nested) subgraph reads, in place, where it does not define them."""
     local = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for nd in g.node for o in nd.output}
@@ -1113,37 +1126,29 @@ def _rename_refs(g, rename: dict[str, str]) -> None:
     if not ren:
         return
     for nd in g.node:
-        for i, x in enumerate(nd.input):
-            if x in ren:
-                nd.input[i] = ren[x]
-        for at in nd.attribute:
-            if at.type == 5:
-                _rename_refs(at.g, ren)
-            elif at.type == 10:
-                for sg in at.graphs:
-                    _rename_refs(sg, ren)
+        _rename_in_node(nd, ren)
     for o in g.output:
         if o.name in ren:
             o.name = ren[o.name]
 
 
-def _inline(proto, ifs, choice: dict, level: int):
-    """A copy of ``proto`` with each If of ``ifs`` replaced by the nodes of the branch ``choice`` takes (its
-    names prefixed, so that they cannot meet the outer graph's) and Identity nodes onto the If's outputs."""
+def _inline(proto, ifs: list[int], choice: dict[int, bool], level: int):
+    """A copy of ``proto`` with each If (node indices ``ifs``) replaced by the nodes of the branch ``choice``
+    takes (its names prefixed, so that they cannot meet the outer graph's) and Identity nodes onto the If's
+    outputs."""
     import onnx
     from onnx import helper
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     g = out.graph
-    ids = {id(nd) for nd in ifs}
     new_nodes = []
-    for i, nd in enumerate(proto.graph.node):
-        if id(nd) not in ids:
-            new_nodes.append(g.node[i])
+    for i, nd in enumerate(g.node):
+        if i not in choice:
+            new_nodes.append(nd)
             continue
         at = {a.name: a for a in nd.attribute}
         br = onnx.GraphProto()
-        br.CopyFrom(at["then_branch" if choice[id(nd)] else "else_branch"].g)
+        br.CopyFrom(at["then_branch" if choice[i] else "else_branch"].g)
         tag = f"__jac_if{level}_{i}/"
         local = {t.name for t in br.initializer} | {o for n2 in br.node for o in n2.output if o}
         rename = {x: tag + x for x in local}
@@ -1153,27 +1158,27 @@ def _inline(proto, ifs, choice: dict, level: int):
         for n2 in br.node:
             c = onnx.NodeProto()
             c.CopyFrom(n2)
-            for k, x in enumerate(c.input):
-                if x in rename:
-                    c.input[k] = rename[x]
+            _rename_in_node(c, rename)
             for k, x in enumerate(c.output):
                 if x in rename:
                     c.output[k] = rename[x]
-            for a in c.attribute:
-                if a.type == 5:
-                    _rename_refs(a.g, rename)
-                elif a.type == 10:
-                    for sg in a.graphs:
-                        _rename_refs(sg, rename)
             if c.name:
                 c.name = tag + c.name
             new_nodes.append(c)
         for o_br, o_if in zip(br.output, nd.output):
             if o_if:
                 new_nodes.append(helper.make_node("Identity", [rename.get(o_br.name, o_br.name)], [o_if]))
+    new_nodes = [_copy(n) for n in new_nodes]
     del g.node[:]
     g.node.extend(new_nodes)
     return out
+
+
+def _copy(nd):
+    import onnx
+    c = onnx.NodeProto()
+    c.CopyFrom(nd)
+    return c
 
 
 class Island:
@@ -1745,12 +1750,12 @@ class OrtGradient:
             known = _const_names(graph, feeds)
             if self.value_shaped == "ints":
                 known |= _propagate_known(graph, known | {k for k, v in feeds.items() if not v.is_floating_point()})
-            ifs = [nd for nd in graph.node if nd.op_type == "If" and nd.input[0] in known]
+            ifs = [i for i, nd in enumerate(graph.node) if nd.op_type == "If" and nd.input[0] in known]
             if not ifs:
                 break
-            vals = _probe(pg, feeds, {nd.input[0] for nd in ifs})
-            choice = {id(nd): bool(np.asarray(_np(vals[nd.input[0]])).reshape(-1)[0]) for nd in ifs}
-            taken.append(tuple(choice[id(nd)] for nd in ifs))
+            vals = _probe(pg, feeds, {graph.node[i].input[0] for i in ifs})
+            choice = {i: bool(np.asarray(_np(vals[graph.node[i].input[0]])).reshape(-1)[0]) for i in ifs}
+            taken.append(tuple(choice[i] for i in ifs))
             key = tuple(taken)
             hit = self._inlined.get(key)
             if hit is not None:
