@@ -119,9 +119,13 @@ def test_interrupted_run_leaves_no_report_and_resume_gives_the_same_report(tmp_p
 
 def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
+    # SIGINT at its default in the child: a shell that starts a job in the background without job control
+    # hands it SIGINT ignored (POSIX), and Python then leaves Ctrl-C ignored too (a CI run started that way
+    # finished the audit with exit 0)
     p = subprocess.Popen([sys.executable, "-m", "jacaudit", "robustness", str(ROBUST), str(DATA), "--out", str(out),
                           "--format", "json", *FAST], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, JACAUDIT_THREADS="1"))
+                         env=dict(os.environ, JACAUDIT_THREADS="1"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not (out / "shards" / "batch-000000.json").exists():
