@@ -60,6 +60,16 @@ def save_model(tmp_path, nodes, inputs, outputs, inits=None, opset=17, name="m")
     return str(path)
 
 
+def _save_graph(tmp_path, graph, name):
+    """A hand-built graph (its own inputs, e.g. int64 feeds) saved as opset 17: (onnxruntime model, float64
+    interpreter model)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    path = str(tmp_path / f"{name}.onnx")
+    onnx.save(model, path)
+    return load(path, runtime="onnxruntime"), load(path, dtype=torch.float64, runtime="torch")
+
+
 def make_feeds(inputs, kinds=None, seed=0, scale=1.0):
     rng = _rng(seed)
     kinds = kinds or {}
@@ -1319,12 +1329,7 @@ def test_maxpool_ties_go_where_the_interpreter_sends_them(tmp_path, attrs):
 def test_gather_indices_from_an_int64_graph_input_change_between_calls(tmp_path):
     nodes = [N("Gather", ["x", "i"], ["g"], axis=1), N("Tanh", ["g"], ["y"])]
     graph = helper.make_graph(nodes, "gi", [vi("x", (3, 5)), vi("i", (4,), TensorProto.INT64)], [vi("y", (3, 4))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    path = str(tmp_path / "gi.onnx")
-    onnx.save(model, path)
-    m = load(path, runtime="onnxruntime")
-    m64 = load(path, dtype=torch.float64, runtime="torch")
+    m, m64 = _save_graph(tmp_path, graph, "gi")
     x = make_feeds({"x": (3, 5)})["x"]
     w = [torch.randn(3, 4, generator=torch.Generator().manual_seed(1))]
     for idx in ([0, 1, 1, -1], [4, 3, 0, 0]):
@@ -1809,13 +1814,9 @@ def test_if_on_an_integer_feed_takes_the_branch_of_each_value(tmp_path):
     then_g = _branch("then", [N("Sigmoid", ["x"], ["a"]), N("Mul", ["a", "x"], ["t_o"])], ["t_o"])
     else_g = _branch("else", [N("Tanh", ["x"], ["e_o"])], ["e_o"])
     nodes = [N("Equal", ["sr", "k"], ["c"]), N("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
-    graph = helper.make_graph(nodes, "g", [vi("x", (2, 4)), vi("sr", (), TensorProto.INT64)], [vi("y", None)],
+    graph = helper.make_graph(nodes, "g", [vi("x", (2, 4)), vi("sr", (), TensorProto.INT64)], [vi("y", (2, 4))],
                               [onnx.numpy_helper.from_array(np.asarray(16000, np.int64), "k")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    path = str(tmp_path / "if_sr.onnx")
-    onnx.save(model, path)
-    m = load(path, runtime="onnxruntime")
-    m64 = load(path, dtype=torch.float64, runtime="torch")
+    m, m64 = _save_graph(tmp_path, graph, "if_sr")
     x = make_feeds({"x": (2, 4)})["x"]
     ws = [torch.randn(2, 4, generator=torch.Generator().manual_seed(1))]
     for sr in (16000, 8000, 16000):

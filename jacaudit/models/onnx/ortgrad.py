@@ -1311,7 +1311,7 @@ def island_summary(ops: list[str]) -> str:
     return ", ".join(f"{op} x{k}" if k > 1 else op for op, k in sorted(collections.Counter(ops).items()))
 
 
-def _backward_types(bnodes, binputs, bouts, inits, islands, values) -> dict[str, int]:
+def _backward_types(bnodes, binputs, bouts, inits) -> dict[str, int]:
     """The element type of every tensor of the backward (onnx's shape inference; an island's outputs are
     float32 gradients), for the names that cross from one step to another."""
     import onnx
@@ -1361,8 +1361,8 @@ def _segments(bnodes, inits: dict[str, np.ndarray], binputs, bouts, types: dict[
             used = {i for nd in obj for i in nd.input if i} - made
             reads.append(used)
             writes.append(made)
-    steps = []
     needed = set(final)
+    vis = {v.name: v for v in binputs}
     plan_rev = []
     for i in range(len(groups) - 1, -1, -1):
         kind, obj = groups[i]
@@ -1374,7 +1374,6 @@ def _segments(bnodes, inits: dict[str, np.ndarray], binputs, bouts, types: dict[
         if not outs:
             continue
         ins = sorted(n for n in reads[i] if n not in inits)
-        vis = {v.name: v for v in binputs}
         ginputs = [vis[n] if n in vis else helper.make_tensor_value_info(n, types.get(n, 1), None) for n in ins]
         gouts = [helper.make_tensor_value_info(n, types.get(n, 1), None) for n in outs]
         used_inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(inits[n]), n) for n in sorted(reads[i])
@@ -1601,7 +1600,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
             import weakref
             for isl in b.islands:
                 isl.graph_ref = weakref.ref(plain_graph)
-            types = _backward_types(bnodes, binputs, bouts, b.inits, b.islands, values)
+            types = _backward_types(bnodes, binputs, bouts, b.inits)
             steps, free = _segments(bnodes, b.inits, binputs, bouts, types, b.islands)
             steps = [(k, _session(o) if k == "ort" else o, i, out) for k, o, i, out in steps]
             bsess = bbytes = None
