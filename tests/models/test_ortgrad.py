@@ -793,10 +793,11 @@ def test_lstm_runs_as_a_torch_island_between_onnxruntime_pieces(tmp_path):
     assert plan.islands == ["LSTM"] and [k for k, *_ in plan.steps] == ["ort", "island", "ort"]
 
 
-def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1, only_yh=False):
+def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1, only_yh=False, only_y=False,
+               T=6, bias=True):
     """Conv1d -> (T, B, C) -> a bidirectional RNN node -> both outputs used, with a skip path around the RNN
     (the gradient of the RNN's input adds up from both sides of the island) and a fed initial state."""
-    H, C, T, B = 3, 4, 6, 2
+    H, C, B = 3, 4, 2
     G = 4 if op == "LSTM" else 3
     direction = direction or ("bidirectional" if bidir else "forward")
     D = 2 if direction == "bidirectional" else 1
@@ -806,6 +807,8 @@ def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1,
     if op == "GRU":
         attrs["linear_before_reset"] = lbr
     rnn_in = ["t", "W", "R", "B", "", "h0"] if fed_state else ["t", "W", "R", "B"]
+    if not bias:
+        rnn_in[3] = ""
     outs = ["Y", "Yh"] + (["Yc"] if op == "LSTM" else [])
     nodes = [N("Conv", ["x", "cw"], ["c"], pads=[1, 1]), N("Tanh", ["c"], ["ct"]),
              N("Transpose", ["ct"], ["t"], perm=[2, 0, 1]),                     # (T, B, C)
@@ -820,22 +823,66 @@ def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1,
     inputs = {"x": (B, 2, T)}
     if fed_state:
         inputs["h0"] = (D, B, H)
-    outs = {"yh2": None} if only_yh else {"y": None, "yh2": None}
+    outs = {"yh2": None} if only_yh else {"y": None} if only_y else {"y": None, "yh2": None}
     return save_model(tmp_path, nodes, inputs, outs, inits), inputs
+
+
+@pytest.fixture
+def gru_island():
+    """The GRU as a torch island (its ONNX rule, ``ortgrad._gru``, switched off)."""
+    from jacaudit.models.onnx import ortgrad
+    old = ortgrad.GRU_RULE[0]
+    ortgrad.GRU_RULE[0] = False
+    yield
+    ortgrad.GRU_RULE[0] = old
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
 @pytest.mark.parametrize("bidir", [True, False], ids=["bidirectional", "forward"])
-def test_rnn_islands_in_an_exported_shape(tmp_path, op, bidir):
+def test_rnn_islands_in_an_exported_shape(tmp_path, op, bidir, gru_island):
     path, ins = _rnn_block(tmp_path, op, bidir)
     m = check(path, ins, fd=bidir)
     plan = m._ort.grad.plan(make_feeds(ins), ["x"], ["y", "yh2"])
     assert plan.islands == [op]
 
 
+@pytest.mark.parametrize("case", ["bidirectional", "reverse", "forward", "only_yh", "only_y", "h0_only",
+                                  "one_step", "no_bias"])
+def test_gru_rule_in_onnxruntime(tmp_path, case):
+    """The GRU's ONNX rule (gates from Y, the backward recurrence as one Scan): no island, against the float64
+    interpreter and finite differences, on every variant it takes."""
+    kw = {"bidirectional": {}, "reverse": dict(direction="reverse"), "forward": dict(direction="forward"),
+          "only_yh": dict(only_yh=True), "only_y": dict(only_y=True), "h0_only": {}, "one_step": dict(T=1),
+          "no_bias": dict(bias=False)}[case]
+    path, ins = _rnn_block(tmp_path, "GRU", fed_state=True, **kw)
+    wrt = ["h0"] if case == "h0_only" else ["x", "h0"]
+    m = check(path, ins, wrt=wrt, fd=True)
+    outs = [o.name for o in onnx.load(path).graph.output]
+    plan = m._ort.grad.plan(make_feeds(ins), wrt, outs)
+    assert plan.islands == [] and plan.steps is None
+    assert "Scan" in {nd.op_type for nd in onnx.load_from_string(plan.bwd_bytes).graph.node}
+
+
+def test_gru_rule_refuses_to_the_island(tmp_path):
+    """linear_before_reset=0 (not onnxruntime's fast form): the rule refuses and the GRU is a torch island."""
+    path, ins = _rnn_block(tmp_path, "GRU", fed_state=True, lbr=0)
+    m = check(path, ins, wrt=["x", "h0"])
+    assert m._ort.grad.plan(make_feeds(ins), ["x", "h0"], ["y", "yh2"]).islands == ["GRU"]
+
+
+def test_gru_rule_catches_a_planted_error(tmp_path, monkeypatch):
+    """The checks see the rule go wrong when the reverse direction's steps are left in time order (no flip
+    into the order its recurrence runs)."""
+    from jacaudit.models.onnx import ortgrad
+    path, ins = _rnn_block(tmp_path, "GRU", fed_state=True)
+    monkeypatch.setattr(ortgrad, "_to_loop", lambda b, t, D, rev, axis: t)
+    with pytest.raises(AssertionError):
+        check(path, ins, wrt=["x", "h0"])
+
+
 @pytest.mark.parametrize("from_outputs", [True, False], ids=["from_outputs", "recompute"])
 @pytest.mark.parametrize("case", ["reverse", "lbr0", "only_yh", "forward"])
-def test_gru_island_variants(tmp_path, case, from_outputs):
+def test_gru_island_variants(tmp_path, case, from_outputs, gru_island):
     """The GRU island from onnxruntime's outputs (rnn_fast.gru_vjp) and the generic recompute, on the
     variants: a reverse-only node, linear_before_reset=0 (always the generic island), only Y_h read."""
     from jacaudit.models.onnx import ortgrad
@@ -1838,10 +1885,13 @@ def test_if_on_float_values_is_refused(tmp_path):
     assert m._ort.last != "onnxruntime", m._ort.last
 
 
-def test_auto_sends_large_batches_with_a_gru_island_to_the_interpreter(tmp_path):
-    """auto: a GRU island is slower than the interpreter at batch 32 (it recomputes every step's input
-    projection and gates): above AUTO_GRAD_MAX_BATCH those plans run the interpreter; below, onnxruntime."""
+@pytest.mark.parametrize("as_island", [False, True], ids=["rule", "island"])
+def test_auto_sends_large_batches_with_a_gru_to_the_interpreter(tmp_path, as_island, monkeypatch):
+    """auto: onnxruntime's GRU backward (rule or island) is slower than the interpreter at batch 32 (it
+    recomputes every step's input projection and gates): above AUTO_GRAD_MAX_BATCH those plans run the
+    interpreter; below, onnxruntime."""
     from jacaudit.models.onnx import ortgrad
+    monkeypatch.setattr(ortgrad, "GRU_RULE", [not as_island])
     H, I_ = 3, 2
     inits = {"W": W(1, 3 * H, I_, seed=1), "R": W(1, 3 * H, H, seed=2)}
     nodes = [N("Transpose", ["x"], ["t"], perm=[1, 0, 2]),   # (B, T, I) -> (T, B, I)
@@ -1849,7 +1899,7 @@ def test_auto_sends_large_batches_with_a_gru_island_to_the_interpreter(tmp_path)
     path = save_model(tmp_path, nodes, {"x": ("B", 4, I_)}, {"y": None}, inits)
     m = load(path, runtime="auto")
     big = ortgrad.AUTO_GRAD_MAX_BATCH + 1
-    for b, want in ((2, "onnxruntime"), (big, "GRU island")):
+    for b, want in ((2, "onnxruntime"), (big, "with a GRU layer")):
         xx = torch.randn(b, 4, I_).requires_grad_(True)
         (y,) = m.run({"x": xx})
         (g,) = torch.autograd.grad(y.sum(), xx)

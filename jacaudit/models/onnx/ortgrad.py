@@ -13,11 +13,12 @@ and one set of inputs to differentiate, ``build``:
   with a following BatchNormalization's per-channel factor folded into that kernel; an activation's is an
   elementwise factor (x*sigmoid(x), x*hardsigmoid(x) and x*clip(x+3,0,6)[/6] as one expression each); a
   broadcast's a ReduceSum; a MaxPool's a one-hot of the first maximum of each window put back by Col2Im (no
-  Indices output: onnxruntime's kernel for it is 10-40x slower); shapes are constants;
-* differentiates a node without a rule (LSTM, GRU, Einsum, a reflect Pad, a linear Resize...) in torch, between
-  onnxruntime pieces of the backward, on the tensors onnxruntime's forward returned (a torch "island": the
-  interpreter's op run again under autograd; a GRU's gradient taken from onnxruntime's own outputs,
-  ``rnn_fast.gru_vjp``, without running its recurrence forward again);
+  Indices output: onnxruntime's kernel for it is 10-40x slower); a GRU's the gates of every step recomputed from
+  onnxruntime's own Y in batched products and its backward recurrence as one Scan; shapes are constants;
+* differentiates a node without a rule (LSTM, a GRU of another form, Einsum, a reflect Pad, a linear Resize...)
+  in torch, between onnxruntime pieces of the backward, on the tensors onnxruntime's forward returned (a torch
+  "island": the interpreter's op run again under autograd; a GRU's gradient taken from onnxruntime's own
+  outputs, ``rnn_fast.gru_vjp``, without running its recurrence forward again);
 * names the forward tensors the backward reads (the residuals), and recomputes in the backward those that a
   cheap elementwise op computes from another residual, so that the forward keeps onnxruntime's fusions and
   returns few tensors (each one a reorder out of its NCHWc convolution layout).
@@ -71,6 +72,9 @@ GRU_FROM_OUTPUTS = [True]
 _NO_ISLAND = frozenset("""Dropout RandomNormal RandomUniform RandomNormalLike RandomUniformLike Multinomial
 Bernoulli""".split())
 ISLAND_DOMAIN = "jacaudit.island"
+#: ops whose rules take the gradient of every output (the others' derive only from the first: a second output
+#: of theirs, such as MaxPool's Indices, carries none)
+_ALL_OUTPUTS = frozenset({"Split", "GRU"})
 
 
 class Refused(Exception):
@@ -899,6 +903,148 @@ def _resize(b, n, a, g, diff):
     return {n.input[0]: gx}
 
 
+# -- recurrent layers ----------------------------------------------------------------------------------------
+#: a GRU's input gradient as ONNX nodes (``_gru``): the gates of every step from onnxruntime's own Y in batched
+#: products, the backward recurrence one onnxruntime Scan (~15 us a step at batch 1 against ~30 us for the torch
+#: island's three kernels a step); tests switch it off to compare with the island
+GRU_RULE = [True]
+
+
+def _to_loop(b, t: str, D: int, reverse_only: bool, axis: int) -> str:
+    """A per-direction tensor (D on axis 0, time on ``axis``) between time order and the loop's order (each
+    direction's steps in the order its recurrence runs: the reverse direction flipped); an involution."""
+    if D == 1 and not reverse_only:
+        return t
+
+    def flip(x):
+        return b.node("Slice", [x, b.ci([-1]), b.ci([-(2 ** 62)]), b.ci([axis]), b.ci([-1])])
+    if D == 1:
+        return flip(t)
+    fwd_part, rev_part = b.node("Split", [t, b.ci([1, 1])], n_out=2, axis=0)
+    return b.node("Concat", [fwd_part, flip(rev_part)], axis=0)
+
+
+@rule("GRU")
+def _gru(b, n, a, g, diff):
+    """linear_before_reset GRU (onnxruntime's and torch's form), default activations, no clip, layout 0, no
+    sequence lengths, constant W/R/B. Per direction d, in its loop order, with hp the state before a step:
+    a = hp R^T + Rb, z/r = sigmoid(xw + a) (their parts), n = tanh(xw_h + r a_h), h = (1 - z) n + z hp.
+    With dh the total gradient of a step's h: d(xw) = dh * [(hp - n) z (1 - z), kn a_h r (1 - r), kn] for
+    kn = (1 - z)(1 - n^2); d(a) is the same with kn r as its third part; dhp = dh z + d(a) R, plus the previous
+    step's output gradient. Every coefficient comes from Y at once; the Scan runs only dhp's recurrence."""
+    from onnx import helper, numpy_helper, TensorProto
+    if not GRU_RULE[0]:
+        raise Refused("GRU rule switched off")
+    ins = list(n.input) + [""] * (6 - len(n.input))
+    X, Wn, Rn, Bn, L, H0 = ins[:6]
+    if not int(a.get("linear_before_reset", 0)) or a.get("clip") is not None or int(a.get("layout", 0)):
+        raise Refused("GRU without linear_before_reset, or with clip or layout 1")
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    D = 2 if direction == "bidirectional" else 1
+    acts = a.get("activations")
+    if acts:
+        low = [v.decode().lower() if isinstance(v, bytes) else str(v).lower() for v in acts]
+        if low not in (["sigmoid", "tanh"] * D, ["sigmoid", "tanh"]):
+            raise Refused("GRU with other activations")
+    if L or any(v in diff for v in (Wn, Rn, Bn) if v) or any(v and v not in b.const for v in (Wn, Rn, Bn)):
+        raise Refused("GRU with sequence lengths or non-constant weights")
+    xs = b.shape(X)
+    if len(xs) != 3 or not n.output or not n.output[0]:
+        raise Refused("GRU without its Y output")
+    T, B_, I_ = xs
+    w = b.value(Wn).astype(np.float32)      # (D, 3H, I)
+    r = b.value(Rn).astype(np.float32)      # (D, 3H, H)
+    H = r.shape[-1]
+    if T == 0 or B_ == 0:
+        raise Refused("GRU over an empty sequence")
+    bias = b.value(Bn).astype(np.float32) if Bn else np.zeros((D, 6 * H), np.float32)
+    wb, rb = bias[:, :3 * H], bias[:, 3 * H:]
+    rev = direction == "reverse"
+    gy = g[0]
+    gyh = g[1] if len(g) > 1 else None
+    # Y in time order (T, D, B, H) -> direction-major loop order (D, T, B, H); the states before each step
+    Y = b.fwd(n.output[0])
+    yl = _to_loop(b, b.node("Transpose", [Y], perm=[1, 0, 2, 3]), D, rev, 1)
+    if H0 and H0 in b.const:
+        h0 = b.c(b.value(H0).astype(np.float32).reshape(D, 1, B_, H))
+    elif H0:
+        h0 = b.reshape(b.fwd(H0), (D, 1, B_, H))
+    else:
+        h0 = b.c(np.zeros((D, 1, B_, H), np.float32))
+    hp = b.node("Concat", [h0, b.node("Slice", [yl, b.ci([0]), b.ci([T - 1]), b.ci([1])])], axis=1) if T > 1 \
+        else h0                                                              # (D, T, B, H)
+    # recurrent products of all steps: (D, T*B, H) @ (D, H, 3H) + Rb
+    ah = b.node("Add", [b.node("MatMul", [b.reshape(hp, (D, T * B_, H)),
+                                          b.c(np.ascontiguousarray(r.transpose(0, 2, 1)))]),
+                        b.c(rb.reshape(D, 1, 3 * H))])
+    ah = b.reshape(ah, (D, T, B_, 3 * H))
+    # input projections (T*B, I) @ (I, D*3H) + Wb -> (D, T, B, 3H), loop order
+    xw = b.node("Add", [b.node("MatMul", [b.reshape(b.fwd(X), (T * B_, I_)),
+                                          b.c(np.ascontiguousarray(w.reshape(D * 3 * H, I_).T))]),
+                        b.c(wb.reshape(D * 3 * H))])
+    xw = _to_loop(b, b.node("Transpose", [b.reshape(xw, (T, B_, D, 3 * H))], perm=[2, 0, 1, 3]), D, rev, 1)
+    a_zr, a_h = b.node("Split", [ah, b.ci([2 * H, H])], n_out=2, axis=3)
+    x_zr, x_h = b.node("Split", [xw, b.ci([2 * H, H])], n_out=2, axis=3)
+    zr = b.node("Sigmoid", [b.node("Add", [x_zr, a_zr])])
+    z, rr = b.node("Split", [zr, b.ci([H, H])], n_out=2, axis=3)
+    nn_ = b.node("Tanh", [b.node("Add", [x_h, b.node("Mul", [rr, a_h])])])
+    one = b.c(1.0)
+    omz = b.node("Sub", [one, z])
+    kn = b.node("Mul", [omz, b.node("Sub", [one, b.node("Mul", [nn_, nn_])])])
+    kz = b.node("Mul", [b.node("Mul", [b.node("Sub", [hp, nn_]), z]), omz])
+    kr = b.node("Mul", [b.node("Mul", [kn, a_h]), b.node("Mul", [rr, b.node("Sub", [one, rr])])])
+    khn = b.node("Mul", [kn, rr])
+    ax4 = b.ci([3])
+    kx = b.node("Concat", [b.node("Unsqueeze", [v, ax4]) for v in (kz, kr, kn)], axis=3)    # (D, T, B, 3, H)
+    kh = b.node("Concat", [b.node("Unsqueeze", [v, ax4]) for v in (kz, kr, khn)], axis=3)
+    # output gradients in loop order; the recurrence starts from the last step's
+    if gy is not None:
+        gyl = _to_loop(b, b.node("Transpose", [gy], perm=[1, 0, 2, 3]), D, rev, 1)    # (D, T, B, H)
+        last = b.reshape(b.node("Slice", [gyl, b.ci([T - 1]), b.ci([T]), b.ci([1])]), (D, B_, H))
+        start = last if gyh is None else b.node("Add", [last, gyh])
+    else:
+        start = gyh
+    # the Scan: state dh (D, B, H); per step (reverse: loop step T-1 first) kh, z, and the output gradient of
+    # the step before; out: each step's dh (D, T, B, H)
+    # (the body's constants are its own initializers: nothing crosses into it but the Scan's inputs)
+    V = helper.make_tensor_value_info
+    body_inits = [numpy_helper.from_array(np.ascontiguousarray(r), "R"),
+                  numpy_helper.from_array(np.array([D, B_, 3 * H], np.int64), "s3"),
+                  numpy_helper.from_array(np.array([2], np.int64), "ax")]
+    body = [helper.make_node("Unsqueeze", ["dh", "ax"], ["dh_u"]), helper.make_node("Mul", ["dh_u", "kh"], ["ghh"]),
+            helper.make_node("Reshape", ["ghh", "s3"], ["ghh3"]), helper.make_node("MatMul", ["ghh3", "R"], ["mm"]),
+            helper.make_node("Mul", ["dh", "z"], ["dz"])]
+    body_ins = [V("dh", TensorProto.FLOAT, [D, B_, H]), V("kh", TensorProto.FLOAT, [D, B_, 3, H]),
+                V("z", TensorProto.FLOAT, [D, B_, H])]
+    scan_ins = [start, kh, z]
+    if gy is not None and T > 1:
+        gprev = b.node("Concat", [b.c(np.zeros((D, 1, B_, H), np.float32)),
+                                  b.node("Slice", [gyl, b.ci([0]), b.ci([T - 1]), b.ci([1])])], axis=1)
+        body += [helper.make_node("Add", ["mm", "dz"], ["part"]), helper.make_node("Add", ["part", "gp"], ["dh_next"])]
+        body_ins.append(V("gp", TensorProto.FLOAT, [D, B_, H]))
+        scan_ins.append(gprev)
+    else:
+        body.append(helper.make_node("Add", ["mm", "dz"], ["dh_next"]))
+    body.append(helper.make_node("Identity", ["dh"], ["dh_step"]))
+    bg = helper.make_graph(body, "gru_backward_step", body_ins,
+                           [V("dh_next", TensorProto.FLOAT, [D, B_, H]), V("dh_step", TensorProto.FLOAT, [D, B_, H])],
+                           body_inits)
+    k = len(scan_ins) - 1
+    dh0, dhs = b.node("Scan", scan_ins, n_out=2, body=bg, num_scan_inputs=k, scan_input_axes=[1] * k,
+                      scan_input_directions=[1] * k, scan_output_axes=[1], scan_output_directions=[1])
+    res = {}
+    if X in diff:
+        gxw = b.node("Mul", [b.node("Unsqueeze", [dhs, ax4]), kx])                      # (D, T, B, 3, H)
+        gxw = _to_loop(b, b.reshape(gxw, (D, T, B_, 3 * H)), D, rev, 1)                 # time order
+        gxw = b.reshape(b.node("Transpose", [gxw], perm=[1, 2, 0, 3]), (T * B_, D * 3 * H))
+        res[X] = b.reshape(b.node("MatMul", [gxw, b.c(np.ascontiguousarray(w.reshape(D * 3 * H, I_)))]),
+                           (T, B_, I_))
+    if H0 and H0 in diff:
+        res[H0] = dh0
+    return res
+
+
 @rule("MaxPool")
 def _maxpool(b, n, a, g, diff):
     """The gradient of each window goes to its first maximum in row-major window order (torch's max-pool and
@@ -1537,7 +1683,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
             continue
         why = None
         if fn is not None:
-            if nd.op_type != "Split" and go[0] is None:
+            if nd.op_type not in _ALL_OUTPUTS and go[0] is None:
                 continue  # only a secondary output is read (e.g. MaxPool's Indices): no derivative flows
             mark = (len(b.nodes), set(b.residuals), set(b.inits))
             try:
@@ -1634,6 +1780,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
     plan.bwd_bytes = bbytes  # for profiling (benchmarks)
     plan.steps, plan.free = steps, free  # with islands: the backward's onnxruntime pieces and torch islands
     plan.islands = [isl.op_type for isl in b.islands]
+    plan.recurrent = [nd.op_type for nd in path if nd.op_type in ("RNN", "GRU", "LSTM")]
     return plan
 
 
@@ -1811,10 +1958,11 @@ RUNTIMES = ("auto", "onnxruntime", "torch")
 #: graphs; it loses at batch 32 on MobileNetV3/EfficientNet-class ones, whose grouped-convolution input gradients
 #: and squeeze-excitation products torch runs faster)
 AUTO_GRAD_MAX_BATCH = 8
-#: and above it, the interpreter for plans with an island of these ops: a GRU island recomputes the input
-#: projections and gates of every step from onnxruntime's outputs, FLOP-bound at batch 32 (the speech BiGRU:
-#: 4.35x onnxruntime's forward vs the interpreter's 3.07x; at batch 1 4.5x vs 5.0x); LSTM islands (a CRNN) win at
-#: both (3.41x vs 3.71x at batch 32)
+#: and above it, the interpreter for plans with a layer of these ops on the path: onnxruntime's backward of a GRU
+#: (its ONNX rule, or its island) recomputes the input projections and gates of every step from onnxruntime's
+#: outputs, FLOP-bound at batch 32 (the speech BiGRU: rule 3.73x onnxruntime's forward, island 3.95x, the
+#: interpreter 3.12x; at batch 1 the rule 3.23x, the interpreter 5.42x); LSTM islands (a CRNN) win at both (3.41x
+#: vs 3.71x at batch 32)
 AUTO_LARGE_BATCH_INTERPRETER = frozenset({"GRU"})
 
 
@@ -1922,9 +2070,9 @@ class Runtime:
                         self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH} with grouped convolutions"
                         return None
                     plan = self.grad.plan(feeds, wrt, list(out_names) + [o for o in outputs if o not in out_names])
-                    if plan is not None and any(op in AUTO_LARGE_BATCH_INTERPRETER for op in plan.islands):
-                        self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH} with a " + \
-                            "/".join(sorted(set(plan.islands) & AUTO_LARGE_BATCH_INTERPRETER)) + " island"
+                    slow = sorted(set(plan.recurrent) & AUTO_LARGE_BATCH_INTERPRETER) if plan is not None else []
+                    if slow:
+                        self.last = f"batch {x.shape[0]} > {AUTO_GRAD_MAX_BATCH} with a {'/'.join(slow)} layer"
                         return None
             targets = list(out_names) + [o for o in outputs if o not in out_names]
             res = self.grad.run(feeds, targets)
