@@ -786,7 +786,7 @@ def _lstm_graph(tmp_path):
     return save_model(tmp_path, nodes, {"x": (5, 2, I_)}, {"y": None}, inits), {"x": (5, 2, I_)}
 
 
-def test_lstm_runs_as_a_torch_island_between_onnxruntime_pieces(tmp_path):
+def test_lstm_runs_as_a_torch_island_between_onnxruntime_pieces(tmp_path, rnn_islands):
     path, ins = _lstm_graph(tmp_path)
     m = check(path, ins, fd=True)
     plan = m._ort.grad.plan(make_feeds(ins), ["x"], ["y"])
@@ -794,9 +794,10 @@ def test_lstm_runs_as_a_torch_island_between_onnxruntime_pieces(tmp_path):
 
 
 def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1, only_yh=False, only_y=False,
-               T=6, bias=True):
+               T=6, bias=True, cell=False):
     """Conv1d -> (T, B, C) -> a bidirectional RNN node -> both outputs used, with a skip path around the RNN
-    (the gradient of the RNN's input adds up from both sides of the island) and a fed initial state."""
+    (the gradient of the RNN's input adds up from both sides of the island) and a fed initial state (an LSTM's
+    initial cell too); ``cell``: an LSTM's last cell Y_c is an output as well."""
     H, C, B = 3, 4, 2
     G = 4 if op == "LSTM" else 3
     direction = direction or ("bidirectional" if bidir else "forward")
@@ -807,6 +808,8 @@ def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1,
     if op == "GRU":
         attrs["linear_before_reset"] = lbr
     rnn_in = ["t", "W", "R", "B", "", "h0"] if fed_state else ["t", "W", "R", "B"]
+    if fed_state and op == "LSTM":
+        rnn_in.append("c0")
     if not bias:
         rnn_in[3] = ""
     outs = ["Y", "Yh"] + (["Yc"] if op == "LSTM" else [])
@@ -817,45 +820,52 @@ def _rnn_block(tmp_path, op, bidir=True, fed_state=False, direction=None, lbr=1,
              N("Reshape", ["yt", "shp"], ["yr"]),                                  # (T, B, D*H)
              N("MatMul", ["yr", "perm_w_t"], ["proj"]),                            # (T, B, C)
              N("Add", ["proj", "t"], ["skip"]),                                    # around the island
-             N("Sigmoid", ["skip"], ["y"]), N("Mul", ["Yh", "Yh"], ["yh2"])]
+             N("Sigmoid", ["skip"], ["y"]), N("Mul", ["Yh", "Yh"], ["yh2"]), N("Tanh", ["Yc"], ["yc"])][
+        :None if cell else 10]
     inits["shp"] = I64([T, B, D * H])
     inits["perm_w_t"] = W(D * H, C, seed=6)
     inputs = {"x": (B, 2, T)}
     if fed_state:
         inputs["h0"] = (D, B, H)
+        if op == "LSTM":
+            inputs["c0"] = (D, B, H)
     outs = {"yh2": None} if only_yh else {"y": None} if only_y else {"y": None, "yh2": None}
+    if cell:
+        outs["yc"] = None
     return save_model(tmp_path, nodes, inputs, outs, inits), inputs
 
 
 @pytest.fixture
-def gru_island():
-    """The GRU as a torch island (its ONNX rule, ``ortgrad._gru``, switched off)."""
+def rnn_islands(monkeypatch):
+    """GRU and LSTM as torch islands (their ONNX rules, ``ortgrad._gru``/``_lstm``, switched off)."""
     from jacaudit.models.onnx import ortgrad
-    old = ortgrad.GRU_RULE[0]
-    ortgrad.GRU_RULE[0] = False
-    yield
-    ortgrad.GRU_RULE[0] = old
+    monkeypatch.setattr(ortgrad, "GRU_RULE", [False])
+    monkeypatch.setattr(ortgrad, "LSTM_RULE", [False])
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
 @pytest.mark.parametrize("bidir", [True, False], ids=["bidirectional", "forward"])
-def test_rnn_islands_in_an_exported_shape(tmp_path, op, bidir, gru_island):
+def test_rnn_islands_in_an_exported_shape(tmp_path, op, bidir, rnn_islands):
     path, ins = _rnn_block(tmp_path, op, bidir)
     m = check(path, ins, fd=bidir)
     plan = m._ort.grad.plan(make_feeds(ins), ["x"], ["y", "yh2"])
     assert plan.islands == [op]
 
 
+@pytest.mark.parametrize("op", ["GRU", "LSTM"])
 @pytest.mark.parametrize("case", ["bidirectional", "reverse", "forward", "only_yh", "only_y", "h0_only",
-                                  "one_step", "no_bias"])
-def test_gru_rule_in_onnxruntime(tmp_path, case):
-    """The GRU's ONNX rule (gates from Y, the backward recurrence as one Scan): no island, against the float64
-    interpreter and finite differences, on every variant it takes."""
+                                  "one_step", "no_bias", "cell"])
+def test_rnn_rules_in_onnxruntime(tmp_path, op, case):
+    """The GRU's and LSTM's ONNX rules (gates from Y, the backward recurrence as one Scan; an LSTM's cells by a
+    forward Scan): no island, against the float64 interpreter and finite differences, on every variant they
+    take (an LSTM's fed initial cell and its last cell as an output among them)."""
+    if case == "cell" and op == "GRU":
+        pytest.skip("a GRU has no cell")
     kw = {"bidirectional": {}, "reverse": dict(direction="reverse"), "forward": dict(direction="forward"),
           "only_yh": dict(only_yh=True), "only_y": dict(only_y=True), "h0_only": {}, "one_step": dict(T=1),
-          "no_bias": dict(bias=False)}[case]
-    path, ins = _rnn_block(tmp_path, "GRU", fed_state=True, **kw)
-    wrt = ["h0"] if case == "h0_only" else ["x", "h0"]
+          "no_bias": dict(bias=False), "cell": dict(cell=True)}[case]
+    path, ins = _rnn_block(tmp_path, op, fed_state=True, **kw)
+    wrt = ["h0"] if case == "h0_only" else list(ins)
     m = check(path, ins, wrt=wrt, fd=True)
     outs = [o.name for o in onnx.load(path).graph.output]
     plan = m._ort.grad.plan(make_feeds(ins), wrt, outs)
@@ -863,26 +873,35 @@ def test_gru_rule_in_onnxruntime(tmp_path, case):
     assert "Scan" in {nd.op_type for nd in onnx.load_from_string(plan.bwd_bytes).graph.node}
 
 
-def test_gru_rule_refuses_to_the_island(tmp_path):
-    """linear_before_reset=0 (not onnxruntime's fast form): the rule refuses and the GRU is a torch island."""
+def test_rnn_rules_refuse_to_the_island(tmp_path):
+    """A GRU with linear_before_reset=0 (not onnxruntime's fast form) and an LSTM with peepholes: the rules
+    refuse and the nodes are torch islands."""
     path, ins = _rnn_block(tmp_path, "GRU", fed_state=True, lbr=0)
     m = check(path, ins, wrt=["x", "h0"])
     assert m._ort.grad.plan(make_feeds(ins), ["x", "h0"], ["y", "yh2"]).islands == ["GRU"]
+    H, I_ = 3, 2
+    inits = {"W": W(1, 4 * H, I_, seed=1), "R": W(1, 4 * H, H, seed=2), "B": W(1, 8 * H, seed=3),
+             "P": W(1, 3 * H, seed=4), "z": I64([1])}
+    nodes = [N("LSTM", ["x", "W", "R", "B", "", "", "", "P"], ["Y"], hidden_size=H), N("Squeeze", ["Y", "z"], ["y"])]
+    path = save_model(tmp_path, nodes, {"x": (4, 2, I_)}, {"y": None}, inits, name="peep")
+    m = check(path, {"x": (4, 2, I_)}, fd=True)
+    assert m._ort.grad.plan(make_feeds({"x": (4, 2, I_)}), ["x"], ["y"]).islands == ["LSTM"]
 
 
-def test_gru_rule_catches_a_planted_error(tmp_path, monkeypatch):
-    """The checks see the rule go wrong when the reverse direction's steps are left in time order (no flip
+@pytest.mark.parametrize("op", ["GRU", "LSTM"])
+def test_rnn_rules_catch_a_planted_error(tmp_path, monkeypatch, op):
+    """The checks see a rule go wrong when the reverse direction's steps are left in time order (no flip
     into the order its recurrence runs)."""
     from jacaudit.models.onnx import ortgrad
-    path, ins = _rnn_block(tmp_path, "GRU", fed_state=True)
+    path, ins = _rnn_block(tmp_path, op, fed_state=True)
     monkeypatch.setattr(ortgrad, "_to_loop", lambda b, t, D, rev, axis: t)
     with pytest.raises(AssertionError):
-        check(path, ins, wrt=["x", "h0"])
+        check(path, ins, wrt=["x"])
 
 
 @pytest.mark.parametrize("from_outputs", [True, False], ids=["from_outputs", "recompute"])
 @pytest.mark.parametrize("case", ["reverse", "lbr0", "only_yh", "forward"])
-def test_gru_island_variants(tmp_path, case, from_outputs, gru_island):
+def test_gru_island_variants(tmp_path, case, from_outputs, rnn_islands):
     """The GRU island from onnxruntime's outputs (rnn_fast.gru_vjp) and the generic recompute, on the
     variants: a reverse-only node, linear_before_reset=0 (always the generic island), only Y_h read."""
     from jacaudit.models.onnx import ortgrad
@@ -908,7 +927,10 @@ def test_rnn_island_gradient_reaches_a_fed_initial_state(tmp_path, op):
     check(path, ins, wrt=["h0"])
 
 
-def test_two_stacked_lstm_islands(tmp_path):
+@pytest.mark.parametrize("as_island", [False, True], ids=["rule", "island"])
+def test_two_stacked_lstms(tmp_path, as_island, monkeypatch):
+    from jacaudit.models.onnx import ortgrad
+    monkeypatch.setattr(ortgrad, "LSTM_RULE", [not as_island])
     H, I_ = 3, 2
     inits = {"W1": W(1, 4 * H, I_, seed=1), "R1": W(1, 4 * H, H, seed=2),
              "W2": W(1, 4 * H, H, seed=3), "R2": W(1, 4 * H, H, seed=4), "z": I64([1])}
@@ -918,7 +940,7 @@ def test_two_stacked_lstm_islands(tmp_path):
     path = save_model(tmp_path, nodes, {"x": (4, 2, I_)}, {"y": None}, inits)
     m = check(path, {"x": (4, 2, I_)}, fd=True)
     plan = m._ort.grad.plan(make_feeds({"x": (4, 2, I_)}), ["x"], ["y"])
-    assert plan.islands == ["LSTM", "LSTM"]
+    assert plan.islands == (["LSTM", "LSTM"] if as_island else [])
 
 
 def test_an_op_without_a_rule_is_an_island_too(tmp_path):

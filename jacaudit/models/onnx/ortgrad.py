@@ -13,9 +13,10 @@ and one set of inputs to differentiate, ``build``:
   with a following BatchNormalization's per-channel factor folded into that kernel; an activation's is an
   elementwise factor (x*sigmoid(x), x*hardsigmoid(x) and x*clip(x+3,0,6)[/6] as one expression each); a
   broadcast's a ReduceSum; a MaxPool's a one-hot of the first maximum of each window put back by Col2Im (no
-  Indices output: onnxruntime's kernel for it is 10-40x slower); a GRU's the gates of every step recomputed from
-  onnxruntime's own Y in batched products and its backward recurrence as one Scan; shapes are constants;
-* differentiates a node without a rule (LSTM, a GRU of another form, Einsum, a reflect Pad, a linear Resize...)
+  Indices output: onnxruntime's kernel for it is 10-40x slower); a GRU's or an LSTM's the gates of every step
+  recomputed from onnxruntime's own Y in batched products (an LSTM's cells by a forward Scan) and the backward
+  recurrence as one Scan; shapes are constants;
+* differentiates a node without a rule (a GRU/LSTM of another form, Einsum, a linear Resize...)
   in torch, between onnxruntime pieces of the backward, on the tensors onnxruntime's forward returned (a torch
   "island": the interpreter's op run again under autograd; a GRU's gradient taken from onnxruntime's own
   outputs, ``rnn_fast.gru_vjp``, without running its recurrence forward again);
@@ -74,7 +75,7 @@ Bernoulli""".split())
 ISLAND_DOMAIN = "jacaudit.island"
 #: ops whose rules take the gradient of every output (the others' derive only from the first: a second output
 #: of theirs, such as MaxPool's Indices, carries none)
-_ALL_OUTPUTS = frozenset({"Split", "GRU"})
+_ALL_OUTPUTS = frozenset({"Split", "GRU", "LSTM"})
 
 
 class Refused(Exception):
@@ -904,10 +905,11 @@ def _resize(b, n, a, g, diff):
 
 
 # -- recurrent layers ----------------------------------------------------------------------------------------
-#: a GRU's input gradient as ONNX nodes (``_gru``): the gates of every step from onnxruntime's own Y in batched
-#: products, the backward recurrence one onnxruntime Scan (~15 us a step at batch 1 against ~30 us for the torch
-#: island's three kernels a step); tests switch it off to compare with the island
+#: GRU and LSTM input gradients as ONNX nodes (``_gru``, ``_lstm``): the gates of every step from onnxruntime's
+#: own Y in batched products, the backward recurrence one onnxruntime Scan (~15 us a step at batch 1 against
+#: ~30 us for the torch island's three kernels a step); tests switch them off to compare with the islands
 GRU_RULE = [True]
+LSTM_RULE = [True]
 
 
 def _to_loop(b, t: str, D: int, reverse_only: bool, axis: int) -> str:
@@ -924,6 +926,106 @@ def _to_loop(b, t: str, D: int, reverse_only: bool, axis: int) -> str:
     return b.node("Concat", [fwd_part, flip(rev_part)], axis=0)
 
 
+class _Rnn:
+    """What the GRU and LSTM rules share: the node's checks, its constants, and in each direction's loop order
+    (D, T, B, ...) the states before every step (from Y), the recurrent products and the input projections."""
+
+    def __init__(self, b, n, a, diff, G: int, acts: list[str], slots: int):
+        self.b = b
+        ins = list(n.input) + [""] * (slots - len(n.input))
+        self.X, Wn, Rn, Bn, L = ins[:5]
+        if a.get("clip") is not None or int(a.get("layout", 0)):
+            raise Refused(f"{n.op_type} with clip or layout 1")
+        direction = a.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        D = 2 if direction == "bidirectional" else 1
+        given = a.get("activations")
+        if given:
+            low = [v.decode().lower() if isinstance(v, bytes) else str(v).lower() for v in given]
+            if low not in (acts * D, acts):
+                raise Refused(f"{n.op_type} with other activations")
+        if L or any(v in diff for v in (Wn, Rn, Bn) if v) or any(v and v not in b.const for v in (Wn, Rn, Bn)):
+            raise Refused(f"{n.op_type} with sequence lengths or non-constant weights")
+        xs = b.shape(self.X)
+        if len(xs) != 3 or not n.output or not n.output[0] or xs[0] == 0 or xs[1] == 0:
+            raise Refused(f"{n.op_type} without its Y output, or over an empty sequence")
+        self.T, self.B, self.I = xs
+        self.w = b.value(Wn).astype(np.float32)      # (D, G H, I)
+        self.r = b.value(Rn).astype(np.float32)      # (D, G H, H)
+        self.H = H = self.r.shape[-1]
+        self.D, self.G, self.rev = D, G, direction == "reverse"
+        bias = b.value(Bn).astype(np.float32) if Bn else np.zeros((D, 2 * G * H), np.float32)
+        self.wb, self.rb = bias[:, :G * H], bias[:, G * H:]
+
+    def loop(self, t: str) -> str:
+        return _to_loop(self.b, t, self.D, self.rev, 1)
+
+    def state0(self, name: str) -> str:
+        """An initial state (D, B, H) as (D, 1, B, H): a constant, a residual, or zeros."""
+        b, D, B, H = self.b, self.D, self.B, self.H
+        if name and name in b.const:
+            return b.c(b.value(name).astype(np.float32).reshape(D, 1, B, H))
+        if name:
+            return b.reshape(b.fwd(name), (D, 1, B, H))
+        return b.c(np.zeros((D, 1, B, H), np.float32))
+
+    def before(self, seq: str, first: str) -> str:
+        """(D, T, B, H) loop-order values of a step's predecessor: ``first``, then ``seq`` shifted by one."""
+        if self.T == 1:
+            return first
+        b = self.b
+        return b.node("Concat", [first, b.node("Slice", [seq, b.ci([0]), b.ci([self.T - 1]), b.ci([1])])], axis=1)
+
+    def y_loop(self, y: str) -> str:
+        """Y (T, D, B, H) in loop order (D, T, B, H)."""
+        return self.loop(self.b.node("Transpose", [y], perm=[1, 0, 2, 3]))
+
+    def products(self, hp: str) -> tuple[str, str]:
+        """(hp R^T + Rb, X W^T + Wb), each (D, T, B, G H) in loop order."""
+        b, D, T, B, H, I, GH = self.b, self.D, self.T, self.B, self.H, self.I, self.G * self.H
+        ah = b.node("Add", [b.node("MatMul", [b.reshape(hp, (D, T * B, H)),
+                                              b.c(np.ascontiguousarray(self.r.transpose(0, 2, 1)))]),
+                            b.c(self.rb.reshape(D, 1, GH))])
+        xw = b.node("Add", [b.node("MatMul", [b.reshape(b.fwd(self.X), (T * B, I)),
+                                              b.c(np.ascontiguousarray(self.w.reshape(D * GH, I).T))]),
+                            b.c(self.wb.reshape(D * GH))])
+        xw = self.loop(b.node("Transpose", [b.reshape(xw, (T, B, D, GH))], perm=[2, 0, 1, 3]))
+        return b.reshape(ah, (D, T, B, GH)), xw
+
+    def out_grads(self, gy: str | None):
+        """The loop-order gradient of Y (D, T, B, H), that of the last step (D, B, H), and that of each step's
+        predecessor (a zero first): (None, None, None) when Y's gradient is None."""
+        if gy is None:
+            return None, None, None
+        b, D, T, B, H = self.b, self.D, self.T, self.B, self.H
+        gyl = self.y_loop(gy)
+        last = b.reshape(b.node("Slice", [gyl, b.ci([T - 1]), b.ci([T]), b.ci([1])]), (D, B, H))
+        prev = self.before(gyl, b.c(np.zeros((D, 1, B, H), np.float32))) if T > 1 else None
+        return gyl, last, prev
+
+    def input_grad(self, gpre: str) -> str:
+        """The gradient of X from those of the pre-activations, (D, T, B, G H) in loop order."""
+        b, D, T, B, I, GH = self.b, self.D, self.T, self.B, self.I, self.G * self.H
+        gpre = b.reshape(b.node("Transpose", [self.loop(gpre)], perm=[1, 2, 0, 3]), (T * B, D * GH))
+        return b.reshape(b.node("MatMul", [gpre, b.c(np.ascontiguousarray(self.w.reshape(D * GH, I)))]), (T, B, I))
+
+    def scan(self, body_nodes, state_ins, state_outs, seq_ins, seq_outs, inits, reverse: bool, carry, seqs):
+        """One Scan over the loop's steps (axis 1 of the sequences; ``reverse``: the last step first), the body
+        written with its own constants (nothing crosses into it but the Scan's inputs)."""
+        from onnx import helper, numpy_helper, TensorProto
+        b = self.b
+        V = helper.make_tensor_value_info
+        body = helper.make_graph(
+            body_nodes, "recurrence", [V(k, TensorProto.FLOAT, s) for k, s in state_ins + seq_ins],
+            [V(k, TensorProto.FLOAT, s) for k, s in state_outs + seq_outs],
+            [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in inits.items()])
+        k, m = len(seq_ins), len(seq_outs)
+        d = 1 if reverse else 0
+        return b.node("Scan", list(carry) + list(seqs), n_out=len(state_outs) + m, body=body, num_scan_inputs=k,
+                      scan_input_axes=[1] * k, scan_input_directions=[d] * k, scan_output_axes=[1] * m,
+                      scan_output_directions=[d] * m)
+
+
 @rule("GRU")
 def _gru(b, n, a, g, diff):
     """linear_before_reset GRU (onnxruntime's and torch's form), default activations, no clip, layout 0, no
@@ -932,58 +1034,16 @@ def _gru(b, n, a, g, diff):
     With dh the total gradient of a step's h: d(xw) = dh * [(hp - n) z (1 - z), kn a_h r (1 - r), kn] for
     kn = (1 - z)(1 - n^2); d(a) is the same with kn r as its third part; dhp = dh z + d(a) R, plus the previous
     step's output gradient. Every coefficient comes from Y at once; the Scan runs only dhp's recurrence."""
-    from onnx import helper, numpy_helper, TensorProto
+    from onnx import helper
     if not GRU_RULE[0]:
         raise Refused("GRU rule switched off")
-    ins = list(n.input) + [""] * (6 - len(n.input))
-    X, Wn, Rn, Bn, L, H0 = ins[:6]
-    if not int(a.get("linear_before_reset", 0)) or a.get("clip") is not None or int(a.get("layout", 0)):
-        raise Refused("GRU without linear_before_reset, or with clip or layout 1")
-    direction = a.get("direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
-    D = 2 if direction == "bidirectional" else 1
-    acts = a.get("activations")
-    if acts:
-        low = [v.decode().lower() if isinstance(v, bytes) else str(v).lower() for v in acts]
-        if low not in (["sigmoid", "tanh"] * D, ["sigmoid", "tanh"]):
-            raise Refused("GRU with other activations")
-    if L or any(v in diff for v in (Wn, Rn, Bn) if v) or any(v and v not in b.const for v in (Wn, Rn, Bn)):
-        raise Refused("GRU with sequence lengths or non-constant weights")
-    xs = b.shape(X)
-    if len(xs) != 3 or not n.output or not n.output[0]:
-        raise Refused("GRU without its Y output")
-    T, B_, I_ = xs
-    w = b.value(Wn).astype(np.float32)      # (D, 3H, I)
-    r = b.value(Rn).astype(np.float32)      # (D, 3H, H)
-    H = r.shape[-1]
-    if T == 0 or B_ == 0:
-        raise Refused("GRU over an empty sequence")
-    bias = b.value(Bn).astype(np.float32) if Bn else np.zeros((D, 6 * H), np.float32)
-    wb, rb = bias[:, :3 * H], bias[:, 3 * H:]
-    rev = direction == "reverse"
-    gy = g[0]
-    gyh = g[1] if len(g) > 1 else None
-    # Y in time order (T, D, B, H) -> direction-major loop order (D, T, B, H); the states before each step
-    Y = b.fwd(n.output[0])
-    yl = _to_loop(b, b.node("Transpose", [Y], perm=[1, 0, 2, 3]), D, rev, 1)
-    if H0 and H0 in b.const:
-        h0 = b.c(b.value(H0).astype(np.float32).reshape(D, 1, B_, H))
-    elif H0:
-        h0 = b.reshape(b.fwd(H0), (D, 1, B_, H))
-    else:
-        h0 = b.c(np.zeros((D, 1, B_, H), np.float32))
-    hp = b.node("Concat", [h0, b.node("Slice", [yl, b.ci([0]), b.ci([T - 1]), b.ci([1])])], axis=1) if T > 1 \
-        else h0                                                              # (D, T, B, H)
-    # recurrent products of all steps: (D, T*B, H) @ (D, H, 3H) + Rb
-    ah = b.node("Add", [b.node("MatMul", [b.reshape(hp, (D, T * B_, H)),
-                                          b.c(np.ascontiguousarray(r.transpose(0, 2, 1)))]),
-                        b.c(rb.reshape(D, 1, 3 * H))])
-    ah = b.reshape(ah, (D, T, B_, 3 * H))
-    # input projections (T*B, I) @ (I, D*3H) + Wb -> (D, T, B, 3H), loop order
-    xw = b.node("Add", [b.node("MatMul", [b.reshape(b.fwd(X), (T * B_, I_)),
-                                          b.c(np.ascontiguousarray(w.reshape(D * 3 * H, I_).T))]),
-                        b.c(wb.reshape(D * 3 * H))])
-    xw = _to_loop(b, b.node("Transpose", [b.reshape(xw, (T, B_, D, 3 * H))], perm=[2, 0, 1, 3]), D, rev, 1)
+    if not int(a.get("linear_before_reset", 0)):
+        raise Refused("GRU without linear_before_reset")
+    R = _Rnn(b, n, a, diff, 3, ["sigmoid", "tanh"], 6)
+    X, H0 = R.X, (list(n.input) + [""] * 6)[5]
+    D, T, B_, H = R.D, R.T, R.B, R.H
+    hp = R.before(R.y_loop(b.fwd(n.output[0])), R.state0(H0))              # (D, T, B, H)
+    ah, xw = R.products(hp)
     a_zr, a_h = b.node("Split", [ah, b.ci([2 * H, H])], n_out=2, axis=3)
     x_zr, x_h = b.node("Split", [xw, b.ci([2 * H, H])], n_out=2, axis=3)
     zr = b.node("Sigmoid", [b.node("Add", [x_zr, a_zr])])
@@ -994,56 +1054,111 @@ def _gru(b, n, a, g, diff):
     kn = b.node("Mul", [omz, b.node("Sub", [one, b.node("Mul", [nn_, nn_])])])
     kz = b.node("Mul", [b.node("Mul", [b.node("Sub", [hp, nn_]), z]), omz])
     kr = b.node("Mul", [b.node("Mul", [kn, a_h]), b.node("Mul", [rr, b.node("Sub", [one, rr])])])
-    khn = b.node("Mul", [kn, rr])
     ax4 = b.ci([3])
     kx = b.node("Concat", [b.node("Unsqueeze", [v, ax4]) for v in (kz, kr, kn)], axis=3)    # (D, T, B, 3, H)
-    kh = b.node("Concat", [b.node("Unsqueeze", [v, ax4]) for v in (kz, kr, khn)], axis=3)
-    # output gradients in loop order; the recurrence starts from the last step's
-    if gy is not None:
-        gyl = _to_loop(b, b.node("Transpose", [gy], perm=[1, 0, 2, 3]), D, rev, 1)    # (D, T, B, H)
-        last = b.reshape(b.node("Slice", [gyl, b.ci([T - 1]), b.ci([T]), b.ci([1])]), (D, B_, H))
-        start = last if gyh is None else b.node("Add", [last, gyh])
-    else:
-        start = gyh
-    # the Scan: state dh (D, B, H); per step (reverse: loop step T-1 first) kh, z, and the output gradient of
-    # the step before; out: each step's dh (D, T, B, H)
-    # (the body's constants are its own initializers: nothing crosses into it but the Scan's inputs)
-    V = helper.make_tensor_value_info
-    body_inits = [numpy_helper.from_array(np.ascontiguousarray(r), "R"),
-                  numpy_helper.from_array(np.array([D, B_, 3 * H], np.int64), "s3"),
-                  numpy_helper.from_array(np.array([2], np.int64), "ax")]
+    kh = b.node("Concat", [b.node("Unsqueeze", [v, ax4]) for v in (kz, kr, b.node("Mul", [kn, rr]))], axis=3)
+    _, last, prev = R.out_grads(g[0])
+    gyh = g[1] if len(g) > 1 else None
+    start = gyh if last is None else last if gyh is None else b.node("Add", [last, gyh])
+    # the Scan: state dh (D, B, H); per step (loop step T-1 first) kh, z and the predecessor's output
+    # gradient; out: each step's dh
+    st, s3 = [D, B_, H], [D, B_, 3, H]
     body = [helper.make_node("Unsqueeze", ["dh", "ax"], ["dh_u"]), helper.make_node("Mul", ["dh_u", "kh"], ["ghh"]),
             helper.make_node("Reshape", ["ghh", "s3"], ["ghh3"]), helper.make_node("MatMul", ["ghh3", "R"], ["mm"]),
-            helper.make_node("Mul", ["dh", "z"], ["dz"])]
-    body_ins = [V("dh", TensorProto.FLOAT, [D, B_, H]), V("kh", TensorProto.FLOAT, [D, B_, 3, H]),
-                V("z", TensorProto.FLOAT, [D, B_, H])]
-    scan_ins = [start, kh, z]
-    if gy is not None and T > 1:
-        gprev = b.node("Concat", [b.c(np.zeros((D, 1, B_, H), np.float32)),
-                                  b.node("Slice", [gyl, b.ci([0]), b.ci([T - 1]), b.ci([1])])], axis=1)
+            helper.make_node("Mul", ["dh", "z"], ["dz"]), helper.make_node("Identity", ["dh"], ["dh_step"])]
+    seq_ins, seqs = [("kh", s3), ("z", st)], [kh, z]
+    if prev is not None:
         body += [helper.make_node("Add", ["mm", "dz"], ["part"]), helper.make_node("Add", ["part", "gp"], ["dh_next"])]
-        body_ins.append(V("gp", TensorProto.FLOAT, [D, B_, H]))
-        scan_ins.append(gprev)
+        seq_ins.append(("gp", st))
+        seqs.append(prev)
     else:
         body.append(helper.make_node("Add", ["mm", "dz"], ["dh_next"]))
-    body.append(helper.make_node("Identity", ["dh"], ["dh_step"]))
-    bg = helper.make_graph(body, "gru_backward_step", body_ins,
-                           [V("dh_next", TensorProto.FLOAT, [D, B_, H]), V("dh_step", TensorProto.FLOAT, [D, B_, H])],
-                           body_inits)
-    k = len(scan_ins) - 1
-    dh0, dhs = b.node("Scan", scan_ins, n_out=2, body=bg, num_scan_inputs=k, scan_input_axes=[1] * k,
-                      scan_input_directions=[1] * k, scan_output_axes=[1], scan_output_directions=[1])
+    dh0, dhs = R.scan(body, [("dh", st)], [("dh_next", st)], seq_ins, [("dh_step", st)],
+                      {"R": R.r, "s3": np.array([D, B_, 3 * H], np.int64), "ax": np.array([2], np.int64)},
+                      True, [start], seqs)
     res = {}
     if X in diff:
-        gxw = b.node("Mul", [b.node("Unsqueeze", [dhs, ax4]), kx])                      # (D, T, B, 3, H)
-        gxw = _to_loop(b, b.reshape(gxw, (D, T, B_, 3 * H)), D, rev, 1)                 # time order
-        gxw = b.reshape(b.node("Transpose", [gxw], perm=[1, 2, 0, 3]), (T * B_, D * 3 * H))
-        res[X] = b.reshape(b.node("MatMul", [gxw, b.c(np.ascontiguousarray(w.reshape(D * 3 * H, I_)))]),
-                           (T, B_, I_))
+        res[X] = R.input_grad(b.reshape(b.node("Mul", [b.node("Unsqueeze", [dhs, ax4]), kx]), (D, T, B_, 3 * H)))
     if H0 and H0 in diff:
         res[H0] = dh0
     return res
 
+
+@rule("LSTM")
+def _lstm(b, n, a, g, diff):
+    """LSTM without peepholes, input_forget or clip, default activations, layout 0, no sequence lengths,
+    constant W/R/B (gates i, o, f, c). Per direction, in its loop order, with hp/cp the state and cell before a
+    step: pre = xw + hp R^T + Rb; i, o, f = sigmoid, g = tanh of their parts; c = f cp + i g (one forward Scan
+    of that elementwise recurrence gives every cell, since onnxruntime returns only the last); h = o tanh(c).
+    Backward, with dh/dc the gradients reaching a step's h and c: dct = dc + dh o (1 - tanh(c)^2); the
+    pre-activations' gradients are dct g i(1-i), dh tanh(c) o(1-o), dct cp f(1-f), dct i (1-g^2); dcp = dct f;
+    dhp = d(pre) R plus the predecessor's output gradient: one backward Scan."""
+    from onnx import helper
+    if not LSTM_RULE[0]:
+        raise Refused("LSTM rule switched off")
+    ins = list(n.input) + [""] * (8 - len(n.input))
+    H0, C0, P = ins[5], ins[6], ins[7]
+    if P or int(a.get("input_forget", 0)):
+        raise Refused("LSTM with peepholes or input_forget")
+    R = _Rnn(b, n, a, diff, 4, ["sigmoid", "tanh", "tanh"], 8)
+    X = R.X
+    D, T, B_, H = R.D, R.T, R.B, R.H
+    hp = R.before(R.y_loop(b.fwd(n.output[0])), R.state0(H0))
+    ah, xw = R.products(hp)
+    pre = b.node("Add", [ah, xw])                                             # (D, T, B, 4H): i, o, f, c
+    iof_pre, g_pre = b.node("Split", [pre, b.ci([3 * H, H])], n_out=2, axis=3)
+    iof = b.node("Sigmoid", [iof_pre])
+    gg = b.node("Tanh", [g_pre])
+    i_, o_, f_ = b.node("Split", [iof, b.ci([H, H, H])], n_out=3, axis=3)
+    st = [D, B_, H]
+    c0 = R.state0(C0)
+    # every cell: c_t = f_t c_{t-1} + i_t g_t, forward
+    cells = R.scan([helper.make_node("Mul", ["f", "c"], ["fc"]), helper.make_node("Add", ["fc", "ig"], ["c_next"]),
+                    helper.make_node("Identity", ["c_next"], ["c_step"])],
+                   [("c", st)], [("c_next", st)], [("f", st), ("ig", st)], [("c_step", st)], {}, False,
+                   [b.reshape(c0, st)], [f_, b.node("Mul", [i_, gg])])[1]
+    cp = R.before(cells, c0)
+    tc = b.node("Tanh", [cells])
+    one = b.c(1.0)
+    a_h = b.node("Mul", [o_, b.node("Sub", [one, b.node("Mul", [tc, tc])])])     # dh -> dc
+    dsig = b.node("Mul", [iof, b.node("Sub", [one, iof])])                    # sigmoid' of i, o, f
+    di_, do_, df_ = b.node("Split", [dsig, b.ci([H, H, H])], n_out=3, axis=3)
+    ax4 = b.ci([3])
+    k = b.node("Concat", [b.node("Unsqueeze", [v, ax4]) for v in (
+        b.node("Mul", [gg, di_]), b.node("Mul", [tc, do_]), b.node("Mul", [cp, df_]),
+        b.node("Mul", [i_, b.node("Sub", [one, b.node("Mul", [gg, gg])])]))], axis=3)   # (D, T, B, 4, H)
+    _, last, prev = R.out_grads(g[0])
+    gyh = g[1] if len(g) > 1 else None
+    gyc = g[2] if len(g) > 2 else None
+    dh_start = gyh if last is None else last if gyh is None else b.node("Add", [last, gyh])
+    if dh_start is None:
+        dh_start = b.c(np.zeros(st, np.float32))
+    dc_start = gyc if gyc is not None else b.c(np.zeros(st, np.float32))
+    s4 = [D, B_, 4, H]
+    body = [helper.make_node("Mul", ["dh", "ah"], ["dha"]), helper.make_node("Add", ["dc", "dha"], ["dct"]),
+            helper.make_node("Unsqueeze", ["dct", "ax"], ["u"]), helper.make_node("Unsqueeze", ["dh", "ax"], ["uh"]),
+            helper.make_node("Concat", ["u", "uh", "u", "u"], ["cat"], axis=2),
+            helper.make_node("Mul", ["cat", "k"], ["gp4"]), helper.make_node("Reshape", ["gp4", "s4"], ["gpre"]),
+            helper.make_node("MatMul", ["gpre", "R"], ["mm"]), helper.make_node("Mul", ["dct", "f"], ["dc_next"])]
+    seq_ins, seqs = [("ah", st), ("k", s4), ("f", st)], [a_h, k, f_]
+    if prev is not None:
+        body.append(helper.make_node("Add", ["mm", "gp"], ["dh_next"]))
+        seq_ins.append(("gp", st))
+        seqs.append(prev)
+    else:
+        body.append(helper.make_node("Identity", ["mm"], ["dh_next"]))
+    dh0, dc0, gpres = R.scan(body, [("dh", st), ("dc", st)], [("dh_next", st), ("dc_next", st)], seq_ins,
+                             [("gpre", [D, B_, 4 * H])],
+                             {"R": R.r, "s4": np.array([D, B_, 4 * H], np.int64), "ax": np.array([2], np.int64)},
+                             True, [dh_start, dc_start], seqs)
+    res = {}
+    if X in diff:
+        res[X] = R.input_grad(gpres)
+    if H0 and H0 in diff:
+        res[H0] = dh0
+    if C0 and C0 in diff:
+        res[C0] = dc0
+    return res
 
 @rule("MaxPool")
 def _maxpool(b, n, a, g, diff):
