@@ -859,7 +859,7 @@ def _where(b, n, a, g, diff):
 def _pad(b, n, a, g, diff):
     mode = a.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
+    if mode not in ("constant", "reflect", "edge", "wrap"):
         raise Refused(f"Pad mode {mode}")
     xs = b.shape(n.input[0])
     rank = len(xs)
@@ -868,9 +868,43 @@ def _pad(b, n, a, g, diff):
         raise Refused("Pad with axes")
     if any(p < 0 for p in pads):
         raise Refused("Pad with negative pads")
-    starts = pads[:rank]
-    ends = [pads[i] + xs[i] for i in range(rank)]
-    return {n.input[0]: b.node("Slice", [g[0], b.ci(starts), b.ci(ends), b.ci(list(range(rank)))])}
+    if mode == "constant":
+        starts = pads[:rank]
+        ends = [pads[i] + xs[i] for i in range(rank)]
+        return {n.input[0]: b.node("Slice", [g[0], b.ci(starts), b.ci(ends), b.ci(list(range(rank)))])}
+    # reflect/edge/wrap pad each axis on its own: the adjoint is one axis at a time, the centre plus what the
+    # borders copied, put back where they came from
+    gx = g[0]
+    for ax in range(rank):
+        pl, pr, L = pads[ax], pads[rank + ax], xs[ax]
+        if not pl and not pr:
+            continue
+        if (mode == "reflect" and max(pl, pr) > L - 1) or (mode == "wrap" and max(pl, pr) > L) or L == 0:
+            raise Refused(f"Pad mode {mode} wider than the axis")
+
+        def part(lo, hi, gx=gx, ax=ax):
+            return b.node("Slice", [gx, b.ci([lo]), b.ci([hi]), b.ci([ax])])
+
+        def put(t, before, after, ax=ax):
+            p = [0] * (2 * rank)
+            p[ax], p[rank + ax] = before, after
+            return b.node("Pad", [t, b.ci(p)], mode="constant")
+
+        def flip(t, ax=ax):
+            return b.node("Slice", [t, b.ci([-1]), b.ci([-(2 ** 62)]), b.ci([ax]), b.ci([-1])])
+        terms = [part(pl, pl + L)]
+        if pl:
+            left = part(0, pl)
+            terms.append(put(flip(left), 1, L - pl - 1) if mode == "reflect" else
+                         put(b.node("ReduceSum", [left, b.ci([ax])], keepdims=1), 0, L - 1) if mode == "edge" else
+                         put(left, L - pl, 0))
+        if pr:
+            right = part(pl + L, pl + L + pr)
+            terms.append(put(flip(right), L - 1 - pr, 1) if mode == "reflect" else
+                         put(b.node("ReduceSum", [right, b.ci([ax])], keepdims=1), L - 1, 0) if mode == "edge" else
+                         put(right, 0, L - pr))
+        gx = b.node("Sum", terms) if len(terms) > 1 else terms[0]
+    return {n.input[0]: gx}
 
 
 @rule("Resize", "Upsample")
