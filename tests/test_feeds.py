@@ -222,3 +222,33 @@ def test_named_inputs_wrt_and_missing_inputs(tmp_path):
     assert "declares [2, ?, 4]" in r.output
     r = _run(["jacobian", p, "--input", f"stat={tmp_path / 'bad.npy'}", "--format", ""], code=2)
     assert "did you mean 'state'" in r.output
+
+
+def _rate_branch(path):
+    """silero-vad's shape: an If on an int64 "sample rate" input; only the 16000 branch fits a window of 4."""
+    w16 = numpy_helper.from_array(np.ones((4, 2), np.float32), "w16")
+    w8 = numpy_helper.from_array(np.ones((3, 2), np.float32), "w8")
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "w16"], ["a"])], "then", [],
+                             [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "w8"], ["b"])], "else", [],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    k = numpy_helper.from_array(np.array(16000, np.int64), "k")
+    g = helper.make_graph([helper.make_node("Equal", ["sr", "k"], ["is16"]),
+                           helper.make_node("If", ["is16"], ["y"], then_branch=then, else_branch=other)], "rate",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                           helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w16, w8, k])
+    return _save(g, path)
+
+
+def test_a_model_failing_on_synthetic_integer_inputs_names_them(tmp_path):
+    """Synthetic values of an integer input (0 or 1) take the branch real data does not: one line naming the
+    input and its value and how to give it (exit 2), not the interpreter's error deep in that branch alone;
+    with the input given, the command runs."""
+    p = _rate_branch(tmp_path / "rate.onnx")
+    r = _run(["jacobian", p, "--json", "--format", ""], code=2)
+    assert "synthetic values of its integer input(s) sr=" in r.output and "--input sr=FILE.npy" in r.output
+    assert "MatMul" in r.output and "Traceback" not in r.output
+    np.save(tmp_path / "sr.npy", np.array(16000, np.int64))
+    r = _run(["jacobian", p, "--input", f"sr={tmp_path / 'sr.npy'}", "--json", "--format", ""])
+    assert list(json.loads(r.stdout)["result"]["input_shape"]) == [1, 4]

@@ -56,6 +56,49 @@ def test_inspect_of_a_model_without_a_float_input_gives_the_reason():
     assert rep["result"]["input_gradients"].startswith("torch interpreter ("), rep["result"]["input_gradients"]
 
 
+def test_runtime_from_the_config_file_under_the_environment_and_option(tmp_path):
+    """runtime = "torch" at the top of the config file: the commands run the interpreter; JACAUDIT_RUNTIME and
+    --runtime win over it; a bad value there is one line, exit 2."""
+    cfg = tmp_path / "jacaudit.toml"
+    cfg.write_text('runtime = "torch"\n')
+    rep = _inspect(["--config", cfg, "inspect", ROBUST], env={"JACAUDIT_RUNTIME": ""})
+    assert rep["environment"]["runtime"] == "torch"
+    assert rep["result"]["input_gradients"] == "torch interpreter (runtime torch)"
+    rep = _inspect(["--config", cfg, "inspect", ROBUST], env={"JACAUDIT_RUNTIME": "onnxruntime"})
+    assert rep["environment"]["runtime"] == "onnxruntime"
+    rep = _inspect(["--config", cfg, "--runtime", "auto", "inspect", ROBUST], env={"JACAUDIT_RUNTIME": ""})
+    assert rep["environment"]["runtime"] == "auto"
+    cfg.write_text('runtime = "gpu"\n')
+    r = _run(["--config", cfg, "inspect", ROBUST], code=2, env={"JACAUDIT_RUNTIME": ""})
+    assert "runtime = 'gpu'" in r.output and "auto, onnxruntime, torch" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_inspect_probes_a_model_with_dynamic_axes_at_the_shape_given(tmp_path):
+    """Dynamic spatial axes: without an example input inspect says it did not probe and how to; with --shape
+    (or --input) it names the gradient path at that shape."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c"], ["y"])], "dyn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "dyn.onnx"
+    onnx.save(m, str(path))
+    got = _inspect(["inspect", path])["result"]["input_gradients"]
+    assert got.startswith("not probed (") and "--shape" in got, got
+    rep = _inspect(["inspect", path, "--shape", "1,3,16,12"])
+    assert rep["result"]["input_gradients"].startswith("onnxruntime (backward graph of "), rep["result"]
+    assert rep["settings"]["shape"] == ["1,3,16,12"]
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), np.float32))
+    got = _inspect(["inspect", path, "--input", tmp_path / "x.npy"])["result"]["input_gradients"]
+    assert got.startswith("onnxruntime (backward graph of "), got
+
+
 @pytest.mark.parametrize("args,env", [(["--runtime", "bogus"], None), ([], {"JACAUDIT_RUNTIME": "bogus"})])
 def test_a_bad_runtime_is_one_line_exit_2(args, env):
     r = CliRunner().invoke(app, [*args, "inspect", str(ROBUST)], env=env)

@@ -90,9 +90,10 @@ def _shape(shape):
     return None if shape is None else [tidy_dim(x) for x in shape]
 
 
-def gradient_probe(path: str, runtime: str, fmt: str) -> str:
+def gradient_probe(path: str, runtime: str, fmt: str, input: Any = None, shape: Any = None) -> str:
     """Which path computes the model's input gradients at batch 1 under ``runtime``: "onnxruntime (backward
-    graph of N nodes)" or "torch interpreter (<reason>)". Never raises: a failed probe is the reason."""
+    graph of N nodes)" or "torch interpreter (<reason>)", on the example input ``input``/``shape`` give (as the
+    commands' --input/--shape; else a synthetic one). Never raises: a failed probe is the reason."""
     if fmt != "onnx":
         return "torch (TorchScript models run in torch)"
     if runtime == "torch":
@@ -111,7 +112,7 @@ def gradient_probe(path: str, runtime: str, fmt: str) -> str:
         if spec is None or not spec.is_float:
             return "torch interpreter (no float input to differentiate)"
         torch.manual_seed(0)
-        feeds = load_feeds(model, None, seed=0).feeds
+        feeds = load_feeds(model, input, seed=0, shape=shape).feeds
         x = feeds[wrt]
         if x.dim() and x.shape[0] != 1:  # batch 1: the first dimension of the differentiated input
             feeds = {k: (v[:1] if v.dim() and v.shape[0] == x.shape[0] else v) for k, v in feeds.items()}
@@ -126,14 +127,17 @@ def gradient_probe(path: str, runtime: str, fmt: str) -> str:
         return f"onnxruntime (backward graph of {plan.n_nodes} nodes)"
     except Exception as e:  # the probe never fails inspect
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        # e.g. dynamic spatial axes: no example input, so no plan to look at; the commands' reports say which
-        # path ran (environment.gradients)
-        return f"not probed ({type(e).__name__}{': ' + msg if msg else ''}; each report says which path ran)"
+        # e.g. dynamic spatial axes without --shape: no example input, so no plan to look at; the commands'
+        # reports say which path ran (environment.gradients)
+        return f"not probed ({type(e).__name__}{': ' + msg if msg else ''}; give --shape/--input, or read " \
+            "environment.gradients in a command's report)"
 
 
-def inspect_analysis(path: str, tensors: bool = False, runtime: str | None = None) -> tuple[AnalysisOutput, Any]:
+def inspect_analysis(path: str, tensors: bool = False, runtime: str | None = None, input: Any = None,
+                     shape: Any = None) -> tuple[AnalysisOutput, Any]:
     """-> (output, model identity). ``tensors``: also list the internal float tensors (ONNX). ``runtime``
-    (auto|onnxruntime|torch): also say which path computes the input gradients at batch 1."""
+    (auto|onnxruntime|torch): also say which path computes the input gradients at batch 1, on the example input
+    ``input``/``shape`` give (the --input/--shape of the commands)."""
     import dataclasses
 
     from ..models import describe_file
@@ -142,7 +146,7 @@ def inspect_analysis(path: str, tensors: bool = False, runtime: str | None = Non
     result = inspect_result(d)
     if runtime is not None:
         probe = "torch interpreter (unsupported operators)" if result.unsupported_ops else \
-            gradient_probe(path, runtime, result.format)
+            gradient_probe(path, runtime, result.format, input, shape)
         result = dataclasses.replace(result, runtime=runtime, input_gradients=probe)
     unsupported = result.unsupported_ops
     listed = "; ".join(f"{u.domain}::{u.op_type} (opset {u.opset}) in {len(u.nodes)} node(s): "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
@@ -114,18 +114,23 @@ def parse_model_arg(text: str):
 RUNTIMES = ("auto", "onnxruntime", "torch")  # the same as jacaudit.models.onnx.ortgrad.RUNTIMES (no torch here)
 
 
-def resolve_runtime(option: str | None) -> str:
-    """--runtime, else JACAUDIT_RUNTIME, else "auto"; a bad environment value is an InputError (exit 2)."""
+def resolve_runtime(option: str | None, configured: Any = None, config_path: str | None = None) -> str:
+    """--runtime, else JACAUDIT_RUNTIME, else the config file's top-level ``runtime``, else "auto"; a bad
+    environment or config value is an InputError (exit 2)."""
     from ..errors import InputError
 
     if option is not None:
         return option
     env = os.environ.get("JACAUDIT_RUNTIME", "").strip()
-    if not env:
+    if env:
+        if env.lower() not in RUNTIMES:
+            raise InputError(f"JACAUDIT_RUNTIME={env!r}: use one of {', '.join(RUNTIMES)}")
+        return env.lower()
+    if configured is None:
         return "auto"
-    if env.lower() not in RUNTIMES:
-        raise InputError(f"JACAUDIT_RUNTIME={env!r}: use one of {', '.join(RUNTIMES)}")
-    return env.lower()
+    if not isinstance(configured, str) or configured.strip().lower() not in RUNTIMES:
+        raise InputError(f"{config_path or 'config'}: runtime = {configured!r}: use one of {', '.join(RUNTIMES)}")
+    return configured.strip().lower()
 
 
 def model_spec(device: str | None, dtype: str | None) -> dict:

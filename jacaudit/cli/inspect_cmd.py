@@ -5,7 +5,7 @@ import typer
 
 from typing import Annotated
 
-from .options import ModelArg
+from .options import InputOpt, ModelArg, ShapeOpt
 from .runner import Outcome, audit_command
 from .common import out
 
@@ -49,14 +49,18 @@ def register(app: typer.Typer) -> None:
                     tensors: Annotated[bool, typer.Option(
                         "--tensors", help="Also list the graph's internal float tensors with their shapes (ONNX "
                         "shape inference): the names --wrt and --output-name take.")] = False,
+                    input: InputOpt = None, shape: ShapeOpt = None,
                     *, ctx) -> Outcome:
         """Describe a model: format, opset, inputs/outputs, op histogram, parameters, unsupported ops.
 
         One check: unsupported_ops fails (exit 1) when the interpreter lacks an operator the graph uses; the
-        report is written either way."""
+        report is written either way. --input/--shape give the example input with which it says which path
+        computes the input gradients (needed for a model with dynamic axes)."""
         from ..analyses.inspect import inspect_analysis
         from .common import state
 
         with ctx.timed("inspect"):
-            res, ident = inspect_analysis(model, tensors=tensors, runtime=state.runtime)
-        return Outcome(res, model=ident, settings={"tensors": tensors}, summary=_summary)
+            res, ident = inspect_analysis(model, tensors=tensors, runtime=state.runtime, input=input or None,
+                                          shape=shape or None)
+        return Outcome(res, model=ident, settings={"tensors": tensors, "input": input or None,
+                                                   "shape": shape or None}, summary=_summary)

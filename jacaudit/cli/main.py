@@ -106,8 +106,9 @@ def _main(
         "--runtime", case_sensitive=False,
         help="ONNX models: 'onnxruntime' computes values and input gradients in onnxruntime (a backward graph "
              "jacaudit writes) where the graph allows; 'auto' (default) does so for gradients of batches up to "
-             "8 inputs; 'torch' runs everything in jacaudit's torch interpreter. LSTM/GRU/If graphs, float64, "
-             "non-CPU devices and torch.func transforms run the interpreter anyway (env JACAUDIT_RUNTIME).")] = None,
+             "8 inputs; 'torch' runs everything in jacaudit's torch interpreter. Graphs with Loop/Scan on the "
+             "differentiated path, float64, non-CPU devices and torch.func transforms run the interpreter anyway "
+             "(env JACAUDIT_RUNTIME; config file: runtime = \"...\" at the top level).")] = None,
 ) -> None:
     from .. import config as cfg
     from .common import handle_errors
@@ -116,7 +117,8 @@ def _main(
     with handle_errors():
         # CLI > environment > config file > defaults (see jacaudit/config.py)
         path = config or cfg.find_config()
-        file_cfg = cfg.read_config(path) if path is not None else {}
+        file_cfg = dict(cfg.read_config(path)) if path is not None else {}
+        cfg_runtime = file_cfg.pop("runtime", None)  # a global option (like --threads), not a command's
         commands = getattr(ctx.command, "commands", {})
         from .options import SHARED_KEYS
 
@@ -124,7 +126,8 @@ def _main(
         state.config_path = str(path) if path is not None else None
         from .common import resolve_runtime
 
-        state.runtime = resolve_runtime(runtime.value if runtime is not None else None)
+        state.runtime = resolve_runtime(runtime.value if runtime is not None else None, cfg_runtime,
+                                        state.config_path)
     state.quiet = quiet
     state.threads = threads
     from .common import parse_model_arg

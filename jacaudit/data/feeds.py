@@ -266,6 +266,7 @@ def load_feeds(model: Any, input: str | Sequence[str] | None = None, *, input_na
     if len(names) > 1:
         d = diff if diff is not None else f"the internal tensor {wrt!r}"
         notes.append(f"differentiating with respect to {d}; held fixed: {', '.join(k for k in fixed)}")
+    _probe_synthetic_integers(model, feeds, sources)
     warnings += _stateless(model, feeds)
     warnings += [w for w in getattr(model, "warnings", []) if w not in warnings]
     return Feeds(feeds, main, sources[main] in ("synthetic", "--shape (synthetic values)"),
@@ -390,6 +391,27 @@ def _contig(a: np.ndarray, dtype: Any = None) -> np.ndarray:
     """C-contiguous, of ``dtype`` when given; keeps a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
     a = np.asarray(a, dtype=dtype)
     return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _probe_synthetic_integers(model: Any, feeds: dict, sources: dict[str, str]) -> None:
+    """Integer inputs with synthetic values (a sample rate, a length, token ids: 0 or 1) can send a model down a
+    path real data does not take (silero-vad's 8 kHz branch for a 16 kHz window) and fail deep inside it: one
+    forward run here turns that into one line naming those inputs and their values (bad input, exit 2)."""
+    import torch
+
+    from ..errors import JacauditError
+    ints = [k for k, v in feeds.items() if sources.get(k) in ("synthetic", "--shape (synthetic values)")
+            and not v.is_floating_point()]
+    if not ints:
+        return
+    try:
+        with torch.no_grad():
+            model.run(feeds)
+    except JacauditError as e:
+        shown = ", ".join(f"{k}={feeds[k].reshape(-1).tolist()}" if feeds[k].numel() <= 4 else
+                          f"{k} (shape {tuple(feeds[k].shape)})" for k in ints)
+        raise InputError(f"the model failed on synthetic values of its integer input(s) {shown} ({e}); give them "
+                         f"real values: --input {ints[0]}=FILE.npy") from e
 
 
 def _stateless(model: Any, feeds: dict) -> list[str]:

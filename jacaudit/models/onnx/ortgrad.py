@@ -1707,7 +1707,9 @@ def _session(model_bytes: bytes):
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, torch.get_num_threads())
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    # fatal only: a failed run raises with the same message (the caller turns it into one line or falls back
+    # to the interpreter); onnxruntime's own error lines on stderr would be a second, raw copy
+    so.log_severity_level = 4
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
