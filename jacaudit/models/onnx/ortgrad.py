@@ -960,6 +960,22 @@ def _to_loop(b, t: str, D: int, reverse_only: bool, axis: int) -> str:
     return b.node("Concat", [fwd_part, flip(rev_part)], axis=0)
 
 
+def _rnn_form(a: dict, acts: list[str]) -> tuple[int, str] | None:
+    """(number of directions, direction) of an RNN node whose activations are ``acts`` (the defaults), without
+    clip, in layout 0; else None."""
+    if a.get("clip") is not None or int(a.get("layout", 0)):
+        return None
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    D = 2 if direction == "bidirectional" else 1
+    given = a.get("activations")
+    if given:
+        low = [v.decode().lower() if isinstance(v, bytes) else str(v).lower() for v in given]
+        if low not in (acts * D, acts):
+            return None
+    return D, direction
+
+
 class _Rnn:
     """What the GRU and LSTM rules share: the node's checks, its constants, and in each direction's loop order
     (D, T, B, ...) the states before every step (from Y), the recurrent products and the input projections."""
@@ -968,16 +984,10 @@ class _Rnn:
         self.b = b
         ins = list(n.input) + [""] * (slots - len(n.input))
         self.X, Wn, Rn, Bn, L = ins[:5]
-        if a.get("clip") is not None or int(a.get("layout", 0)):
-            raise Refused(f"{n.op_type} with clip or layout 1")
-        direction = a.get("direction", b"forward")
-        direction = direction.decode() if isinstance(direction, bytes) else direction
-        D = 2 if direction == "bidirectional" else 1
-        given = a.get("activations")
-        if given:
-            low = [v.decode().lower() if isinstance(v, bytes) else str(v).lower() for v in given]
-            if low not in (acts * D, acts):
-                raise Refused(f"{n.op_type} with other activations")
+        form = _rnn_form(a, acts)
+        if form is None:
+            raise Refused(f"{n.op_type} with clip, layout 1 or other activations")
+        D, direction = form
         if L or any(v in diff for v in (Wn, Rn, Bn) if v) or any(v and v not in b.const for v in (Wn, Rn, Bn)):
             raise Refused(f"{n.op_type} with sequence lengths or non-constant weights")
         xs = b.shape(self.X)
@@ -1544,17 +1554,11 @@ def _gru_special(b, nd) -> tuple[int, int, bool] | None:
     default activations, no clip, layout 0, no sequence lengths, constant W/R/B, float32): its island takes
     the gradient from onnxruntime's outputs (rnn_fast.gru_vjp); else None (the generic island)."""
     a = _attrs(nd)
-    if nd.op_type != "GRU" or not int(a.get("linear_before_reset", 0)) or a.get("clip") is not None \
-            or int(a.get("layout", 0)):
+    form = _rnn_form(a, ["sigmoid", "tanh"]) if nd.op_type == "GRU" and int(a.get("linear_before_reset", 0)) \
+        else None
+    if form is None:
         return None
-    direction = a.get("direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
-    D = 2 if direction == "bidirectional" else 1
-    acts = a.get("activations")
-    if acts:
-        low = [x.decode().lower() if isinstance(x, bytes) else str(x).lower() for x in acts]
-        if low not in (["sigmoid", "tanh"] * D, ["sigmoid", "tanh"]):
-            return None
+    D, direction = form
     ins = list(nd.input) + [""] * (6 - len(nd.input))
     if ins[4] or any(ins[i] and ins[i] not in b.const for i in (1, 2, 3)):
         return None
