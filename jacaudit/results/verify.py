@@ -74,7 +74,7 @@ class VerifyOrtBackward:
         "doc": "max over cotangents of max|g_onnxruntime - g_torch| / max|g_torch|"})
     tol: float = field(metadata={"doc": "relative tolerance (float32 terms, of max|g_torch|)"})
     cotangents: int
-    backward_nodes: int = field(metadata={"doc": "nodes of the backward graph on the differentiated path"})
+    backward_nodes: int = field(metadata={"doc": "nodes of the ONNX backward graph (a torch island counting as one)"})
     note: str = ""
 
 

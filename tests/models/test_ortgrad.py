@@ -882,7 +882,9 @@ def test_rnn_rules_in_onnxruntime(tmp_path, op, case):
     outs = [o.name for o in onnx.load(path).graph.output]
     plan = m._ort.grad.plan(make_feeds(ins), wrt, outs)
     assert plan.islands == [] and plan.steps is None
-    assert "Scan" in {nd.op_type for nd in onnx.load_from_string(plan.bwd_bytes).graph.node}
+    bnodes = onnx.load_from_string(plan.bwd_bytes).graph.node
+    assert "Scan" in {nd.op_type for nd in bnodes}
+    assert plan.n_nodes == len(bnodes)  # what inspect and verify call "backward graph of N nodes"
 
 
 def test_rnn_rules_refuse_to_the_island(tmp_path):

@@ -1703,7 +1703,7 @@ class Plan:
         self.bwd_grad_inputs = bwd_grad_inputs  # output index -> name of its cotangent input (None: not differentiable)
         self.wrt = wrt
         self.diff_outputs = diff_outputs
-        self.n_nodes = n_nodes
+        self.n_nodes = n_nodes  # the backward graph's nodes (a torch island's marker counting as one)
 
 
 def _session(model_bytes: bytes):
@@ -1931,7 +1931,7 @@ def build(proto, plain_graph, feeds: dict[str, torch.Tensor], wrt: list[str], ou
             fwd_cache.clear()
         fwd_cache[key] = fsess
     plan = Plan(fsess, list(out_names) + res_fwd, len(out_names), [bn for _, bn in residuals], bsess,
-                [grad_in.get(o) for o in out_names], list(wrt), diff_outputs, len(path))
+                [grad_in.get(o) for o in out_names], list(wrt), diff_outputs, len(bnodes))
     plan.bwd_bytes = bbytes  # for profiling (benchmarks)
     plan.steps, plan.free = steps, free  # with islands: the backward's onnxruntime pieces and torch islands
     plan.islands = [isl.op_type for isl in b.islands]
