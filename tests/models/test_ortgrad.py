@@ -913,25 +913,17 @@ def test_rnn_rules_catch_a_planted_error(tmp_path, monkeypatch, op):
         check(path, ins, wrt=["x"])
 
 
-@pytest.mark.parametrize("from_outputs", [True, False], ids=["from_outputs", "recompute"])
 @pytest.mark.parametrize("case", ["reverse", "lbr0", "only_yh", "forward"])
-def test_gru_island_variants(tmp_path, case, from_outputs, rnn_islands):
-    """The GRU island from onnxruntime's outputs (rnn_fast.gru_vjp) and the generic recompute, on the
-    variants: a reverse-only node, linear_before_reset=0 (always the generic island), only Y_h read."""
-    from jacaudit.models.onnx import ortgrad
+def test_gru_island_variants(tmp_path, case, rnn_islands):
+    """The GRU as a torch island (its rule off, or linear_before_reset=0, which the rule refuses), on the
+    variants: a reverse-only node, linear_before_reset=0, only Y_h read, forward."""
     kw = dict(direction="reverse") if case == "reverse" else dict(lbr=0) if case == "lbr0" else \
         dict(only_yh=True) if case == "only_yh" else dict(direction="forward")
     path, ins = _rnn_block(tmp_path, "GRU", fed_state=True, **kw)
-    old = ortgrad.GRU_FROM_OUTPUTS[0]
-    ortgrad.GRU_FROM_OUTPUTS[0] = from_outputs
-    try:
-        m = check(path, ins, wrt=["x", "h0"], fd=case == "reverse")
-        outs = ["yh2"] if case == "only_yh" else ["y", "yh2"]
-        plan = m._ort.grad.plan(make_feeds(ins), ["x", "h0"], outs)
-        isl = plan.steps[[k for k, *_ in plan.steps].index("island")][1]
-        assert isl.special == ("gru" if from_outputs and case != "lbr0" else None)
-    finally:
-        ortgrad.GRU_FROM_OUTPUTS[0] = old
+    m = check(path, ins, wrt=["x", "h0"], fd=case == "reverse")
+    outs = ["yh2"] if case == "only_yh" else ["y", "yh2"]
+    plan = m._ort.grad.plan(make_feeds(ins), ["x", "h0"], outs)
+    assert plan.islands == ["GRU"]
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])

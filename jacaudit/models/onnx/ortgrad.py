@@ -18,8 +18,7 @@ and one set of inputs to differentiate, ``build``:
   recurrence as one Scan; shapes are constants;
 * differentiates a node without a rule (a GRU/LSTM of another form, Einsum, a linear Resize...)
   in torch, between onnxruntime pieces of the backward, on the tensors onnxruntime's forward returned (a torch
-  "island": the interpreter's op run again under autograd; a GRU's gradient taken from onnxruntime's own
-  outputs, ``rnn_fast.gru_vjp``, without running its recurrence forward again);
+  "island": the interpreter's op run again under autograd);
 * names the forward tensors the backward reads (the residuals), and recomputes in the backward those that a
   cheap elementwise op computes from another residual, so that the forward keeps onnxruntime's fusions and
   returns few tensors (each one a reorder out of its NCHWc convolution layout).
@@ -66,9 +65,6 @@ Multinomial Bernoulli EyeLike OneHot""".split())
 #: (an "island"); nodes with subgraphs (If/Loop/Scan) do not (their bodies are often the whole model: a torch
 #: recompute of it costs more than the interpreter's own run), nor more than this many islands in one graph
 MAX_ISLANDS = 8
-#: a GRU island takes its gradient from onnxruntime's outputs (no torch recompute of the recurrence); tests
-#: switch it off to compare with the generic island
-GRU_FROM_OUTPUTS = [True]
 #: random ops: a torch recompute would draw other values than onnxruntime's forward did
 _NO_ISLAND = frozenset("""Dropout RandomNormal RandomUniform RandomNormalLike RandomUniformLike Multinomial
 Bernoulli""".split())
@@ -1146,7 +1142,7 @@ def _lstm(b, n, a, g, diff):
         raise Refused("LSTM with peepholes or input_forget")
     R = _Rnn(b, n, a, diff, 4, ["sigmoid", "tanh", "tanh"], 8)
     X = R.X
-    D, T, B_, H = R.D, R.T, R.B, R.H
+    D, B_, H = R.D, R.B, R.H
     hp = R.before(R.y_loop(b.fwd(n.output[0])), R.state0(H0))
     ah, xw = R.products(hp)
     pre = b.node("Add", [ah, xw])                                             # (D, T, B, 4H): i, o, f, c
@@ -1498,12 +1494,7 @@ class Island:
         self.gnames = gnames    # the names their gradients get in the backward
         self.op_type = op_type
 
-    special = None  # "gru": the gradient from the node's own outputs (rnn_fast.gru_vjp), no torch recompute
-    y_residual = None
-
     def run(self, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.special == "gru":
-            return self._gru(env)
         vals: dict[str, Any] = {}
         for item in self.inputs:
             if item is not None:
@@ -1524,55 +1515,6 @@ class Island:
                      np.ascontiguousarray(g.detach().to(torch.float32).numpy()))
                 for gn, x, g in zip(self.gnames, xs, gx)}
 
-    def _gru(self, env):
-        from .ops import rnn_fast
-        v = []
-        for item in self.inputs[:6] + [None] * (6 - len(self.inputs[:6])):
-            if item is None:
-                v.append(None)
-            else:
-                name, const, rname = item
-                v.append(const if rname is None else torch.from_numpy(np.asarray(env[rname])))
-        x, w, r, bias, _, h0 = v
-        y = torch.from_numpy(np.asarray(env[self.y_residual]))
-        g = dict(self.gouts)
-        out = self.out_names + ["", ""]
-        gy = torch.from_numpy(np.asarray(env[g[out[0]]])) if out[0] in g else None
-        gyh = torch.from_numpy(np.asarray(env[g[out[1]]])) if out[1] and out[1] in g else None
-        gx, gh0 = rnn_fast.gru_vjp(x, w, r, bias, h0, y, gy, gyh, self.hidden, self.num_dir, self.reverse_only)
-        x_name = self.inputs[0][0]
-        h0_name = self.inputs[5][0] if len(self.inputs) > 5 and self.inputs[5] is not None else None
-        res = {}
-        for name, gn, shape in zip(self.wrt, self.gnames, self.wrt_shapes):
-            t = gx if name == x_name else gh0 if name == h0_name else None
-            res[gn] = np.zeros(shape, np.float32) if t is None else np.ascontiguousarray(t.to(torch.float32).numpy())
-        return res
-
-
-def _gru_special(b, nd) -> tuple[int, int, bool] | None:
-    """(hidden size, directions, reverse only) when ``nd`` is a GRU the fast path computes (linear_before_reset,
-    default activations, no clip, layout 0, no sequence lengths, constant W/R/B, float32): its island takes
-    the gradient from onnxruntime's outputs (rnn_fast.gru_vjp); else None (the generic island)."""
-    a = _attrs(nd)
-    form = _rnn_form(a, ["sigmoid", "tanh"]) if nd.op_type == "GRU" and int(a.get("linear_before_reset", 0)) \
-        else None
-    if form is None:
-        return None
-    D, direction = form
-    ins = list(nd.input) + [""] * (6 - len(nd.input))
-    if ins[4] or any(ins[i] and ins[i] not in b.const for i in (1, 2, 3)):
-        return None
-    if len(b.shape(ins[0])) != 3 or not nd.output or not nd.output[0]:
-        return None
-    if ins[5] and b.values[ins[5]].dtype != torch.float32:
-        return None
-    w = b.values[ins[1]]
-    if getattr(w, "dtype", None) != torch.float32:
-        return None
-    H = int(a.get("hidden_size", b.shape(ins[2])[-1]))
-    return H, D, direction == "reverse"
-
-
 def _island(b, nd, cn, go, diff):
     """Puts a torch island for ``nd`` (compiled node ``cn``) in the backward: a marker node that reads the
     gradients of its outputs and its residual inputs and writes its inputs' gradients."""
@@ -1591,14 +1533,6 @@ def _island(b, nd, cn, go, diff):
     gouts = [(o, g) for o, g in zip(nd.output, go) if o and g]
     isl = Island(cn, inputs, gouts, wrt, gnames, nd.op_type)
     reads = [g for _, g in gouts] + [it[2] for it in inputs if it is not None and it[2] is not None]
-    gru = _gru_special(b, nd) if GRU_FROM_OUTPUTS[0] else None
-    if gru is not None:
-        isl.special = "gru"
-        isl.hidden, isl.num_dir, isl.reverse_only = gru
-        isl.y_residual = b.fwd(nd.output[0])
-        reads.append(isl.y_residual)
-    isl.out_names = list(nd.output)
-    isl.wrt_shapes = [tuple(b.shape(x)) for x in wrt]
     b.islands.append(isl)
     b.nodes.append(helper.make_node("Island", reads, gnames, domain=ISLAND_DOMAIN, index=len(b.islands) - 1))
     return dict(zip(wrt, gnames))
@@ -2115,9 +2049,9 @@ RUNTIMES = ("auto", "onnxruntime", "torch")
 AUTO_GRAD_MAX_BATCH = 8
 #: and above it, the interpreter for plans with a layer of these ops on the path: onnxruntime's backward of a GRU
 #: (its ONNX rule, or its island) recomputes the input projections and gates of every step from onnxruntime's
-#: outputs, FLOP-bound at batch 32 (the speech BiGRU: rule 3.73x onnxruntime's forward, island 3.95x, the
-#: interpreter 3.12x; at batch 1 the rule 3.23x, the interpreter 5.42x); LSTM islands (a CRNN) win at both (3.41x
-#: vs 3.71x at batch 32)
+#: outputs, FLOP-bound at batch 32 (the speech BiGRU: rule 3.73x onnxruntime's forward, the interpreter 3.12x; at
+#: batch 1 the rule 3.23x, the interpreter 5.42x); the LSTM rule (a CRNN) wins at both (3.57x vs 3.98x at batch
+#: 32, benchmarks/README.md)
 AUTO_LARGE_BATCH_INTERPRETER = frozenset({"GRU"})
 
 
